@@ -1,0 +1,605 @@
+"""Triton block attention for DFlash draft training: forward, backward (dq, dk, dv) and autograd glue.
+
+Layout (same as `trainer.attention`, which holds the plain PyTorch oracle):
+
+    q        [batch, n_q_heads,  N*B,     head_dim]   N draft blocks of B tokens each ("rows")
+    k, v     [batch, n_kv_heads, S + N*B, head_dim]   [context of length S ; the N*B block tokens]
+    anchors  [batch, N] int                           block j sees context keys < anchors[:, j] and every
+                                                      token of block j (bidirectional, or causal inside the
+                                                      block with causal_in_block=True); anchor < 0 marks a
+                                                      padding block: its rows attend to nothing (out 0, grad 0)
+
+An anchor larger than S behaves like S (the reference's mask simply has no column >= S in the context part).
+
+Key space is split in two "sections" and every kernel walks them separately:
+  * the context section, keys [0, S): block j sees the prefix [0, anchor_j);
+  * the block section, keys S + [0, N*B): block j sees only its own B keys S + [j*B, (j+1)*B).
+
+Forward (one program per (query tile of BLOCK_M rows, batch*q_head), flash-attention-2 online softmax):
+  * context keys: only key tiles below the tile's largest anchor are visited, so a tile does
+    O(max anchor in tile) context work instead of O(S).  Key tiles below the tile's smallest anchor
+    (rounded down to BLOCK_N) are fully visible and run without any mask; the few tiles between the
+    smallest and the largest anchor apply the per-row prefix mask `key < anchor[row]`.
+  * block keys: only the key range covering the blocks the tile's rows belong to, i.e.
+    [S + first_block*B, S + (last_block+1)*B), with the mask `key_block == row_block`
+    (and `key_slot <= row_slot` for causal_in_block).
+  * tiles made only of padding rows do no work at all.
+  The logsumexp of every row is saved (base-2 domain, fp32) for the backward; padding rows save +inf,
+  so that exp2(score - lse) is exactly 0 for them in every backward kernel.
+
+  Any block size B works (rows carry their block id `row // B`; nothing assumes alignment), but the
+  skip logic is tightest when a query tile covers whole blocks: with B a power of two and BLOCK_M a
+  power of two, either B divides BLOCK_M or BLOCK_M divides B, so that is automatic.  For B that is not a
+  power of two (e.g. 12) a tile may straddle two blocks; it is still exact, just slightly wasteful.
+
+Backward (flash-attention-2 style, no atomics):
+  1. `_block_attn_bwd_delta_kernel`: delta[row] = sum_d out[row, d] * dout[row, d]   (fp32).
+  2. `_block_attn_bwd_dkdv_kernel`: one program per (key tile of BLOCK_N keys, batch*kv_head).
+     dk/dv accumulate in fp32 registers over every q head of the GQA group and every query tile that
+     can see the key tile, then are written once (so GQA needs no atomics):
+       - context key tile [n0, n0+BLOCK_N): loops over all query tiles but skips (a scalar compare)
+         the ones whose largest anchor is <= n0; the per-tile max anchors are a tiny
+         [batch, n_q_tiles] int32 tensor computed in PyTorch.  Anchors need not be sorted.
+       - block key tile: only the query rows of the blocks the tile covers.
+  3. `_block_attn_bwd_dq_kernel`: one program per (query tile, batch*q_head), the same key iteration
+     (and skipping) as the forward, accumulating dq in fp32.
+
+Tile sizes (`TileConfig`, chosen per head_dim by `default_tiles`, overridable with `tiles=`):
+    head_dim <= 64 : fwd 64x64 (4 warps, 3 stages),  bwd 64x64 (4 warps, 2 stages)
+    head_dim <= 128: fwd 64x64 (4 warps, 3 stages),  bwd 64x64 (8 warps, 2 stages)
+    head_dim <= 256: fwd 64x32 (8 warps, 2 stages),  bwd 32x32 (8 warps, 1 stage)
+  BLOCK_M is kept at 64 rather than the usual 128 because a query tile's context work is set by its
+  largest anchor: smaller tiles waste less when neighbouring blocks have different anchors.
+  head_dim is padded up to a power of two (>= 16) inside the kernel with masked loads, so any
+  head_dim <= 256 is accepted.  Under TRITON_INTERPRET=1 (CPU) 16x16 tiles are used.
+
+Numerics: dots accumulate in fp32, softmax statistics are fp32, inputs may be fp16, bf16 or fp32
+(fp32 dots use input_precision="ieee", i.e. no TF32).  Output and gradients come back in the input dtype.
+"""
+from __future__ import annotations
+
+import math
+import os
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln(2): softmax runs in base 2 (exp2 is the fast instruction)
+
+# Row "mode" of a key sweep; constexpr so every variant compiles to its own straight-line loop.
+_KEYS_CTX_FULL = 0    # context keys every valid row of the tile sees: no mask
+_KEYS_CTX_PREFIX = 1  # context keys: key < anchor[row]
+_KEYS_BLOCK = 2       # block keys: key_block == row_block (and key_slot <= row_slot if causal)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_PRECISION "upcast" (CPU interpreter + bf16 only) multiplies in
+    fp32 instead: triton's interpreter multiplies bf16 operands as raw uint16 bit patterns (triton 3.x
+    create_dot bug); upcasting bf16 -> fp32 first is exact, and matches the GPU's bf16 x bf16 -> fp32 dot."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _visible(rows, row_block, anchor, keys, block_size, MODE: tl.constexpr, CAUSAL_IN_BLOCK: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: may query row `rows[i]` attend to key `keys[j]`?
+
+    rows/row_block/anchor: [BLOCK_M]; keys: [BLOCK_N], relative to the start of their section
+    (context position for MODE 1, block-token index for MODE 2).
+    """
+    if MODE == 1:
+        vis = keys[None, :] < anchor[:, None]                      # padding rows: anchor = -1 -> nothing
+    else:
+        key_block = keys // block_size
+        vis = (key_block[None, :] == row_block[:, None]) & (anchor[:, None] >= 0)
+        if CAUSAL_IN_BLOCK:
+            vis = vis & (keys[None, :] <= rows[:, None])           # same block, so slot order == index order
+    return vis
+
+
+@triton.jit
+def _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an):
+    """Anchor of each query row's block ([BLOCK_M] int32); -1 for rows past the end."""
+    row_block = rows // block_size
+    anchor = tl.load(Anchor + batch * stride_ab + row_block * stride_an, mask=rows < n_rows, other=-1)
+    return row_block, anchor
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                   key_lo, key_hi, section_start, n_section_keys, rows, row_block, anchor, dims, dim_in,
+                   block_size, qk_scale_log2,
+                   MODE: tl.constexpr, CAUSAL_IN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Online-softmax over keys [key_lo, key_hi) of one section (keys relative to section_start)."""
+    for n0 in range(key_lo, key_hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)                                   # [BLOCK_N]
+        key_in = keys < n_section_keys
+        k_t = tl.load(K_head + (section_start + keys)[None, :] * stride_kn + dims[:, None] * stride_kd,
+                      mask=key_in[None, :] & dim_in[:, None], other=0.0)   # [BLOCK_D, BLOCK_N]
+        v = tl.load(V_head + (section_start + keys)[:, None] * stride_vn + dims[None, :] * stride_vd,
+                    mask=key_in[:, None] & dim_in[None, :], other=0.0)     # [BLOCK_N, BLOCK_D]
+        scores = _dot(q, k_t, DOT_PRECISION) * qk_scale_log2   # [BLOCK_M, BLOCK_N]
+        if MODE != 0:
+            scores = tl.where(_visible(rows, row_block, anchor, keys, block_size, MODE, CAUSAL_IN_BLOCK),
+                              scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))                          # m_i starts finite: no inf-inf
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _block_attn_fwd_kernel(
+    Q, K, V, Anchor, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_ab, stride_an,
+    n_q_heads, ctx_len, n_rows, n_blocks, block_size, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL_IN_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_q_heads).to(tl.int64)
+    q_head = batch_head % n_q_heads
+    kv_head = q_head // GROUP
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)                         # [BLOCK_M] query rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_in = dims < HEAD_DIM
+    row_block, anchor = _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an)
+    row_valid = anchor >= 0                                                 # real row of a real block
+
+    # What this tile has to look at (everything else is skipped).
+    ctx_hi = tl.maximum(tl.max(anchor, 0), 0)                               # largest anchor (clamped to S)
+    ctx_all = tl.minimum(tl.min(tl.where(row_valid, anchor, ctx_len), 0), ctx_hi)
+    ctx_all = (ctx_all // BLOCK_N) * BLOCK_N                                # keys < ctx_all: no mask needed
+    first_block = tl.min(tl.where(row_valid, row_block, n_blocks), 0)
+    last_block_end = tl.max(tl.where(row_valid, row_block + 1, 0), 0)       # <= first_block if none valid
+
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=(rows < n_rows)[:, None] & dim_in[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    K_head = K + batch * stride_kb + kv_head * stride_kh
+    V_head = V + batch * stride_vb + kv_head * stride_vh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   0, ctx_all, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
+                                   block_size, qk_scale_log2, 0, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   ctx_all, ctx_hi, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
+                                   block_size, qk_scale_log2, 1, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   first_block * block_size, last_block_end * block_size, ctx_len, n_rows,
+                                   rows, row_block, anchor, dims, dim_in,
+                                   block_size, qk_scale_log2, 2, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+
+    # Every valid row sees at least its own block's first token, so l_i > 0 there.
+    l_safe = tl.where(row_valid, l_i, 1.0)
+    out = tl.where(row_valid[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(row_valid, m_i + tl.log2(l_safe), float("inf"))         # +inf: p = 0 in the backward
+    tl.store(Out + batch * stride_ob + q_head * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=(rows < n_rows)[:, None] & dim_in[None, :])
+    tl.store(Lse + batch_head.to(tl.int64) * n_rows + rows, lse, mask=rows < n_rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _block_attn_bwd_delta_kernel(Out, DOut, Delta,
+                                 stride_ob, stride_oh, stride_om, stride_od,
+                                 stride_gb, stride_gh, stride_gm, stride_gd,
+                                 n_q_heads, n_rows,
+                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[row] = <out[row], dout[row]> in fp32: the softmax-backward row correction."""
+    tile_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_q_heads).to(tl.int64)
+    head = batch_head % n_q_heads
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
+    out = tl.load(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+                  mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm + dims[None, :] * stride_gd,
+                   mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + batch_head.to(tl.int64) * n_rows + rows, tl.sum(out * dout, 1), mask=rows < n_rows)
+
+
+@triton.jit
+def _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
+                     stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
+                     row_lo, keys, dims, dim_in, n_rows, block_size, qk_scale_log2,
+                     MODE: tl.constexpr, CAUSAL_IN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """Add one query tile's (rows row_lo + [0, BLOCK_M)) contribution to a key tile's dk, dv."""
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    row_in = rows < n_rows
+    row_block, anchor = _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an)
+    q = tl.load(Q_head + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_in[:, None] & dim_in[None, :], other=0.0)         # [BLOCK_M, BLOCK_D]
+    dout = tl.load(DO_head + rows[:, None] * stride_gm + dims[None, :] * stride_gd,
+                   mask=row_in[:, None] & dim_in[None, :], other=0.0)      # [BLOCK_M, BLOCK_D]
+    lse = tl.load(Lse_head + rows, mask=row_in, other=float("inf"))         # [BLOCK_M]
+    delta = tl.load(Delta_head + rows, mask=row_in, other=0.0)              # [BLOCK_M]
+
+    scores_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale_log2   # [BLOCK_N, BLOCK_M]
+    p_t = tl.exp2(scores_t - lse[None, :])
+    vis_t = tl.trans(_visible(rows, row_block, anchor, keys, block_size, MODE, CAUSAL_IN_BLOCK))
+    p_t = tl.where(vis_t, p_t, 0.0)
+    dv += _dot(p_t.to(dout.dtype), dout, DOT_PRECISION)                  # [BLOCK_N, BLOCK_D]
+    dp_t = _dot(v, tl.trans(dout), DOT_PRECISION)                        # [BLOCK_N, BLOCK_M]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)                      # [BLOCK_N, BLOCK_D], x scale later
+    return dk, dv
+
+
+@triton.jit
+def _block_attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, Anchor, TileMaxAnchor, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ab, stride_an,
+    n_q_heads, n_kv_heads, ctx_len, n_rows, n_blocks, block_size, n_q_tiles, qk_scale, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL_IN_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_n = tl.program_id(0)                      # context key tiles first, then block key tiles
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_kv_heads).to(tl.int64)
+    kv_head = batch_head % n_kv_heads
+    n_ctx_tiles = tl.cdiv(ctx_len, BLOCK_N)
+    is_ctx_tile = tile_n < n_ctx_tiles
+    section_start = tl.where(is_ctx_tile, 0, ctx_len)                        # first key of this tile's section
+    key_lo = tl.where(is_ctx_tile, tile_n, tile_n - n_ctx_tiles) * BLOCK_N   # first key, section-relative
+    n_section_keys = tl.where(is_ctx_tile, ctx_len, n_rows)
+    keys = key_lo + tl.arange(0, BLOCK_N)                                   # [BLOCK_N], section-relative
+    key_in = keys < n_section_keys
+    dims = tl.arange(0, BLOCK_D)
+    dim_in = dims < HEAD_DIM
+    kv_mask = key_in[:, None] & dim_in[None, :]
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + (section_start + keys)[:, None] * stride_kn
+                + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + (section_start + keys)[:, None] * stride_vn
+                + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for q_head in range(kv_head * GROUP, kv_head * GROUP + GROUP):        # GQA: sum over the group here
+        batch_q_head = batch * n_q_heads + q_head
+        Q_head = Q + batch * stride_qb + q_head * stride_qh
+        DO_head = DOut + batch * stride_gb + q_head * stride_gh
+        Lse_head = Lse + batch_q_head * n_rows
+        Delta_head = Delta + batch_q_head * n_rows
+        if is_ctx_tile:
+            # Any query tile may see this context tile (anchors need not be sorted): skip the ones
+            # whose largest anchor is at or below the tile's first key.
+            for tile_m in range(0, n_q_tiles):
+                tile_max_anchor = tl.load(TileMaxAnchor + batch * n_q_tiles + tile_m)
+                if tile_max_anchor > key_lo:
+                    dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
+                                              stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
+                                              tile_m * BLOCK_M, keys, dims, dim_in, n_rows, block_size,
+                                              qk_scale_log2, 1, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
+        else:
+            # Block keys are seen only by the rows of their own blocks.
+            first_block = key_lo // block_size
+            last_block_end = tl.minimum((key_lo + BLOCK_N - 1) // block_size + 1, n_blocks)
+            for row_lo in range(first_block * block_size, last_block_end * block_size, BLOCK_M):
+                dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
+                                          stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
+                                          row_lo, keys, dims, dim_in, n_rows, block_size,
+                                          qk_scale_log2, 2, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
+
+    dk = dk * qk_scale
+    tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + (section_start + keys)[:, None] * stride_dkn
+             + dims[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + (section_start + keys)[:, None] * stride_dvn
+             + dims[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                  key_lo, key_hi, section_start, n_section_keys, rows, row_block, anchor, dims, dim_in,
+                  block_size, qk_scale_log2,
+                  MODE: tl.constexpr, CAUSAL_IN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    for n0 in range(key_lo, key_hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_in = keys < n_section_keys
+        k = tl.load(K_head + (section_start + keys)[:, None] * stride_kn + dims[None, :] * stride_kd,
+                    mask=key_in[:, None] & dim_in[None, :], other=0.0)     # [BLOCK_N, BLOCK_D]
+        v_t = tl.load(V_head + (section_start + keys)[None, :] * stride_vn + dims[:, None] * stride_vd,
+                      mask=key_in[None, :] & dim_in[:, None], other=0.0)   # [BLOCK_D, BLOCK_N]
+        scores = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale_log2   # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(scores - lse[:, None])                                  # padding rows: lse=+inf -> 0
+        if MODE != 0:
+            p = tl.where(_visible(rows, row_block, anchor, keys, block_size, MODE, CAUSAL_IN_BLOCK), p, 0.0)
+        dp = _dot(dout, v_t, DOT_PRECISION)                                 # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)                        # [BLOCK_M, BLOCK_D]
+    return dq
+
+
+@triton.jit
+def _block_attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, Anchor, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_ab, stride_an,
+    n_q_heads, ctx_len, n_rows, n_blocks, block_size, qk_scale, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL_IN_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_q_heads).to(tl.int64)
+    q_head = batch_head % n_q_heads
+    kv_head = q_head // GROUP
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < n_rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_in = dims < HEAD_DIM
+    row_block, anchor = _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an)
+    row_valid = anchor >= 0
+    ctx_hi = tl.maximum(tl.max(anchor, 0), 0)
+    ctx_all = tl.minimum(tl.min(tl.where(row_valid, anchor, ctx_len), 0), ctx_hi)
+    ctx_all = (ctx_all // BLOCK_N) * BLOCK_N
+    first_block = tl.min(tl.where(row_valid, row_block, n_blocks), 0)
+    last_block_end = tl.max(tl.where(row_valid, row_block + 1, 0), 0)
+
+    row_mask = row_in[:, None] & dim_in[None, :]
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_mask, other=0.0)
+    dout = tl.load(DOut + batch * stride_gb + q_head * stride_gh + rows[:, None] * stride_gm
+                   + dims[None, :] * stride_gd, mask=row_mask, other=0.0)
+    lse = tl.load(Lse + batch_head.to(tl.int64) * n_rows + rows, mask=row_in, other=float("inf"))
+    delta = tl.load(Delta + batch_head.to(tl.int64) * n_rows + rows, mask=row_in, other=0.0)
+    K_head = K + batch * stride_kb + kv_head * stride_kh
+    V_head = V + batch * stride_vb + kv_head * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                       0, ctx_all, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
+                       block_size, qk_scale_log2, 0, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                       ctx_all, ctx_hi, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
+                       block_size, qk_scale_log2, 1, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                       first_block * block_size, last_block_end * block_size, ctx_len, n_rows,
+                       rows, row_block, anchor, dims, dim_in,
+                       block_size, qk_scale_log2, 2, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+    dq = tl.where(row_valid[:, None], dq * qk_scale, 0.0)
+    tl.store(DQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch parameters. All BLOCK_* must be powers of two >= 16 (tl.dot minimum)."""
+    fwd_block_m: int = 64
+    fwd_block_n: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 3
+    bwd_block_m: int = 64
+    bwd_block_n: int = 64
+    bwd_warps: int = 4
+    bwd_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("fwd_block_m", "fwd_block_n", "bwd_block_m", "bwd_block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name}={value} must be a power of two >= 16")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """Tile sizes per head_dim (see the module docstring). fp32 inputs get fewer pipeline stages so that
+    their twice-as-large tiles still fit in shared memory."""
+    if _interpreting():
+        return TileConfig(16, 16, 1, 1, 16, 16, 1, 1)
+    if head_dim <= 64:
+        tiles = TileConfig(64, 64, 4, 3, 64, 64, 4, 2)
+    elif head_dim <= 128:
+        tiles = TileConfig(64, 64, 4, 3, 64, 64, 8, 2)
+    else:
+        tiles = TileConfig(64, 32, 8, 2, 32, 32, 8, 1)
+    if dtype == torch.float32:
+        tiles = dataclasses.replace(tiles, fwd_stages=min(tiles.fwd_stages, 2), bwd_stages=1)
+    return tiles
+
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check_inputs(q, k, v, anchors, block_size):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [batch, heads, seq, head_dim]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    batch, n_q_heads, n_rows, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head_dim")
+    n_kv_heads = k.shape[1]
+    if n_kv_heads == 0 or n_q_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_q_heads={n_q_heads}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if anchors.dim() != 2 or anchors.shape[0] != batch:
+        raise ValueError(f"anchors must be [batch={batch}, N], got {tuple(anchors.shape)}")
+    if anchors.dtype.is_floating_point or anchors.dtype == torch.bool or anchors.is_complex():
+        raise ValueError(f"anchors must be an integer tensor, got {anchors.dtype}")
+    if n_rows != anchors.shape[1] * block_size:
+        raise ValueError(f"q has {n_rows} rows but anchors {tuple(anchors.shape)} x block_size {block_size} "
+                         f"= {anchors.shape[1] * block_size}")
+    if k.shape[2] < n_rows:
+        raise ValueError(f"k/v have {k.shape[2]} positions, fewer than the {n_rows} block tokens of q")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype among float16/bfloat16/float32; got q {q.dtype}, "
+                         f"k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device == anchors.device):
+        raise ValueError(f"q, k, v, anchors must be on one device; got {q.device}, {k.device}, {v.device}, "
+                         f"{anchors.device}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} > {MAX_HEAD_DIM} is not supported")
+
+
+def _unit_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _head_dim_block(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"                       # true fp32 products, no TF32
+    if dtype == torch.bfloat16 and _interpreting():
+        return "upcast"                     # see _dot: works around the interpreter's bf16 dot
+    return "tf32"                           # ignored for fp16/bf16 inputs: native tensor-core dot
+
+
+def _tile_max_anchor(anchor: torch.Tensor, block_size: int, block_m: int) -> torch.Tensor:
+    """[batch, n_q_tiles] int32: the largest (clamped) anchor among each query tile's rows, -1 if none."""
+    batch, n_blocks = anchor.shape
+    n_rows = n_blocks * block_size
+    n_q_tiles = triton.cdiv(n_rows, block_m)
+    row_anchor = anchor.repeat_interleave(block_size, dim=1)                        # [batch, N*B]
+    row_anchor = torch.nn.functional.pad(row_anchor, (0, n_q_tiles * block_m - n_rows), value=-1)
+    return row_anchor.view(batch, n_q_tiles, block_m).amax(dim=-1).to(torch.int32).contiguous()
+
+
+def _forward(q, k, v, anchor, block_size, causal_in_block, scale, tiles):
+    batch, n_q_heads, n_rows, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    ctx_len = k.shape[2] - n_rows
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, n_q_heads, n_rows, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(n_rows, tiles.fwd_block_m), batch * n_q_heads)
+    _block_attn_fwd_kernel[grid](
+        q, k, v, anchor, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *anchor.stride(),
+        n_q_heads, ctx_len, n_rows, anchor.shape[1], block_size, scale * LOG2E,
+        GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_head_dim_block(head_dim),
+        BLOCK_M=tiles.fwd_block_m, BLOCK_N=tiles.fwd_block_n,
+        CAUSAL_IN_BLOCK=causal_in_block, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
+    )
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, anchor, block_size, causal_in_block, scale, tiles, need_dq):
+    batch, n_q_heads, n_rows, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    ctx_len = k.shape[2] - n_rows
+    n_blocks = anchor.shape[1]
+    block_d = _head_dim_block(head_dim)
+    group = n_q_heads // n_kv_heads
+    block_m, block_n = tiles.bwd_block_m, tiles.bwd_block_n
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+                  CAUSAL_IN_BLOCK=causal_in_block, DOT_PRECISION=_dot_precision(q.dtype),
+                  num_warps=tiles.bwd_warps, num_stages=tiles.bwd_stages)
+
+    delta = torch.empty_like(lse)                                                      # [batch, Hq, N*B]
+    n_q_tiles = triton.cdiv(n_rows, block_m)
+    _block_attn_bwd_delta_kernel[(n_q_tiles, batch * n_q_heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), n_q_heads, n_rows,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m)
+
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    tile_max_anchor = _tile_max_anchor(anchor, block_size, block_m)                   # [batch, n_q_tiles]
+    n_key_tiles = triton.cdiv(ctx_len, block_n) + triton.cdiv(n_rows, block_n)
+    _block_attn_bwd_dkdv_kernel[(n_key_tiles, batch * n_kv_heads)](
+        q, k, v, grad_out, lse, delta, anchor, tile_max_anchor, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *anchor.stride(),
+        n_q_heads, n_kv_heads, ctx_len, n_rows, n_blocks, block_size, n_q_tiles, scale, scale * LOG2E,
+        GROUP=group, **common)
+
+    dq = None
+    if need_dq:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        _block_attn_bwd_dq_kernel[(n_q_tiles, batch * n_q_heads)](
+            q, k, v, grad_out, lse, delta, anchor, dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *anchor.stride(),
+            n_q_heads, ctx_len, n_rows, n_blocks, block_size, scale, scale * LOG2E,
+            GROUP=group, **common)
+    return dq, dk, dv
+
+
+class BlockAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, anchor, block_size, causal_in_block, scale, tiles):
+        out, lse = _forward(q, k, v, anchor, block_size, causal_in_block, scale, tiles)
+        ctx.save_for_backward(q, k, v, out, lse, anchor)
+        ctx.block_size, ctx.causal_in_block, ctx.scale, ctx.tiles = block_size, causal_in_block, scale, tiles
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, anchor = ctx.saved_tensors
+        dq, dk, dv = _backward(_unit_last_dim(grad_out), q, k, v, out, lse, anchor, ctx.block_size,
+                               ctx.causal_in_block, ctx.scale, ctx.tiles, need_dq=ctx.needs_input_grad[0])
+        return dq, dk, dv, None, None, None, None, None
+
+
+def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor,
+                           block_size: int, *, causal_in_block: bool = False, scale: float | None = None,
+                           tiles: TileConfig | None = None) -> torch.Tensor:
+    """DFlash block attention (layout in the module docstring); differentiable w.r.t. q, k, v.
+
+    Returns [batch, n_q_heads, N*B, head_dim] in q's dtype. `tiles` overrides `default_tiles(head_dim)`.
+    """
+    _check_inputs(q, k, v, anchors, block_size)
+    batch, n_q_heads, n_rows, head_dim = q.shape
+    ctx_len = k.shape[2] - n_rows
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    tiles = tiles if tiles is not None else default_tiles(head_dim, q.dtype)
+    if n_rows == 0 or batch == 0 or n_q_heads == 0:
+        return q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())  # keeps the graph connected
+    # Clamp anchors to [-1, S]: beyond S the context simply ends, negative means padding block.
+    anchor = anchors.to(torch.int32).clamp(min=-1, max=ctx_len).contiguous()
+    q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
+    return BlockAttentionFunction.apply(q, k, v, anchor, block_size, bool(causal_in_block), scale, tiles)
