@@ -1,0 +1,435 @@
+"""Fine-tune (or train from scratch) a DFlash draft on replay shards, then export it for SGLang.
+
+    python -m trainer.finetune --replay DIR [DIR ...] --target-model-path TARGET \\
+        (--draft-model-path DRAFT_DIR | --draft-config CONFIG.json) --output OUT_DIR
+
+OUT_DIR receives config.json + model.safetensors (load with --speculative-draft-model-path OUT_DIR),
+train_log.jsonl, training_summary.json and checkpoints/step-N/ (weights + optimizer state) for --resume.
+Runs on CPU or CUDA. Everything is checked before the first step: target checkpoint, draft config,
+replay layer ids / hidden size / target identity.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import queue
+import random
+import shutil
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.dflash_draft import DFlashDraft, DraftConfig
+from trainer.objective import dflash_loss
+from trainer.replay import ReplayReader
+from trainer.target import load_target_head
+
+log = logging.getLogger("trainer.finetune")
+STATE_FILE = "trainer_state.pt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.finetune",
+        description="Train a DFlash block-diffusion draft on replay shards (target hidden states captured "
+                    "from live or offline traffic) and export it in the format SGLang's DFlashDraftModel loads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--replay", nargs="+", required=True, metavar="DIR",
+                    help="replay directories (manifest.json + shards); all must use the draft's target layer ids")
+    io.add_argument("--target-model-path", required=True, metavar="PATH",
+                    help="local HF target checkpoint (e.g. Qwen3-VL); only its config, embed_tokens and lm_head "
+                         "are read, frozen, and never saved with the draft")
+    src = io.add_mutually_exclusive_group(required=True)
+    src.add_argument("--draft-model-path", metavar="PATH",
+                     help="existing draft directory (config.json + *.safetensors) to fine-tune")
+    src.add_argument("--draft-config", metavar="FILE",
+                     help="draft config.json (SGLang DFlash layout) to train from scratch")
+    io.add_argument("--output", required=True, metavar="DIR",
+                    help="where the exported draft, logs and checkpoints go")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (AdamW)")
+    opt.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor, as a fraction of --lr")
+    opt.add_argument("--warmup-ratio", type=float, default=0.04, help="linear warmup, as a fraction of all steps")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    opt.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                     help="AdamW betas")
+    opt.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 disables clipping)")
+    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+
+    obj = p.add_argument_group("objective")
+    obj.add_argument("--block-size", type=int, default=None,
+                     help="draft block size B (default: the draft config's block_size; exported with the draft)")
+    obj.add_argument("--num-anchors", type=int, default=512, help="max blocks (anchors) sampled per sequence")
+    obj.add_argument("--gamma", type=float, default=7.0, help="slot k loss weight is exp(-(k-1)/gamma)")
+
+    data = p.add_argument_group("data and length")
+    data.add_argument("--batch-size", type=int, default=8, help="max sequences per micro-batch")
+    data.add_argument("--max-tokens-per-batch", type=int, default=16384,
+                      help="token budget per micro-batch, counted with padding (sequences x longest)")
+    data.add_argument("--max-seq-len", type=int, default=4096, help="longer records are truncated to this")
+    length = data.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, default=None, help="optimiser steps to run (overrides --epochs)")
+    length.add_argument("--epochs", type=float, default=1.0, help="passes over the replay records")
+    data.add_argument("--max-minutes", type=float, default=None,
+                      help="stop (checkpoint + export) after this much wall time")
+
+    run = p.add_argument_group("runtime")
+    run.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and anchor sampling")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="compute dtype (autocast; master weights stay fp32). Default: bfloat16 on CUDA, "
+                          "float32 on CPU")
+    run.add_argument("--attention-backend", choices=("auto", "reference", "triton"), default="auto",
+                     help="block attention implementation (trainer.attention); auto = Triton on CUDA if present")
+    run.add_argument("--ce-chunk-rows", type=int, default=2048,
+                     help="rows of logits materialised at once in the loss (memory vs. speed)")
+    run.add_argument("--checkpoint-every", type=int, default=0,
+                     help="save a resumable checkpoint every N steps (0: only at the end)")
+    run.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest checkpoint in OUTPUT/checkpoints (fresh start if none)")
+    run.add_argument("--export-dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of exported weights")
+    run.add_argument("--log-every", type=int, default=10, help="steps between train_log.jsonl lines")
+    run.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+
+    chk = p.add_argument_group("replay checks")
+    chk.add_argument("--strict-replay", action="store_true",
+                     help="fail on a corrupt shard instead of warning and skipping it")
+    chk.add_argument("--no-verify-checksums", action="store_true",
+                     help="skip the sha256 check of each shard (faster start on large replays)")
+    chk.add_argument("--ignore-target-hash", action="store_true",
+                     help="accept replays whose recorded target config hash differs from --target-model-path")
+    return p
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+def plan_batches(lengths: list[int], *, batch_size: int, max_tokens: int, generator: torch.Generator
+                 ) -> list[list[int]]:
+    """Shuffle, then pack greedily: a micro-batch holds <= batch_size sequences and
+    count x longest <= max_tokens (padded tokens). lengths are already truncated."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches, cur, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if cur and (len(cur) + 1 > batch_size or (len(cur) + 1) * new_longest > max_tokens):
+            batches.append(cur)
+            cur, new_longest = [], lengths[i]
+        cur.append(i)
+        longest = new_longest
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [b, S] long
+    target_hidden: torch.Tensor   # [b, S, K*H]
+    loss_mask: torch.Tensor       # [b, S] bool, False on padding
+    num_tokens: int               # real (unpadded) tokens
+
+
+def collate(reader: ReplayReader, indices: list[int], max_seq_len: int, dtype: torch.dtype) -> Batch:
+    recs = [reader.read(i, dtype=dtype) for i in indices]
+    lens = [min(len(r), max_seq_len) for r in recs]
+    S, KH = max(lens), recs[0].features.shape[1]
+    ids = torch.zeros(len(recs), S, dtype=torch.long)
+    feats = torch.zeros(len(recs), S, KH, dtype=dtype)
+    mask = torch.zeros(len(recs), S, dtype=torch.bool)
+    for j, (r, n) in enumerate(zip(recs, lens)):
+        ids[j, :n], feats[j, :n], mask[j, :n] = r.input_ids[:n], r.features[:n], r.loss_mask[:n]
+    return Batch(ids, feats, mask, sum(lens))
+
+
+def prefetch(iterator, depth: int = 2):
+    """Run `iterator` in a background thread, `depth` items ahead (disk reads overlap compute)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def worker():
+        try:
+            for item in iterator:
+                q.put(item)
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ---- schedule / checkpoints ---------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    ckpts = sorted((output / "checkpoints").glob("step-*"))
+    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file() and not c.name.endswith(".tmp")]
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(output: Path, draft: DFlashDraft, optimizer, scheduler, state: dict, keep: int) -> Path:
+    root = output / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f"step-{state['step']:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    draft.export(tmp, dtype=torch.float32)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state}, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        if not old.name.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    output: str
+    steps: int
+    total_steps: int
+    first_loss: float | None
+    final_loss: float | None          # mean over the last logged window
+    final_accuracy: float | None
+    final_accept_len: float | None
+    tokens: int
+    stopped: str                      # "completed" | "max_minutes"
+    resumed_from: str | None
+
+
+def resolve_device(arg: str) -> torch.device:
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(arg)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {arg}: CUDA is not available on this machine")
+    return dev
+
+
+def setup(args) -> tuple:
+    """Load and cross-check everything; raises ValueError/FileNotFoundError with a clear message."""
+    target = Path(args.target_model_path)
+    embed, lm_head, tinfo = load_target_head(target)
+    if args.draft_model_path:
+        cfg = DraftConfig.from_json(args.draft_model_path)
+    else:
+        cfg = DraftConfig.from_json(args.draft_config)
+    if args.block_size:
+        cfg.block_size = args.block_size
+    if cfg.hidden_size != tinfo.hidden_size:
+        raise ValueError(f"draft hidden_size {cfg.hidden_size} != target hidden_size {tinfo.hidden_size} "
+                         f"({target}/config.json); DFlash drafts share the target's width")
+    bad = [i for i in cfg.target_layer_ids if i >= tinfo.num_hidden_layers]
+    if bad:
+        raise ValueError(f"draft target_layer_ids {cfg.target_layer_ids}: {bad} out of range for the target's "
+                         f"{tinfo.num_hidden_layers} layers")
+    if cfg.num_target_layers != tinfo.num_hidden_layers:
+        raise ValueError(f"draft num_target_layers {cfg.num_target_layers} != target num_hidden_layers "
+                         f"{tinfo.num_hidden_layers}: the draft config was made for another target")
+    if cfg.vocab_size != embed.shape[0]:
+        log.warning("draft vocab_size %d != target embedding rows %d; using the target's", cfg.vocab_size,
+                    embed.shape[0])
+        cfg.vocab_size = int(embed.shape[0])
+    reader = ReplayReader(args.replay, layer_ids=cfg.target_layer_ids, hidden_size=tinfo.hidden_size,
+                          target_config_hash=None if args.ignore_target_hash else tinfo.identity.config_hash,
+                          strict=args.strict_replay, verify_checksums=not args.no_verify_checksums)
+    return cfg, embed, lm_head, tinfo, reader
+
+
+def train(args) -> TrainResult:
+    output = Path(args.output)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for name in ("lr", "batch_size", "max_tokens_per_batch", "max_seq_len", "num_anchors", "grad_accum"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
+    cfg, embed, lm_head, tinfo, reader = setup(args)
+    if cfg.block_size < 2:
+        raise ValueError(f"block size must be >= 2, got {cfg.block_size}")
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    resume_dir = latest_checkpoint(output) if args.resume else None
+    if args.resume and resume_dir is None:
+        log.warning("--resume: no checkpoint under %s/checkpoints; starting fresh", output)
+    if resume_dir is not None:
+        draft = DFlashDraft.from_pretrained(resume_dir, cfg)
+    elif args.draft_model_path:
+        draft = DFlashDraft.from_pretrained(args.draft_model_path, cfg)
+    else:
+        draft = DFlashDraft.from_scratch(cfg, seed=args.seed)
+    draft.to(device)
+    draft.attach_target(embed.to(device, dtype), lm_head.to(device, dtype))
+    del embed, lm_head
+
+    lengths = [min(r.length, args.max_seq_len) for r in reader.records]
+    max_tokens = max(args.max_tokens_per_batch, 1)
+    epoch_batches = lambda epoch: plan_batches(  # noqa: E731
+        lengths, batch_size=args.batch_size, max_tokens=max_tokens,
+        generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+    per_epoch = math.ceil(len(epoch_batches(0)) / args.grad_accum)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
+    warmup = max(1, math.ceil(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0
+
+    params = [p for p in draft.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay,
+                                  fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, args.min_lr_ratio))
+
+    step, epoch, batch_pos, tokens_seen, first_loss = 0, 0, 0, 0, None
+    if resume_dir is not None:
+        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        if state["draft_config"] != cfg.to_dict():
+            raise ValueError(f"{resume_dir}: checkpoint was made with a different draft config")
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        tokens_seen, first_loss = state["tokens_seen"], state.get("first_loss")
+        total_steps = state["total_steps"] if args.max_steps is None else total_steps
+        sched.load_state_dict(state["scheduler"])
+        log.info("resumed from %s at step %d", resume_dir, step)
+
+    output.mkdir(parents=True, exist_ok=True)
+    log_file = open(output / "train_log.jsonl", "a")
+    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    start = time.monotonic()
+    deadline = start + args.max_minutes * 60 if args.max_minutes else None
+    window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0, "t": start}
+    last = {"loss": None, "acc": None, "accept": None}
+    stopped = "completed"
+
+    def micro_batches(ep: int, pos: int):
+        """(epoch, batches consumed in that epoch, Batch), forever, starting after `pos` batches of `ep`."""
+        while True:
+            batches = epoch_batches(ep)
+            for i in range(pos, len(batches)):
+                yield ep, i + 1, collate(reader, batches[i], args.max_seq_len, dtype)
+            ep, pos = ep + 1, 0
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="dflash", dynamic_ncols=True, file=sys.stderr)
+    stream = prefetch(micro_batches(epoch, batch_pos))
+    draft.train()
+    while step < total_steps:
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.grad_accum):
+            epoch, batch_pos, batch = next(stream)
+            anchor_gen = torch.Generator().manual_seed(args.seed * 7919 + step * 131 + batch_pos)
+            with autocast:
+                out = dflash_loss(draft, batch.target_hidden.to(device, non_blocking=True),
+                                  batch.input_ids.to(device, non_blocking=True),
+                                  batch.loss_mask.to(device, non_blocking=True),
+                                  num_anchors=args.num_anchors, gamma=args.gamma, generator=anchor_gen,
+                                  backend=args.attention_backend, chunk_rows=args.ce_chunk_rows)
+            (out.loss / args.grad_accum).backward()
+            loss_val = float(out.loss.detach())
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss is {loss_val} at step {step} (epoch {epoch}, batch {batch_pos})")
+            first_loss = loss_val if first_loss is None else first_loss
+            window["loss"] += loss_val
+            window["n"] += 1
+            window["correct"] += int(out.slot_correct.sum())
+            window["count"] += int(out.slot_count.sum())
+            window["accept"] += float(out.accept_sum)
+            window["blocks"] += int(out.full_blocks)
+            window["tokens"] += batch.num_tokens
+            tokens_seen += batch.num_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        sched.step()
+        step += 1
+
+        now = time.monotonic()
+        if step % args.log_every == 0 or step == total_steps or (deadline and now >= deadline):
+            stats = {
+                "step": step, "epoch": epoch, "loss": window["loss"] / max(1, window["n"]),
+                "accuracy": window["correct"] / window["count"] if window["count"] else None,
+                "accept_len": window["accept"] / window["blocks"] if window["blocks"] else None,
+                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "tokens_seen": tokens_seen,
+                "elapsed_s": now - start,
+            }
+            log_file.write(json.dumps(stats) + "\n")
+            log_file.flush()
+            last = {"loss": stats["loss"], "acc": stats["accuracy"], "accept": stats["accept_len"]}
+            window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0,
+                      "t": now}
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.3f}",
+                                acc=f"{stats['accuracy']:.3f}" if stats["accuracy"] is not None else "-",
+                                tau=f"{stats['accept_len']:.2f}" if stats["accept_len"] is not None else "-",
+                                tok_s=f"{stats['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}")
+        if bar is not None:
+            bar.update(1)
+        state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
+                 "total_steps": total_steps, "first_loss": first_loss, "draft_config": cfg.to_dict(),
+                 "args": {k: v for k, v in vars(args).items()}}
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint(output, draft, optimizer, sched, state, args.keep_checkpoints)
+        if deadline and now >= deadline and step < total_steps:
+            stopped = "max_minutes"
+            break
+    if bar is not None:
+        bar.close()
+    log_file.close()
+
+    state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
+             "total_steps": total_steps, "first_loss": first_loss, "draft_config": cfg.to_dict(),
+             "args": {k: v for k, v in vars(args).items()}}
+    save_checkpoint(output, draft, optimizer, sched, state, args.keep_checkpoints)
+    draft.export(output, dtype=DTYPES[args.export_dtype])
+    result = TrainResult(output=str(output), steps=step, total_steps=total_steps, first_loss=first_loss,
+                         final_loss=last["loss"], final_accuracy=last["acc"], final_accept_len=last["accept"],
+                         tokens=tokens_seen, stopped=stopped, resumed_from=str(resume_dir) if resume_dir else None)
+    (output / "training_summary.json").write_text(json.dumps(
+        {**asdict(result), "target": tinfo.identity.to_dict(), "replay": [str(d) for d in args.replay],
+         "replay_records": len(reader), "skipped_shards": [str(s.path) for s in reader.skipped]}, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = train(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
+    log.info("done: %s", json.dumps(asdict(result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()
