@@ -53,8 +53,20 @@ Tile sizes (`TileConfig`, chosen per head_dim by `default_tiles`, overridable wi
   head_dim is padded up to a power of two (>= 16) inside the kernel with masked loads, so any
   head_dim <= 256 is accepted.  Under TRITON_INTERPRET=1 (CPU) 16x16 tiles are used.
 
+EAGLE3 training-time-test attention (`eagle3_ttt_attention_triton`, same file, same building blocks):
+    q     [batch, n_q_heads,  L,         head_dim]   queries of unrolled step t
+    k, v  [batch, n_kv_heads, n_steps*L, head_dim]   [keys of step 0 ; step 1 ; ... ; step t]
+  row i sees step-0 keys 0..i (causal) and key i of every later step (the same-position diagonal).
+  Step-0 keys use the DFlash sweep with mask `key <= row` (key tiles past the query tile are skipped,
+  key tiles below it run unmasked); the diagonal is one key per row and step, so it is a row-wise dot
+  product (no tl.dot, no wasted [BLOCK_M, BLOCK_N] tile).  Backward: the dk/dv kernel's programs over
+  step-0 key tiles sweep only query tiles at or after the key tile; programs over later steps' key
+  tiles touch only the matching rows.  GQA is summed in registers as for DFlash.
+
 Numerics: dots accumulate in fp32, softmax statistics are fp32, inputs may be fp16, bf16 or fp32
 (fp32 dots use input_precision="ieee", i.e. no TF32).  Output and gradients come back in the input dtype.
+Under TRITON_INTERPRET=1 bf16 dots are done on fp32-upcast operands (see `_dot`: the interpreter's own
+bf16 dot is wrong), and the interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest.
 """
 from __future__ import annotations
 
@@ -69,10 +81,11 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): softmax runs in base 2 (exp2 is the fast instruction)
 
-# Row "mode" of a key sweep; constexpr so every variant compiles to its own straight-line loop.
-_KEYS_CTX_FULL = 0    # context keys every valid row of the tile sees: no mask
-_KEYS_CTX_PREFIX = 1  # context keys: key < anchor[row]
-_KEYS_BLOCK = 2       # block keys: key_block == row_block (and key_slot <= row_slot if causal)
+# Mask "mode" of a key sweep; constexpr so every variant compiles to its own straight-line loop.
+_KEYS_CTX_FULL = tl.constexpr(0)    # context keys every valid row of the tile sees: no mask
+_KEYS_CTX_PREFIX = tl.constexpr(1)  # context keys: key < anchor[row]
+_KEYS_BLOCK = tl.constexpr(2)       # block keys: key_block == row_block (and key_slot <= row_slot if causal)
+_KEYS_CAUSAL = tl.constexpr(3)      # EAGLE3 step-0 keys: key <= row (row_block/anchor unused)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,10 +107,12 @@ def _visible(rows, row_block, anchor, keys, block_size, MODE: tl.constexpr, CAUS
     """[BLOCK_M, BLOCK_N] bool: may query row `rows[i]` attend to key `keys[j]`?
 
     rows/row_block/anchor: [BLOCK_M]; keys: [BLOCK_N], relative to the start of their section
-    (context position for MODE 1, block-token index for MODE 2).
+    (context position for _KEYS_CTX_PREFIX, block-token index for _KEYS_BLOCK).
     """
-    if MODE == 1:
+    if MODE == _KEYS_CTX_PREFIX:
         vis = keys[None, :] < anchor[:, None]                      # padding rows: anchor = -1 -> nothing
+    elif MODE == _KEYS_CAUSAL:
+        vis = keys[None, :] <= rows[:, None]
     else:
         key_block = keys // block_size
         vis = (key_block[None, :] == row_block[:, None]) & (anchor[:, None] >= 0)
@@ -132,7 +147,7 @@ def _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, strid
         v = tl.load(V_head + (section_start + keys)[:, None] * stride_vn + dims[None, :] * stride_vd,
                     mask=key_in[:, None] & dim_in[None, :], other=0.0)     # [BLOCK_N, BLOCK_D]
         scores = _dot(q, k_t, DOT_PRECISION) * qk_scale_log2   # [BLOCK_M, BLOCK_N]
-        if MODE != 0:
+        if MODE != _KEYS_CTX_FULL:
             scores = tl.where(_visible(rows, row_block, anchor, keys, block_size, MODE, CAUSAL_IN_BLOCK),
                               scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))                          # m_i starts finite: no inf-inf
@@ -186,14 +201,14 @@ def _block_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                                    0, ctx_all, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
-                                   block_size, qk_scale_log2, 0, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+                                   block_size, qk_scale_log2, _KEYS_CTX_FULL, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                                    ctx_all, ctx_hi, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
-                                   block_size, qk_scale_log2, 1, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+                                   block_size, qk_scale_log2, _KEYS_CTX_PREFIX, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                                    first_block * block_size, last_block_end * block_size, ctx_len, n_rows,
                                    rows, row_block, anchor, dims, dim_in,
-                                   block_size, qk_scale_log2, 2, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+                                   block_size, qk_scale_log2, _KEYS_BLOCK, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
 
     # Every valid row sees at least its own block's first token, so l_i > 0 there.
     l_safe = tl.where(row_valid, l_i, 1.0)
@@ -237,7 +252,10 @@ def _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor
     """Add one query tile's (rows row_lo + [0, BLOCK_M)) contribution to a key tile's dk, dv."""
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
-    row_block, anchor = _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an)
+    if MODE == _KEYS_CAUSAL:
+        row_block, anchor = rows, rows                                      # unused by the causal mask
+    else:
+        row_block, anchor = _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an)
     q = tl.load(Q_head + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
                 mask=row_in[:, None] & dim_in[None, :], other=0.0)         # [BLOCK_M, BLOCK_D]
     dout = tl.load(DO_head + rows[:, None] * stride_gm + dims[None, :] * stride_gd,
@@ -307,7 +325,7 @@ def _block_attn_bwd_dkdv_kernel(
                     dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
                                               stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
                                               tile_m * BLOCK_M, keys, dims, dim_in, n_rows, block_size,
-                                              qk_scale_log2, 1, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
+                                              qk_scale_log2, _KEYS_CTX_PREFIX, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
         else:
             # Block keys are seen only by the rows of their own blocks.
             first_block = key_lo // block_size
@@ -316,7 +334,7 @@ def _block_attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
                                           stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
                                           row_lo, keys, dims, dim_in, n_rows, block_size,
-                                          qk_scale_log2, 2, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
+                                          qk_scale_log2, _KEYS_BLOCK, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
 
     dk = dk * qk_scale
     tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + (section_start + keys)[:, None] * stride_dkn
@@ -340,7 +358,7 @@ def _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd,
                       mask=key_in[None, :] & dim_in[:, None], other=0.0)   # [BLOCK_D, BLOCK_N]
         scores = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale_log2   # [BLOCK_M, BLOCK_N]
         p = tl.exp2(scores - lse[:, None])                                  # padding rows: lse=+inf -> 0
-        if MODE != 0:
+        if MODE != _KEYS_CTX_FULL:
             p = tl.where(_visible(rows, row_block, anchor, keys, block_size, MODE, CAUSAL_IN_BLOCK), p, 0.0)
         dp = _dot(dout, v_t, DOT_PRECISION)                                 # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
@@ -393,17 +411,203 @@ def _block_attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                        0, ctx_all, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
-                       block_size, qk_scale_log2, 0, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+                       block_size, qk_scale_log2, _KEYS_CTX_FULL, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
     dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                        ctx_all, ctx_hi, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
-                       block_size, qk_scale_log2, 1, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+                       block_size, qk_scale_log2, _KEYS_CTX_PREFIX, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
     dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                        first_block * block_size, last_block_end * block_size, ctx_len, n_rows,
                        rows, row_block, anchor, dims, dim_in,
-                       block_size, qk_scale_log2, 2, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
+                       block_size, qk_scale_log2, _KEYS_BLOCK, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
     dq = tl.where(row_valid[:, None], dq * qk_scale, 0.0)
     tl.store(DQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE3 training-time-test attention (same building blocks)
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _eagle3_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_q_heads, seq_len, n_steps, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_q_heads).to(tl.int64)
+    q_head = batch_head % n_q_heads
+    kv_head = q_head // GROUP
+
+    row_lo = tile_m * BLOCK_M
+    rows = row_lo + tl.arange(0, BLOCK_M)                                   # [BLOCK_M] positions
+    row_in = rows < seq_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_in = dims < HEAD_DIM
+    row_mask = row_in[:, None] & dim_in[None, :]
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_mask, other=0.0)                                   # [BLOCK_M, BLOCK_D]
+    K_head = K + batch * stride_kb + kv_head * stride_kh
+    V_head = V + batch * stride_vb + kv_head * stride_vh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Step-0 keys, causal: keys <= row_lo are seen by every row of the tile (no mask), keys past the
+    # tile's last row by none (skipped).
+    causal_all = ((row_lo + 1) // BLOCK_N) * BLOCK_N
+    causal_hi = tl.minimum(row_lo + BLOCK_M, seq_len)
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   0, causal_all, 0, seq_len, rows, rows, rows, dims, dim_in,
+                                   1, qk_scale_log2, _KEYS_CTX_FULL, False, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   causal_all, causal_hi, 0, seq_len, rows, rows, rows, dims, dim_in,
+                                   1, qk_scale_log2, _KEYS_CAUSAL, False, BLOCK_N, DOT_PRECISION)
+    # Steps 1..n_steps-1: each row sees exactly one key per step, at its own position: a row-wise dot.
+    q_f32 = q.to(tl.float32)
+    for step in range(1, n_steps):
+        diag = step * seq_len + rows
+        k_diag = tl.load(K_head + diag[:, None] * stride_kn + dims[None, :] * stride_kd, mask=row_mask, other=0.0)
+        v_diag = tl.load(V_head + diag[:, None] * stride_vn + dims[None, :] * stride_vd, mask=row_mask, other=0.0)
+        score = tl.sum(q_f32 * k_diag.to(tl.float32), 1) * qk_scale_log2   # [BLOCK_M]
+        m_new = tl.maximum(m_i, score)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(score - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_diag.to(tl.float32)
+        m_i = m_new
+
+    l_safe = tl.where(row_in, l_i, 1.0)                                     # every real row sees key `row`
+    tl.store(Out + batch * stride_ob + q_head * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+             (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_mask)
+    tl.store(Lse + batch_head.to(tl.int64) * seq_len + rows, m_i + tl.log2(l_safe), mask=row_in)
+
+
+@triton.jit
+def _eagle3_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n_q_heads, n_kv_heads, seq_len, qk_scale, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tiles_per_step = tl.cdiv(seq_len, BLOCK_N)
+    step = tl.program_id(0) // tiles_per_step
+    key_lo = (tl.program_id(0) % tiles_per_step) * BLOCK_N                 # position within the step
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_kv_heads).to(tl.int64)
+    kv_head = batch_head % n_kv_heads
+
+    keys = key_lo + tl.arange(0, BLOCK_N)                                   # [BLOCK_N] positions
+    key_in = keys < seq_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_in = dims < HEAD_DIM
+    kv_mask = key_in[:, None] & dim_in[None, :]
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + (step * seq_len + keys)[:, None] * stride_kn
+                + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + (step * seq_len + keys)[:, None] * stride_vn
+                + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for q_head in range(kv_head * GROUP, kv_head * GROUP + GROUP):        # GQA: sum over the group here
+        batch_q_head = batch * n_q_heads + q_head
+        Q_head = Q + batch * stride_qb + q_head * stride_qh
+        DO_head = DOut + batch * stride_gb + q_head * stride_gh
+        Lse_head = Lse + batch_q_head * seq_len
+        Delta_head = Delta + batch_q_head * seq_len
+        if step == 0:
+            # causal: only rows >= key_lo see these keys
+            for row_lo in range((key_lo // BLOCK_M) * BLOCK_M, seq_len, BLOCK_M):
+                dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Lse, batch,
+                                          stride_qm, stride_qd, stride_gm, stride_gd, 0, 0,
+                                          row_lo, keys, dims, dim_in, seq_len, 1,
+                                          qk_scale_log2, _KEYS_CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        else:
+            # key `keys[j]` of a later step is seen by row keys[j] only: row-wise products
+            q = tl.load(Q_head + keys[:, None] * stride_qm + dims[None, :] * stride_qd,
+                        mask=kv_mask, other=0.0).to(tl.float32)           # [BLOCK_N, BLOCK_D]
+            dout = tl.load(DO_head + keys[:, None] * stride_gm + dims[None, :] * stride_gd,
+                           mask=kv_mask, other=0.0).to(tl.float32)
+            lse = tl.load(Lse_head + keys, mask=key_in, other=float("inf"))
+            delta = tl.load(Delta_head + keys, mask=key_in, other=0.0)
+            p = tl.exp2(tl.sum(q * k.to(tl.float32), 1) * qk_scale_log2 - lse)        # [BLOCK_N]
+            dv += p[:, None] * dout
+            ds = p * (tl.sum(dout * v.to(tl.float32), 1) - delta)
+            dk += ds[:, None] * q
+
+    dk = dk * qk_scale
+    tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + (step * seq_len + keys)[:, None] * stride_dkn
+             + dims[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + (step * seq_len + keys)[:, None] * stride_dvn
+             + dims[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _eagle3_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_q_heads, seq_len, n_steps, qk_scale, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_q_heads).to(tl.int64)
+    q_head = batch_head % n_q_heads
+    kv_head = q_head // GROUP
+
+    row_lo = tile_m * BLOCK_M
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    row_in = rows < seq_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_in = dims < HEAD_DIM
+    row_mask = row_in[:, None] & dim_in[None, :]
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_mask, other=0.0)
+    dout = tl.load(DOut + batch * stride_gb + q_head * stride_gh + rows[:, None] * stride_gm
+                   + dims[None, :] * stride_gd, mask=row_mask, other=0.0)
+    lse = tl.load(Lse + batch_head.to(tl.int64) * seq_len + rows, mask=row_in, other=float("inf"))
+    delta = tl.load(Delta + batch_head.to(tl.int64) * seq_len + rows, mask=row_in, other=0.0)
+    K_head = K + batch * stride_kb + kv_head * stride_kh
+    V_head = V + batch * stride_vb + kv_head * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    causal_all = ((row_lo + 1) // BLOCK_N) * BLOCK_N
+    causal_hi = tl.minimum(row_lo + BLOCK_M, seq_len)
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                       0, causal_all, 0, seq_len, rows, rows, rows, dims, dim_in,
+                       1, qk_scale_log2, _KEYS_CTX_FULL, False, BLOCK_N, DOT_PRECISION)
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                       causal_all, causal_hi, 0, seq_len, rows, rows, rows, dims, dim_in,
+                       1, qk_scale_log2, _KEYS_CAUSAL, False, BLOCK_N, DOT_PRECISION)
+    q_f32 = q.to(tl.float32)
+    dout_f32 = dout.to(tl.float32)
+    for step in range(1, n_steps):
+        diag = step * seq_len + rows
+        k_diag = tl.load(K_head + diag[:, None] * stride_kn + dims[None, :] * stride_kd,
+                         mask=row_mask, other=0.0).to(tl.float32)
+        v_diag = tl.load(V_head + diag[:, None] * stride_vn + dims[None, :] * stride_vd,
+                         mask=row_mask, other=0.0).to(tl.float32)
+        p = tl.exp2(tl.sum(q_f32 * k_diag, 1) * qk_scale_log2 - lse)       # [BLOCK_M]
+        ds = p * (tl.sum(dout_f32 * v_diag, 1) - delta)
+        dq += ds[:, None] * k_diag
+    tl.store(DQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
+             (dq * qk_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -603,3 +807,116 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, an
     anchor = anchors.to(torch.int32).clamp(min=-1, max=ctx_len).contiguous()
     q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
     return BlockAttentionFunction.apply(q, k, v, anchor, block_size, bool(causal_in_block), scale, tiles)
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE3 host side
+# --------------------------------------------------------------------------------------------------
+def eagle3_ttt_mask(seq_len: int, n_steps: int, device=None) -> torch.Tensor:
+    """[seq_len, n_steps*seq_len] bool: row i sees step-0 keys j <= i and key i of every later step."""
+    rows = torch.arange(seq_len, device=device)
+    keys = torch.arange(n_steps * seq_len, device=device)
+    step, pos = keys // seq_len, keys % seq_len
+    return ((step == 0)[None, :] & (pos[None, :] <= rows[:, None])) | \
+           ((step > 0)[None, :] & (pos[None, :] == rows[:, None]))
+
+
+def eagle3_ttt_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                   scale: float | None = None) -> torch.Tensor:
+    """Dense-mask fp32 oracle for `eagle3_ttt_attention_triton`. Returns q's dtype."""
+    n_steps = _check_eagle3_inputs(q, k, v)
+    group = q.shape[1] // k.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale              # [batch, Hq, L, n_steps*L]
+    scores = scores.masked_fill(~eagle3_ttt_mask(q.shape[2], n_steps, q.device), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
+
+
+def _check_eagle3_inputs(q, k, v) -> int:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q [batch, n_q_heads, L, head_dim] and k, v [batch, n_kv_heads, n_steps*L, head_dim] "
+                         f"expected; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch, n_q_heads, seq_len, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head_dim")
+    if seq_len == 0 or k.shape[2] % seq_len or k.shape[2] == 0:
+        raise ValueError(f"k/v length {k.shape[2]} must be a positive multiple n_steps * L of q's L={seq_len}")
+    if k.shape[1] == 0 or n_q_heads % k.shape[1]:
+        raise ValueError(f"n_kv_heads={k.shape[1]} must divide n_q_heads={n_q_heads}")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype among float16/bfloat16/float32; got q {q.dtype}, "
+                         f"k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} > {MAX_HEAD_DIM} is not supported")
+    return k.shape[2] // seq_len
+
+
+class Eagle3TTTAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, n_steps, scale, tiles):
+        batch, n_q_heads, seq_len, head_dim = q.shape
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(batch, n_q_heads, seq_len, device=q.device, dtype=torch.float32)
+        _eagle3_fwd_kernel[(triton.cdiv(seq_len, tiles.fwd_block_m), batch * n_q_heads)](
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            n_q_heads, seq_len, n_steps, scale * LOG2E,
+            GROUP=n_q_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=_head_dim_block(head_dim),
+            BLOCK_M=tiles.fwd_block_m, BLOCK_N=tiles.fwd_block_n, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.n_steps, ctx.scale, ctx.tiles = n_steps, scale, tiles
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = _unit_last_dim(grad_out)
+        batch, n_q_heads, seq_len, head_dim = q.shape
+        n_kv_heads = k.shape[1]
+        tiles, scale = ctx.tiles, ctx.scale
+        block_d = _head_dim_block(head_dim)
+        common = dict(GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                      BLOCK_M=tiles.bwd_block_m, BLOCK_N=tiles.bwd_block_n, DOT_PRECISION=_dot_precision(q.dtype),
+                      num_warps=tiles.bwd_warps, num_stages=tiles.bwd_stages)
+        delta = torch.empty_like(lse)
+        n_q_tiles = triton.cdiv(seq_len, tiles.bwd_block_m)
+        _block_attn_bwd_delta_kernel[(n_q_tiles, batch * n_q_heads)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), n_q_heads, seq_len,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.bwd_block_m)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        _eagle3_bwd_dkdv_kernel[(ctx.n_steps * triton.cdiv(seq_len, tiles.bwd_block_n), batch * n_kv_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            n_q_heads, n_kv_heads, seq_len, scale, scale * LOG2E, **common)
+        dq = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+            _eagle3_bwd_dq_kernel[(n_q_tiles, batch * n_q_heads)](
+                q, k, v, grad_out, lse, delta, dq,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+                n_q_heads, seq_len, ctx.n_steps, scale, scale * LOG2E, **common)
+        return dq, dk, dv, None, None, None
+
+
+def eagle3_ttt_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                scale: float | None = None, tiles: TileConfig | None = None) -> torch.Tensor:
+    """EAGLE3 training-time-test attention at unrolled step t = n_steps - 1; differentiable w.r.t. q, k, v.
+
+        q     [batch, n_q_heads,  L,         head_dim]   queries of step t
+        k, v  [batch, n_kv_heads, n_steps*L, head_dim]   [keys of step 0 ; step 1 ; ... ; step t]
+
+    Row i attends causally to step-0 keys 0..i and to key i of each step 1..t (the "same position"
+    diagonal).  Right padding needs no lengths: a real row never sees a later (padded) position.
+    Step-0 keys go through the same tiled, tile-skipping sweep as the DFlash kernel (mask key <= row);
+    the diagonal keys are one key per row and step, so they are row-wise dot products, not tl.dot.
+    """
+    n_steps = _check_eagle3_inputs(q, k, v)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    tiles = tiles if tiles is not None else default_tiles(q.shape[-1], q.dtype)
+    q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
+    return Eagle3TTTAttentionFunction.apply(q, k, v, n_steps, scale, tiles)

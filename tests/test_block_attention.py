@@ -5,6 +5,9 @@ triton), so shapes are tiny.  The kernels use 16x16 tiles there, and several tes
 configs explicitly, so tile edges, tiles spanning several blocks and blocks spanning several tiles are
 all exercised.  One test (in a subprocess, without the interpreter) compiles the kernels for an H100
 (sm_90) to catch errors that only the real compiler sees.
+
+bf16 tolerances are loose on purpose: besides bf16's 8-bit mantissa, triton's interpreter truncates
+fp32 -> bf16 casts (the GPU rounds to nearest even), roughly doubling the error seen here.
 """
 import os
 
@@ -17,7 +20,8 @@ import textwrap
 import pytest
 import torch
 
-from spec_kernels.block_attention import TileConfig, block_attention_triton
+from spec_kernels.block_attention import (TileConfig, block_attention_triton, eagle3_ttt_attention_reference,
+                                          eagle3_ttt_attention_triton, eagle3_ttt_mask)
 from trainer.attention import block_attention, block_attention_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -259,6 +263,68 @@ def test_clear_errors(make_bad, match):
 
 
 # ---------------------------------------------------------------------------------------------------
+# EAGLE3 training-time-test attention
+# ---------------------------------------------------------------------------------------------------
+def test_eagle3_mask_matches_definition():
+    seq_len, n_steps = 5, 3
+    want = torch.zeros(seq_len, n_steps * seq_len, dtype=torch.bool)
+    for row in range(seq_len):
+        for key in range(row + 1):
+            want[row, key] = True                           # step 0: causal
+        for step in range(1, n_steps):
+            want[row, step * seq_len + row] = True           # later steps: the row's own position
+    assert torch.equal(eagle3_ttt_mask(seq_len, n_steps), want)
+
+
+def _eagle3_inputs(batch, n_q_heads, n_kv_heads, seq_len, n_steps, head_dim, dtype, seed=0):
+    q, k, v, grad_out = _make_inputs(batch, n_q_heads, n_kv_heads, n_steps * seq_len - seq_len, 1, seq_len,
+                                     head_dim, dtype, seed)                 # k, v: n_steps * seq_len keys
+    return q, k, v, grad_out
+
+
+@pytest.mark.parametrize("n_steps", [1, 2, 4])
+@pytest.mark.parametrize("n_q_heads,n_kv_heads", [(2, 2), (4, 2)])
+def test_eagle3_ttt(n_steps, n_q_heads, n_kv_heads):
+    q, k, v, grad_out = _eagle3_inputs(2, n_q_heads, n_kv_heads, 37, n_steps, 64, torch.float32)
+    ours = _fwd_bwd(lambda q, k, v: eagle3_ttt_attention_triton(q, k, v), q, k, v, grad_out)
+    want = _fwd_bwd(lambda q, k, v: eagle3_ttt_attention_reference(q, k, v), q, k, v, grad_out)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), ours, want):
+        _assert_close(name, got, ref)
+
+
+def test_eagle3_single_step_is_causal_attention():
+    # Independent oracle: with one step the mask is plain causal attention.
+    q, k, v, grad_out = _eagle3_inputs(1, 4, 2, 29, 1, 64, torch.float32, seed=2)
+    ours = _fwd_bwd(lambda q, k, v: eagle3_ttt_attention_triton(q, k, v), q, k, v, grad_out)
+    want = _fwd_bwd(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                     enable_gqa=True),
+                    q, k, v, grad_out)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), ours, want):
+        _assert_close(name, got, ref)
+
+
+@pytest.mark.parametrize("dtype,head_dim,tiles", [
+    (torch.float32, 128, TileConfig(32, 16, 1, 1, 16, 32, 1, 1)),
+    (torch.float16, 64, None),
+    (torch.bfloat16, 64, TileConfig(16, 32, 1, 1, 32, 16, 1, 1)),
+], ids=["fp32-d128-m32n16", "fp16", "bf16-m16n32"])
+def test_eagle3_ttt_dtypes_and_tiles(dtype, head_dim, tiles):
+    q, k, v, grad_out = _eagle3_inputs(1, 4, 2, 45, 3, head_dim, dtype, seed=4)
+    ours = _fwd_bwd(lambda q, k, v: eagle3_ttt_attention_triton(q, k, v, tiles=tiles), q, k, v, grad_out)
+    want = _fwd_bwd(lambda q, k, v: eagle3_ttt_attention_reference(q, k, v), q, k, v, grad_out)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), ours, want):
+        _assert_close(name, got, ref)
+
+
+def test_eagle3_clear_errors():
+    q, k, v, _ = _eagle3_inputs(1, 4, 2, 8, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        eagle3_ttt_attention_triton(q, k[:, :, :-1], v[:, :, :-1])
+    with pytest.raises(ValueError, match="n_kv_heads=2 must divide n_q_heads=3"):
+        eagle3_ttt_attention_triton(q[:, :3], k, v)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the real compiler (no GPU needed): the interpreter accepts some programs the compiler rejects
 # ---------------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -289,9 +355,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         launches = [(ba._block_attn_fwd_kernel, tiles.fwd_block_m, tiles.fwd_block_n, tiles.fwd_warps, tiles.fwd_stages),
                     (ba._block_attn_bwd_dkdv_kernel, tiles.bwd_block_m, tiles.bwd_block_n, tiles.bwd_warps, tiles.bwd_stages),
                     (ba._block_attn_bwd_dq_kernel, tiles.bwd_block_m, tiles.bwd_block_n, tiles.bwd_warps, tiles.bwd_stages)]
+        launches += [(ba._eagle3_fwd_kernel,) + launches[0][1:], (ba._eagle3_bwd_dkdv_kernel,) + launches[1][1:],
+                     (ba._eagle3_bwd_dq_kernel,) + launches[2][1:]]
         for kernel, block_m, block_n, warps, stages in launches:
             constexprs = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                              CAUSAL_IN_BLOCK=causal, DOT_PRECISION="tf32")
+                              DOT_PRECISION="tf32")
+            if "CAUSAL_IN_BLOCK" in kernel.arg_names:
+                constexprs["CAUSAL_IN_BLOCK"] = causal
             compiled = triton.compile(ASTSource(kernel, signature(kernel, "bf16", constexprs), constexprs),
                                       target=target, options=dict(num_warps=warps, num_stages=stages))
             assert compiled.metadata.shared <= 227 * 1024, (kernel.fn.__name__, compiled.metadata.shared)
@@ -306,4 +376,4 @@ def test_kernels_compile_for_h100():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 9, proc.stdout
+    assert proc.stdout.count("compiled") == 18, proc.stdout
