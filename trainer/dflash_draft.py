@@ -49,7 +49,7 @@ _OWN_KEYS = {
     "rope_parameters", "partial_rotary_factor", "rope_is_neox_style", "is_neox_style",
     "max_position_embeddings", "attention_bias", "is_causal", "initializer_range", "block_size",
     "dflash_config", "num_target_layers", "target_layer_ids", "mask_token_id", "layer_types",
-    "hidden_act", "tie_word_embeddings", "use_sliding_window", "sliding_window",
+    "hidden_act", "tie_word_embeddings", "use_sliding_window", "sliding_window", "dtype", "torch_dtype",
 }
 
 
@@ -474,7 +474,7 @@ class DFlashDraft(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg.to_dict()
-        cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")   # not kept in DraftConfig
         blob = save(self.export_state_dict(dtype), metadata={"format": "pt"})
         _atomic_write(out_dir / WEIGHTS_NAME, blob)
         _atomic_write(out_dir / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
