@@ -329,3 +329,23 @@ def test_accept_len_counts_leading_matches_only():
     assert out.slot_correct.tolist() == [0, 1, 2, 1] and out.slot_count.tolist() == [0, 2, 2, 2]
     assert int(out.full_blocks) == 2 and out.accept_len == pytest.approx(((1 + 2) + (1 + 0)) / 2)
     assert out.loss.item() == pytest.approx(math.log(50), rel=1e-5)          # uniform logits
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1 (set by tests/test_block_attention.py in a full run)")
+def test_triton_backend_gives_the_same_loss_and_gradients():
+    """The draft through spec_kernels' Triton block attention == through the dense reference."""
+    pytest.importorskip("spec_kernels.block_attention")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg, draft, embed, lm_head, th, ids, mask, lengths = make_case(8)
+    draft.to(device)
+    draft.attach_target(embed.to(device), lm_head.to(device))
+    anchors = sample_anchors(mask, num_anchors=5, generator=torch.Generator().manual_seed(8)).to(device)
+    results = {}
+    for backend in ("reference", "triton"):
+        out = dflash_loss(draft, th.to(device), ids.to(device), mask.to(device), anchors=anchors, backend=backend)
+        results[backend] = (out.loss.detach(), torch.autograd.grad(out.loss, list(draft.parameters())))
+    (ref_loss_, ref_grads), (tri_loss, tri_grads) = results["reference"], results["triton"]
+    assert torch.allclose(tri_loss, ref_loss_, rtol=1e-4)
+    for g_ref, g_tri in zip(ref_grads, tri_grads):
+        assert torch.allclose(g_tri, g_ref, rtol=1e-3, atol=1e-3 * g_ref.abs().max())
