@@ -265,3 +265,12 @@ def test_target_identity_tracks_config_content(tmp_path):
     (t / "config.json").write_text(json.dumps(cfg))
     assert target_identity(t).config_hash != a.config_hash
     assert target_identity(t, name="Qwen/Qwen3-VL-8B-Instruct").model == "Qwen/Qwen3-VL-8B-Instruct"
+
+
+def test_bfloat16_autocast_run_on_cpu(setup_dir):
+    d = setup_dir
+    result = main(argv(d, "--max-steps", "3", "--dtype", "bfloat16", "--log-every", "1"))
+    log = [json.loads(line) for line in (d / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert result.steps == 3 and len(log) == 3 and all(math.isfinite(row["loss"]) for row in log)
+    assert all(p.dtype == torch.float32 for p in
+               DFlashDraft.from_pretrained(d / "out" / "checkpoints" / "step-00000003").parameters())

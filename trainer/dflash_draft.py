@@ -432,7 +432,9 @@ class DFlashDraft(nn.Module):
             raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != K*H = "
                              f"{self.cfg.num_context_features}*{self.cfg.hidden_size} (layer ids "
                              f"{self.cfg.target_layer_ids})")
-        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        if not torch.is_autocast_enabled(target_hidden.device.type):   # autocast casts inside fc itself
+            target_hidden = target_hidden.to(self.fc.weight.dtype)
+        return self.hidden_norm(self.fc(target_hidden))
 
     def forward(self, target_hidden: torch.Tensor, block_ids: torch.Tensor, anchors: torch.Tensor,
                 *, backend: str = "auto") -> torch.Tensor:

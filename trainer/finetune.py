@@ -30,7 +30,7 @@ import torch
 from trainer.dflash_draft import DFlashDraft, DraftConfig
 from trainer.objective import dflash_loss
 from trainer.replay import ReplayReader
-from trainer.target import load_target_head
+from trainer.target import load_target_head, target_info
 
 log = logging.getLogger("trainer.finetune")
 STATE_FILE = "trainer_state.pt"
@@ -237,7 +237,7 @@ def resolve_device(arg: str) -> torch.device:
 def setup(args) -> tuple:
     """Load and cross-check everything; raises ValueError/FileNotFoundError with a clear message."""
     target = Path(args.target_model_path)
-    embed, lm_head, tinfo = load_target_head(target)
+    tinfo = target_info(target)                      # cheap checks first; the big tensors are read last
     if args.draft_model_path:
         cfg = DraftConfig.from_json(args.draft_model_path)
     else:
@@ -254,13 +254,17 @@ def setup(args) -> tuple:
     if cfg.num_target_layers != tinfo.num_hidden_layers:
         raise ValueError(f"draft num_target_layers {cfg.num_target_layers} != target num_hidden_layers "
                          f"{tinfo.num_hidden_layers}: the draft config was made for another target")
+    reader = ReplayReader(args.replay, layer_ids=cfg.target_layer_ids, hidden_size=tinfo.hidden_size,
+                          target_config_hash=None if args.ignore_target_hash else tinfo.identity.config_hash,
+                          strict=args.strict_replay, verify_checksums=not args.no_verify_checksums)
+    embed, lm_head, _ = load_target_head(target)
     if cfg.vocab_size != embed.shape[0]:
         log.warning("draft vocab_size %d != target embedding rows %d; using the target's", cfg.vocab_size,
                     embed.shape[0])
         cfg.vocab_size = int(embed.shape[0])
-    reader = ReplayReader(args.replay, layer_ids=cfg.target_layer_ids, hidden_size=tinfo.hidden_size,
-                          target_config_hash=None if args.ignore_target_hash else tinfo.identity.config_hash,
-                          strict=args.strict_replay, verify_checksums=not args.no_verify_checksums)
+    if cfg.mask_token_id >= embed.shape[0]:
+        raise ValueError(f"draft mask_token_id {cfg.mask_token_id} is outside the target vocabulary "
+                         f"({embed.shape[0]} embedding rows in {target})")
     return cfg, embed, lm_head, tinfo, reader
 
 
@@ -343,68 +347,70 @@ def train(args) -> TrainResult:
         bar = tqdm(total=total_steps, initial=step, desc="dflash", dynamic_ncols=True, file=sys.stderr)
     stream = prefetch(micro_batches(epoch, batch_pos))
     draft.train()
-    while step < total_steps:
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(args.grad_accum):
-            epoch, batch_pos, batch = next(stream)
-            anchor_gen = torch.Generator().manual_seed(args.seed * 7919 + step * 131 + batch_pos)
-            with autocast:
-                out = dflash_loss(draft, batch.target_hidden.to(device, non_blocking=True),
-                                  batch.input_ids.to(device, non_blocking=True),
-                                  batch.loss_mask.to(device, non_blocking=True),
-                                  num_anchors=args.num_anchors, gamma=args.gamma, generator=anchor_gen,
-                                  backend=args.attention_backend, chunk_rows=args.ce_chunk_rows)
-            (out.loss / args.grad_accum).backward()
-            loss_val = float(out.loss.detach())
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {step} (epoch {epoch}, batch {batch_pos})")
-            first_loss = loss_val if first_loss is None else first_loss
-            window["loss"] += loss_val
-            window["n"] += 1
-            window["correct"] += int(out.slot_correct.sum())
-            window["count"] += int(out.slot_count.sum())
-            window["accept"] += float(out.accept_sum)
-            window["blocks"] += int(out.full_blocks)
-            window["tokens"] += batch.num_tokens
-            tokens_seen += batch.num_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        sched.step()
-        step += 1
+    try:
+        while step < total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(args.grad_accum):
+                epoch, batch_pos, batch = next(stream)
+                anchor_gen = torch.Generator().manual_seed(args.seed * 7919 + step * 131 + batch_pos)
+                with autocast:
+                    out = dflash_loss(draft, batch.target_hidden.to(device, non_blocking=True),
+                                      batch.input_ids.to(device, non_blocking=True),
+                                      batch.loss_mask.to(device, non_blocking=True),
+                                      num_anchors=args.num_anchors, gamma=args.gamma, generator=anchor_gen,
+                                      backend=args.attention_backend, chunk_rows=args.ce_chunk_rows)
+                (out.loss / args.grad_accum).backward()
+                loss_val = float(out.loss.detach())
+                if not math.isfinite(loss_val):
+                    raise FloatingPointError(f"loss is {loss_val} at step {step} (epoch {epoch}, batch {batch_pos})")
+                first_loss = loss_val if first_loss is None else first_loss
+                window["loss"] += loss_val
+                window["n"] += 1
+                window["correct"] += int(out.slot_correct.sum())
+                window["count"] += int(out.slot_count.sum())
+                window["accept"] += float(out.accept_sum)
+                window["blocks"] += int(out.full_blocks)
+                window["tokens"] += batch.num_tokens
+                tokens_seen += batch.num_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            sched.step()
+            step += 1
 
-        now = time.monotonic()
-        if step % args.log_every == 0 or step == total_steps or (deadline and now >= deadline):
-            stats = {
-                "step": step, "epoch": epoch, "loss": window["loss"] / max(1, window["n"]),
-                "accuracy": window["correct"] / window["count"] if window["count"] else None,
-                "accept_len": window["accept"] / window["blocks"] if window["blocks"] else None,
-                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "tokens_seen": tokens_seen,
-                "elapsed_s": now - start,
-            }
-            log_file.write(json.dumps(stats) + "\n")
-            log_file.flush()
-            last = {"loss": stats["loss"], "acc": stats["accuracy"], "accept": stats["accept_len"]}
-            window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0,
-                      "t": now}
+            now = time.monotonic()
+            if step % args.log_every == 0 or step == total_steps or (deadline and now >= deadline):
+                stats = {
+                    "step": step, "epoch": epoch, "loss": window["loss"] / max(1, window["n"]),
+                    "accuracy": window["correct"] / window["count"] if window["count"] else None,
+                    "accept_len": window["accept"] / window["blocks"] if window["blocks"] else None,
+                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                    "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "tokens_seen": tokens_seen,
+                    "elapsed_s": now - start,
+                }
+                log_file.write(json.dumps(stats) + "\n")
+                log_file.flush()
+                last = {"loss": stats["loss"], "acc": stats["accuracy"], "accept": stats["accept_len"]}
+                window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0,
+                          "t": now}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}",
+                                    acc=f"{stats['accuracy']:.3f}" if stats["accuracy"] is not None else "-",
+                                    tau=f"{stats['accept_len']:.2f}" if stats["accept_len"] is not None else "-",
+                                    tok_s=f"{stats['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}")
             if bar is not None:
-                bar.set_postfix(loss=f"{stats['loss']:.3f}",
-                                acc=f"{stats['accuracy']:.3f}" if stats["accuracy"] is not None else "-",
-                                tau=f"{stats['accept_len']:.2f}" if stats["accept_len"] is not None else "-",
-                                tok_s=f"{stats['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}")
+                bar.update(1)
+            state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
+                     "total_steps": total_steps, "first_loss": first_loss, "draft_config": cfg.to_dict(),
+                     "args": {k: v for k, v in vars(args).items()}}
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(output, draft, optimizer, sched, state, args.keep_checkpoints)
+            if deadline and now >= deadline and step < total_steps:
+                stopped = "max_minutes"
+                break
+    finally:
         if bar is not None:
-            bar.update(1)
-        state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
-                 "total_steps": total_steps, "first_loss": first_loss, "draft_config": cfg.to_dict(),
-                 "args": {k: v for k, v in vars(args).items()}}
-        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
-            save_checkpoint(output, draft, optimizer, sched, state, args.keep_checkpoints)
-        if deadline and now >= deadline and step < total_steps:
-            stopped = "max_minutes"
-            break
-    if bar is not None:
-        bar.close()
-    log_file.close()
+            bar.close()
+        log_file.close()
 
     state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
              "total_steps": total_steps, "first_loss": first_loss, "draft_config": cfg.to_dict(),

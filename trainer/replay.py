@@ -457,6 +457,7 @@ class ReplayReader:
         self.skipped: list[SkippedShard] = []
         self.spec: ReplaySpec | None = None
         self._handles: dict[Path, Any] = {}
+        self.max_open_shards = 64
         want_ids = tuple(layer_ids) if layer_ids is not None else None
         for d in dirs:
             spec, manifest = self._open_dir(d)
@@ -525,10 +526,14 @@ class ReplayReader:
         return sum(r.length for r in self.records)
 
     def _handle(self, path: Path):
+        """Open shards (memory-mapped), the most recently used `max_open_shards` kept open."""
         from safetensors import safe_open
-        h = self._handles.get(path)
+        h = self._handles.pop(path, None)
         if h is None:
-            h = self._handles[path] = safe_open(str(path), framework="pt")
+            h = safe_open(str(path), framework="pt")
+        self._handles[path] = h                                   # dicts keep insertion order: LRU at front
+        while len(self._handles) > self.max_open_shards:
+            self._handles.pop(next(iter(self._handles)))
         return h
 
     def read(self, index: int, dtype: torch.dtype = torch.float32) -> ReplayRecord:
