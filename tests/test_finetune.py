@@ -272,5 +272,8 @@ def test_bfloat16_autocast_run_on_cpu(setup_dir):
     result = main(argv(d, "--max-steps", "3", "--dtype", "bfloat16", "--log-every", "1"))
     log = [json.loads(line) for line in (d / "out" / "train_log.jsonl").read_text().splitlines()]
     assert result.steps == 3 and len(log) == 3 and all(math.isfinite(row["loss"]) for row in log)
-    assert all(p.dtype == torch.float32 for p in
-               DFlashDraft.from_pretrained(d / "out" / "checkpoints" / "step-00000003").parameters())
+    from safetensors.torch import load_file
+    master = load_file(str(d / "out" / "checkpoints" / "step-00000003" / "model.safetensors"))
+    exported = load_file(str(d / "out" / "model.safetensors"))
+    assert {t.dtype for t in master.values()} == {torch.float32}          # fp32 master weights
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}       # --export-dtype default
