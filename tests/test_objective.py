@@ -53,7 +53,8 @@ def ref_block_hidden(P, cfg, embed, target_hidden_row, block_tokens, anchor):
         v = (x @ W("self_attn.v_proj.weight").T).view(B, Hkv, D)
         kc = ref_rmsnorm((ctx @ W("self_attn.k_proj.weight").T).view(anchor, Hkv, D), W("self_attn.k_norm.weight"), eps)
         vc = (ctx @ W("self_attn.v_proj.weight").T).view(anchor, Hkv, D)
-        q, k, kc = ref_rope(q, blk_pos, cfg.rope_theta), ref_rope(k, blk_pos, cfg.rope_theta), ref_rope(kc, ctx_pos, cfg.rope_theta)
+        theta = cfg.rope_theta
+        q, k, kc = ref_rope(q, blk_pos, theta), ref_rope(k, blk_pos, theta), ref_rope(kc, ctx_pos, theta)
         K, V = torch.cat([kc, k]), torch.cat([vc, v])                                              # [a+B, Hkv, D]
         heads = []
         for hq in range(Hq):
@@ -62,7 +63,8 @@ def ref_block_hidden(P, cfg, embed, target_hidden_row, block_tokens, anchor):
             heads.append(att @ V[:, hk])
         h = h + torch.cat(heads, -1) @ W("self_attn.o_proj.weight").T
         y = ref_rmsnorm(h, W("post_attention_layernorm.weight"), eps)
-        h = h + (F.silu(y @ W("mlp.gate_proj.weight").T) * (y @ W("mlp.up_proj.weight").T)) @ W("mlp.down_proj.weight").T
+        gate, up = y @ W("mlp.gate_proj.weight").T, y @ W("mlp.up_proj.weight").T
+        h = h + (F.silu(gate) * up) @ W("mlp.down_proj.weight").T
     return ref_rmsnorm(h, P["norm.weight"], eps)
 
 

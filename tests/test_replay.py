@@ -152,7 +152,8 @@ def test_concurrent_writers_share_one_manifest(tmp_path):
     assert not errors
     reader = ReplayReader(d)
     assert len(reader) == 9
-    assert sorted(r.meta["rid"] for r in reader.records) == sorted(f"req-{s}-{i}" for s in (10, 11, 12) for i in range(3))
+    expected = sorted(f"req-{s}-{i}" for s in (10, 11, 12) for i in range(3))
+    assert sorted(r.meta["rid"] for r in reader.records) == expected
 
 
 # ---- atomicity and permissions -----------------------------------------------------------------------------

@@ -147,7 +147,8 @@ class DraftConfig:
         return cls(
             hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=n_heads,
             num_key_value_heads=int(text.get("num_key_value_heads") or n_heads), head_dim=head_dim,
-            intermediate_size=int(need("intermediate_size")), vocab_size=int(need("vocab_size", text if "vocab_size" in text else d)),
+            intermediate_size=int(need("intermediate_size")),
+            vocab_size=int(need("vocab_size", text if "vocab_size" in text else d)),
             target_layer_ids=[int(i) for i in ids], num_target_layers=num_target, mask_token_id=int(mask_id),
             block_size=int(block), rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta, rope_type=rope_type, rope_factor=rope_factor, rotary_dim=rotary_dim,

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
