@@ -44,14 +44,22 @@ Backward (flash-attention-2 style, no atomics):
   3. `_block_attn_bwd_dq_kernel`: one program per (query tile, batch*q_head), the same key iteration
      (and skipping) as the forward, accumulating dq in fp32.
 
-Tile sizes (`TileConfig`, chosen per head_dim by `default_tiles`, overridable with `tiles=`):
-    head_dim <= 64 : fwd 64x64 (4 warps, 3 stages),  bwd 64x64 (4 warps, 2 stages)
-    head_dim <= 128: fwd 64x64 (4 warps, 3 stages),  bwd 64x64 (8 warps, 2 stages)
-    head_dim <= 256: fwd 64x32 (8 warps, 2 stages),  bwd 32x32 (8 warps, 1 stage)
-  BLOCK_M is kept at 64 rather than the usual 128 because a query tile's context work is set by its
-  largest anchor: smaller tiles waste less when neighbouring blocks have different anchors.
-  head_dim is padded up to a power of two (>= 16) inside the kernel with masked loads, so any
-  head_dim <= 256 is accepted.  Under TRITON_INTERPRET=1 (CPU) 16x16 tiles are used.
+Tile sizes (`TileConfig` = one `KernelTiles(block_m, block_n, warps, stages)` per kernel, chosen per
+head_dim by `default_tiles`, overridable with `tiles=`).  block_m = query rows, block_n = keys:
+                     forward          dk/dv (keys outer)   dq (rows outer)      fp16/bf16
+    head_dim <= 64 : 64x64  w4 s3     32x128 w8 s2         64x32 w4 s2
+    head_dim <= 128: 64x64  w8 s3     32x64  w8 s2         64x32 w8 s3
+    head_dim <= 256: 64x32  w8 s2     32x32  w8 s1         32x32 w4 s1
+  (EAGLE3 differs at head_dim 128: dk/dv 64x32, and 256: forward 32x32 w4, dq 32x32 w8.)
+  The forward keeps BLOCK_M at 64 rather than the usual 128 because a query tile's context work is set
+  by its largest anchor: smaller tiles waste less when neighbouring blocks have different anchors.
+  Every fp16/bf16 entry compiles for sm_90 without register spills (checked with cuobjdump on the
+  cubin, with the 16-divisible strides the JIT specialises on).  These are starting points, not yet
+  timed on hardware: benchmarks/bench_block_attention.py is where to compare alternatives.  fp32 uses
+  16x32 tiles everywhere (a correctness mode: "ieee" fp32 dots run on CUDA cores).  head_dim is padded
+  up to a power of two (>= 16) inside the kernels with masked loads, so any head_dim <= 256 is accepted;
+  head_dim itself must be contiguous (unit stride; the wrapper copies otherwise, other strides are
+  free).  Under TRITON_INTERPRET=1 (CPU) 16x16 tiles are used.
 
 EAGLE3 training-time-test attention (`eagle3_ttt_attention_triton`, same file, same building blocks):
     q     [batch, n_q_heads,  L,         head_dim]   queries of unrolled step t
@@ -70,9 +78,9 @@ bf16 dot is wrong), and the interpreter truncates fp32 -> bf16 casts where the G
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +141,7 @@ def _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an):
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+def _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_vn,
                    key_lo, key_hi, section_start, n_section_keys, rows, row_block, anchor, dims, dim_in,
                    block_size, qk_scale_log2,
                    MODE: tl.constexpr, CAUSAL_IN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -142,9 +150,9 @@ def _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, strid
     for n0 in range(key_lo, key_hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)                                   # [BLOCK_N]
         key_in = keys < n_section_keys
-        k_t = tl.load(K_head + (section_start + keys)[None, :] * stride_kn + dims[:, None] * stride_kd,
+        k_t = tl.load(K_head + (section_start + keys)[None, :] * stride_kn + dims[:, None],
                       mask=key_in[None, :] & dim_in[:, None], other=0.0)   # [BLOCK_D, BLOCK_N]
-        v = tl.load(V_head + (section_start + keys)[:, None] * stride_vn + dims[None, :] * stride_vd,
+        v = tl.load(V_head + (section_start + keys)[:, None] * stride_vn + dims[None, :],
                     mask=key_in[:, None] & dim_in[None, :], other=0.0)     # [BLOCK_N, BLOCK_D]
         scores = _dot(q, k_t, DOT_PRECISION) * qk_scale_log2   # [BLOCK_M, BLOCK_N]
         if MODE != _KEYS_CTX_FULL:
@@ -162,10 +170,10 @@ def _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, strid
 @triton.jit
 def _block_attn_fwd_kernel(
     Q, K, V, Anchor, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
     stride_ab, stride_an,
     n_q_heads, ctx_len, n_rows, n_blocks, block_size, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -191,7 +199,7 @@ def _block_attn_fwd_kernel(
     first_block = tl.min(tl.where(row_valid, row_block, n_blocks), 0)
     last_block_end = tl.max(tl.where(row_valid, row_block + 1, 0), 0)       # <= first_block if none valid
 
-    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :],
                 mask=(rows < n_rows)[:, None] & dim_in[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
@@ -199,13 +207,13 @@ def _block_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_vn,
                                    0, ctx_all, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
                                    block_size, qk_scale_log2, _KEYS_CTX_FULL, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_vn,
                                    ctx_all, ctx_hi, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
                                    block_size, qk_scale_log2, _KEYS_CTX_PREFIX, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_vn,
                                    first_block * block_size, last_block_end * block_size, ctx_len, n_rows,
                                    rows, row_block, anchor, dims, dim_in,
                                    block_size, qk_scale_log2, _KEYS_BLOCK, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
@@ -214,7 +222,7 @@ def _block_attn_fwd_kernel(
     l_safe = tl.where(row_valid, l_i, 1.0)
     out = tl.where(row_valid[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(row_valid, m_i + tl.log2(l_safe), float("inf"))         # +inf: p = 0 in the backward
-    tl.store(Out + batch * stride_ob + q_head * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+    tl.store(Out + batch * stride_ob + q_head * stride_oh + rows[:, None] * stride_om + dims[None, :],
              out.to(Out.dtype.element_ty), mask=(rows < n_rows)[:, None] & dim_in[None, :])
     tl.store(Lse + batch_head.to(tl.int64) * n_rows + rows, lse, mask=rows < n_rows)
 
@@ -224,8 +232,8 @@ def _block_attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _block_attn_bwd_delta_kernel(Out, DOut, Delta,
-                                 stride_ob, stride_oh, stride_om, stride_od,
-                                 stride_gb, stride_gh, stride_gm, stride_gd,
+                                 stride_ob, stride_oh, stride_om,
+                                 stride_gb, stride_gh, stride_gm,
                                  n_q_heads, n_rows,
                                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[row] = <out[row], dout[row]> in fp32: the softmax-backward row correction."""
@@ -236,16 +244,16 @@ def _block_attn_bwd_delta_kernel(Out, DOut, Delta,
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
-    out = tl.load(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+    out = tl.load(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om + dims[None, :],
                   mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm + dims[None, :] * stride_gd,
+    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm + dims[None, :],
                    mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + batch_head.to(tl.int64) * n_rows + rows, tl.sum(out * dout, 1), mask=rows < n_rows)
 
 
 @triton.jit
 def _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
-                     stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
+                     stride_qm, stride_gm, stride_ab, stride_an,
                      row_lo, keys, dims, dim_in, n_rows, block_size, qk_scale_log2,
                      MODE: tl.constexpr, CAUSAL_IN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
@@ -256,9 +264,9 @@ def _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor
         row_block, anchor = rows, rows                                      # unused by the causal mask
     else:
         row_block, anchor = _row_anchor(Anchor, batch, rows, n_rows, block_size, stride_ab, stride_an)
-    q = tl.load(Q_head + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+    q = tl.load(Q_head + rows[:, None] * stride_qm + dims[None, :],
                 mask=row_in[:, None] & dim_in[None, :], other=0.0)         # [BLOCK_M, BLOCK_D]
-    dout = tl.load(DO_head + rows[:, None] * stride_gm + dims[None, :] * stride_gd,
+    dout = tl.load(DO_head + rows[:, None] * stride_gm + dims[None, :],
                    mask=row_in[:, None] & dim_in[None, :], other=0.0)      # [BLOCK_M, BLOCK_D]
     lse = tl.load(Lse_head + rows, mask=row_in, other=float("inf"))         # [BLOCK_M]
     delta = tl.load(Delta_head + rows, mask=row_in, other=0.0)              # [BLOCK_M]
@@ -277,12 +285,12 @@ def _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor
 @triton.jit
 def _block_attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, Anchor, TileMaxAnchor, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gm,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     stride_ab, stride_an,
     n_q_heads, n_kv_heads, ctx_len, n_rows, n_blocks, block_size, n_q_tiles, qk_scale, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -304,9 +312,9 @@ def _block_attn_bwd_dkdv_kernel(
     dim_in = dims < HEAD_DIM
     kv_mask = key_in[:, None] & dim_in[None, :]
     k = tl.load(K + batch * stride_kb + kv_head * stride_kh + (section_start + keys)[:, None] * stride_kn
-                + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+                + dims[None, :], mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
     v = tl.load(V + batch * stride_vb + kv_head * stride_vh + (section_start + keys)[:, None] * stride_vn
-                + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+                + dims[None, :], mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -323,7 +331,7 @@ def _block_attn_bwd_dkdv_kernel(
                 tile_max_anchor = tl.load(TileMaxAnchor + batch * n_q_tiles + tile_m)
                 if tile_max_anchor > key_lo:
                     dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
-                                              stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
+                                              stride_qm, stride_gm, stride_ab, stride_an,
                                               tile_m * BLOCK_M, keys, dims, dim_in, n_rows, block_size,
                                               qk_scale_log2, _KEYS_CTX_PREFIX, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
         else:
@@ -332,19 +340,19 @@ def _block_attn_bwd_dkdv_kernel(
             last_block_end = tl.minimum((key_lo + BLOCK_N - 1) // block_size + 1, n_blocks)
             for row_lo in range(first_block * block_size, last_block_end * block_size, BLOCK_M):
                 dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Anchor, batch,
-                                          stride_qm, stride_qd, stride_gm, stride_gd, stride_ab, stride_an,
+                                          stride_qm, stride_gm, stride_ab, stride_an,
                                           row_lo, keys, dims, dim_in, n_rows, block_size,
                                           qk_scale_log2, _KEYS_BLOCK, CAUSAL_IN_BLOCK, BLOCK_M, DOT_PRECISION)
 
     dk = dk * qk_scale
     tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + (section_start + keys)[:, None] * stride_dkn
-             + dims[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+             + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + (section_start + keys)[:, None] * stride_dvn
-             + dims[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+             + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+def _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_vn,
                   key_lo, key_hi, section_start, n_section_keys, rows, row_block, anchor, dims, dim_in,
                   block_size, qk_scale_log2,
                   MODE: tl.constexpr, CAUSAL_IN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -352,9 +360,9 @@ def _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd,
     for n0 in range(key_lo, key_hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_in = keys < n_section_keys
-        k = tl.load(K_head + (section_start + keys)[:, None] * stride_kn + dims[None, :] * stride_kd,
+        k = tl.load(K_head + (section_start + keys)[:, None] * stride_kn + dims[None, :],
                     mask=key_in[:, None] & dim_in[None, :], other=0.0)     # [BLOCK_N, BLOCK_D]
-        v_t = tl.load(V_head + (section_start + keys)[None, :] * stride_vn + dims[:, None] * stride_vd,
+        v_t = tl.load(V_head + (section_start + keys)[None, :] * stride_vn + dims[:, None],
                       mask=key_in[None, :] & dim_in[:, None], other=0.0)   # [BLOCK_D, BLOCK_N]
         scores = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale_log2   # [BLOCK_M, BLOCK_N]
         p = tl.exp2(scores - lse[:, None])                                  # padding rows: lse=+inf -> 0
@@ -369,11 +377,11 @@ def _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd,
 @triton.jit
 def _block_attn_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, Anchor, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gm,
+    stride_dqb, stride_dqh, stride_dqm,
     stride_ab, stride_an,
     n_q_heads, ctx_len, n_rows, n_blocks, block_size, qk_scale, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -399,28 +407,28 @@ def _block_attn_bwd_dq_kernel(
     last_block_end = tl.max(tl.where(row_valid, row_block + 1, 0), 0)
 
     row_mask = row_in[:, None] & dim_in[None, :]
-    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :],
                 mask=row_mask, other=0.0)
     dout = tl.load(DOut + batch * stride_gb + q_head * stride_gh + rows[:, None] * stride_gm
-                   + dims[None, :] * stride_gd, mask=row_mask, other=0.0)
+                   + dims[None, :], mask=row_mask, other=0.0)
     lse = tl.load(Lse + batch_head.to(tl.int64) * n_rows + rows, mask=row_in, other=float("inf"))
     delta = tl.load(Delta + batch_head.to(tl.int64) * n_rows + rows, mask=row_in, other=0.0)
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_vn,
                        0, ctx_all, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
                        block_size, qk_scale_log2, _KEYS_CTX_FULL, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
-    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_vn,
                        ctx_all, ctx_hi, 0, ctx_len, rows, row_block, anchor, dims, dim_in,
                        block_size, qk_scale_log2, _KEYS_CTX_PREFIX, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
-    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_vn,
                        first_block * block_size, last_block_end * block_size, ctx_len, n_rows,
                        rows, row_block, anchor, dims, dim_in,
                        block_size, qk_scale_log2, _KEYS_BLOCK, CAUSAL_IN_BLOCK, BLOCK_N, DOT_PRECISION)
     dq = tl.where(row_valid[:, None], dq * qk_scale, 0.0)
-    tl.store(DQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
+    tl.store(DQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + dims[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
@@ -430,10 +438,10 @@ def _block_attn_bwd_dq_kernel(
 @triton.jit
 def _eagle3_fwd_kernel(
     Q, K, V, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
     n_q_heads, seq_len, n_steps, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -450,7 +458,7 @@ def _eagle3_fwd_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_in = dims < HEAD_DIM
     row_mask = row_in[:, None] & dim_in[None, :]
-    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :],
                 mask=row_mask, other=0.0)                                   # [BLOCK_M, BLOCK_D]
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
@@ -462,19 +470,18 @@ def _eagle3_fwd_kernel(
     # tile's last row by none (skipped).
     causal_all = ((row_lo + 1) // BLOCK_N) * BLOCK_N
     causal_hi = tl.minimum(row_lo + BLOCK_M, seq_len)
-    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_vn,
                                    0, causal_all, 0, seq_len, rows, rows, rows, dims, dim_in,
                                    1, qk_scale_log2, _KEYS_CTX_FULL, False, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, m_i, l_i = _fwd_key_sweep(acc, m_i, l_i, q, K_head, V_head, stride_kn, stride_vn,
                                    causal_all, causal_hi, 0, seq_len, rows, rows, rows, dims, dim_in,
                                    1, qk_scale_log2, _KEYS_CAUSAL, False, BLOCK_N, DOT_PRECISION)
     # Steps 1..n_steps-1: each row sees exactly one key per step, at its own position: a row-wise dot.
-    q_f32 = q.to(tl.float32)
     for step in range(1, n_steps):
         diag = step * seq_len + rows
-        k_diag = tl.load(K_head + diag[:, None] * stride_kn + dims[None, :] * stride_kd, mask=row_mask, other=0.0)
-        v_diag = tl.load(V_head + diag[:, None] * stride_vn + dims[None, :] * stride_vd, mask=row_mask, other=0.0)
-        score = tl.sum(q_f32 * k_diag.to(tl.float32), 1) * qk_scale_log2   # [BLOCK_M]
+        k_diag = tl.load(K_head + diag[:, None] * stride_kn + dims[None, :], mask=row_mask, other=0.0)
+        v_diag = tl.load(V_head + diag[:, None] * stride_vn + dims[None, :], mask=row_mask, other=0.0)
+        score = tl.sum(q.to(tl.float32) * k_diag.to(tl.float32), 1) * qk_scale_log2   # [BLOCK_M]
         m_new = tl.maximum(m_i, score)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(score - m_new)
@@ -483,7 +490,7 @@ def _eagle3_fwd_kernel(
         m_i = m_new
 
     l_safe = tl.where(row_in, l_i, 1.0)                                     # every real row sees key `row`
-    tl.store(Out + batch * stride_ob + q_head * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+    tl.store(Out + batch * stride_ob + q_head * stride_oh + rows[:, None] * stride_om + dims[None, :],
              (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_mask)
     tl.store(Lse + batch_head.to(tl.int64) * seq_len + rows, m_i + tl.log2(l_safe), mask=row_in)
 
@@ -491,12 +498,12 @@ def _eagle3_fwd_kernel(
 @triton.jit
 def _eagle3_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gm,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     n_q_heads, n_kv_heads, seq_len, qk_scale, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -514,9 +521,9 @@ def _eagle3_bwd_dkdv_kernel(
     dim_in = dims < HEAD_DIM
     kv_mask = key_in[:, None] & dim_in[None, :]
     k = tl.load(K + batch * stride_kb + kv_head * stride_kh + (step * seq_len + keys)[:, None] * stride_kn
-                + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+                + dims[None, :], mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
     v = tl.load(V + batch * stride_vb + kv_head * stride_vh + (step * seq_len + keys)[:, None] * stride_vn
-                + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
+                + dims[None, :], mask=kv_mask, other=0.0)    # [BLOCK_N, BLOCK_D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -530,14 +537,14 @@ def _eagle3_bwd_dkdv_kernel(
             # causal: only rows >= key_lo see these keys
             for row_lo in range((key_lo // BLOCK_M) * BLOCK_M, seq_len, BLOCK_M):
                 dk, dv = _dkdv_query_tile(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, Lse, batch,
-                                          stride_qm, stride_qd, stride_gm, stride_gd, 0, 0,
+                                          stride_qm, stride_gm, 0, 0,
                                           row_lo, keys, dims, dim_in, seq_len, 1,
                                           qk_scale_log2, _KEYS_CAUSAL, False, BLOCK_M, DOT_PRECISION)
         else:
             # key `keys[j]` of a later step is seen by row keys[j] only: row-wise products
-            q = tl.load(Q_head + keys[:, None] * stride_qm + dims[None, :] * stride_qd,
+            q = tl.load(Q_head + keys[:, None] * stride_qm + dims[None, :],
                         mask=kv_mask, other=0.0).to(tl.float32)           # [BLOCK_N, BLOCK_D]
-            dout = tl.load(DO_head + keys[:, None] * stride_gm + dims[None, :] * stride_gd,
+            dout = tl.load(DO_head + keys[:, None] * stride_gm + dims[None, :],
                            mask=kv_mask, other=0.0).to(tl.float32)
             lse = tl.load(Lse_head + keys, mask=key_in, other=float("inf"))
             delta = tl.load(Delta_head + keys, mask=key_in, other=0.0)
@@ -548,19 +555,19 @@ def _eagle3_bwd_dkdv_kernel(
 
     dk = dk * qk_scale
     tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + (step * seq_len + keys)[:, None] * stride_dkn
-             + dims[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+             + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + (step * seq_len + keys)[:, None] * stride_dvn
-             + dims[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+             + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _eagle3_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gm,
+    stride_dqb, stride_dqh, stride_dqm,
     n_q_heads, seq_len, n_steps, qk_scale, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -577,10 +584,10 @@ def _eagle3_bwd_dq_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_in = dims < HEAD_DIM
     row_mask = row_in[:, None] & dim_in[None, :]
-    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+    q = tl.load(Q + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_qm + dims[None, :],
                 mask=row_mask, other=0.0)
     dout = tl.load(DOut + batch * stride_gb + q_head * stride_gh + rows[:, None] * stride_gm
-                   + dims[None, :] * stride_gd, mask=row_mask, other=0.0)
+                   + dims[None, :], mask=row_mask, other=0.0)
     lse = tl.load(Lse + batch_head.to(tl.int64) * seq_len + rows, mask=row_in, other=float("inf"))
     delta = tl.load(Delta + batch_head.to(tl.int64) * seq_len + rows, mask=row_in, other=0.0)
     K_head = K + batch * stride_kb + kv_head * stride_kh
@@ -589,24 +596,22 @@ def _eagle3_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     causal_all = ((row_lo + 1) // BLOCK_N) * BLOCK_N
     causal_hi = tl.minimum(row_lo + BLOCK_M, seq_len)
-    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_vn,
                        0, causal_all, 0, seq_len, rows, rows, rows, dims, dim_in,
                        1, qk_scale_log2, _KEYS_CTX_FULL, False, BLOCK_N, DOT_PRECISION)
-    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _dq_key_sweep(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_vn,
                        causal_all, causal_hi, 0, seq_len, rows, rows, rows, dims, dim_in,
                        1, qk_scale_log2, _KEYS_CAUSAL, False, BLOCK_N, DOT_PRECISION)
-    q_f32 = q.to(tl.float32)
-    dout_f32 = dout.to(tl.float32)
     for step in range(1, n_steps):
         diag = step * seq_len + rows
-        k_diag = tl.load(K_head + diag[:, None] * stride_kn + dims[None, :] * stride_kd,
+        k_diag = tl.load(K_head + diag[:, None] * stride_kn + dims[None, :],
                          mask=row_mask, other=0.0).to(tl.float32)
-        v_diag = tl.load(V_head + diag[:, None] * stride_vn + dims[None, :] * stride_vd,
+        v_diag = tl.load(V_head + diag[:, None] * stride_vn + dims[None, :],
                          mask=row_mask, other=0.0).to(tl.float32)
-        p = tl.exp2(tl.sum(q_f32 * k_diag, 1) * qk_scale_log2 - lse)       # [BLOCK_M]
-        ds = p * (tl.sum(dout_f32 * v_diag, 1) - delta)
+        p = tl.exp2(tl.sum(q.to(tl.float32) * k_diag, 1) * qk_scale_log2 - lse)       # [BLOCK_M]
+        ds = p * (tl.sum(dout.to(tl.float32) * v_diag, 1) - delta)
         dq += ds[:, None] * k_diag
-    tl.store(DQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
+    tl.store(DQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + dims[None, :],
              (dq * qk_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
@@ -614,42 +619,58 @@ def _eagle3_bwd_dq_kernel(
 # host side
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch parameters. All BLOCK_* must be powers of two >= 16 (tl.dot minimum)."""
-    fwd_block_m: int = 64
-    fwd_block_n: int = 64
-    fwd_warps: int = 4
-    fwd_stages: int = 3
-    bwd_block_m: int = 64
-    bwd_block_n: int = 64
-    bwd_warps: int = 4
-    bwd_stages: int = 2
+class KernelTiles:
+    """Launch shape of one kernel: `block_m` query rows x `block_n` keys per tile (powers of two >= 16,
+    the tl.dot minimum), plus num_warps / num_stages.  In the dk/dv kernel the key tile is the outer
+    (program) tile and block_m the inner step; in the forward and dq kernels it is the other way round."""
+    block_m: int
+    block_n: int
+    warps: int = 4
+    stages: int = 2
 
     def __post_init__(self):
-        for name in ("fwd_block_m", "fwd_block_n", "bwd_block_m", "bwd_block_n"):
+        for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
-                raise ValueError(f"TileConfig.{name}={value} must be a power of two >= 16")
+                raise ValueError(f"KernelTiles.{name}={value} must be a power of two >= 16")
+
+    def launch(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.warps, num_stages=self.stages)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles of the forward, dk/dv and dq kernels (shared by the DFlash and EAGLE3 kernels)."""
+    fwd: KernelTiles
+    dkdv: KernelTiles
+    dq: KernelTiles
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
-    """Tile sizes per head_dim (see the module docstring). fp32 inputs get fewer pipeline stages so that
-    their twice-as-large tiles still fit in shared memory."""
+def default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16, kind: str = "dflash") -> TileConfig:
+    """Tile sizes per head_dim and kernel family ("dflash" or "eagle3"); see the module docstring.
+
+    Picked so that no fp16/bf16 kernel spills registers on sm_90 (cuobjdump on the compiled cubin),
+    not yet timed on hardware.  fp32 (input_precision="ieee": CUDA-core FMA dots, far more registers)
+    is a correctness mode: small tiles, some spilling, slow."""
+    if kind not in ("dflash", "eagle3"):
+        raise ValueError(f"kind must be 'dflash' or 'eagle3', got {kind!r}")
     if _interpreting():
-        return TileConfig(16, 16, 1, 1, 16, 16, 1, 1)
-    if head_dim <= 64:
-        tiles = TileConfig(64, 64, 4, 3, 64, 64, 4, 2)
-    elif head_dim <= 128:
-        tiles = TileConfig(64, 64, 4, 3, 64, 64, 8, 2)
-    else:
-        tiles = TileConfig(64, 32, 8, 2, 32, 32, 8, 1)
+        return TileConfig(KernelTiles(16, 16, 1, 1), KernelTiles(16, 16, 1, 1), KernelTiles(16, 16, 1, 1))
     if dtype == torch.float32:
-        tiles = dataclasses.replace(tiles, fwd_stages=min(tiles.fwd_stages, 2), bwd_stages=1)
-    return tiles
+        return TileConfig(KernelTiles(16, 32, 4, 1), KernelTiles(16, 32, 4, 1), KernelTiles(16, 32, 4, 1))
+    if head_dim <= 64:
+        return TileConfig(fwd=KernelTiles(64, 64, 4, 3), dkdv=KernelTiles(32, 128, 8, 2), dq=KernelTiles(64, 32, 4, 2))
+    if head_dim <= 128:
+        if kind == "eagle3":   # the diagonal's row-wise products keep [BLOCK_N, D] fp32 rows live
+            return TileConfig(fwd=KernelTiles(64, 64, 8, 3), dkdv=KernelTiles(64, 32, 8, 2), dq=KernelTiles(64, 32, 8, 3))
+        return TileConfig(fwd=KernelTiles(64, 64, 8, 3), dkdv=KernelTiles(32, 64, 8, 2), dq=KernelTiles(64, 32, 8, 3))
+    if kind == "eagle3":
+        return TileConfig(fwd=KernelTiles(32, 32, 4, 2), dkdv=KernelTiles(32, 32, 8, 1), dq=KernelTiles(32, 32, 8, 1))
+    return TileConfig(fwd=KernelTiles(64, 32, 8, 2), dkdv=KernelTiles(32, 32, 8, 1), dq=KernelTiles(32, 32, 4, 1))
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -693,6 +714,12 @@ def _unit_last_dim(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides; the kernels address head_dim as contiguous (unit stride)."""
+    assert x.stride(-1) == 1 or x.shape[-1] == 1, "kernels need a unit head_dim stride"
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
 def _head_dim_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -721,17 +748,26 @@ def _forward(q, k, v, anchor, block_size, causal_in_block, scale, tiles):
     ctx_len = k.shape[2] - n_rows
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, n_q_heads, n_rows, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(n_rows, tiles.fwd_block_m), batch * n_q_heads)
+    grid = (triton.cdiv(n_rows, tiles.fwd.block_m), batch * n_q_heads)
     _block_attn_fwd_kernel[grid](
         q, k, v, anchor, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *anchor.stride(),
+        *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out), *anchor.stride(),
         n_q_heads, ctx_len, n_rows, anchor.shape[1], block_size, scale * LOG2E,
         GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_head_dim_block(head_dim),
-        BLOCK_M=tiles.fwd_block_m, BLOCK_N=tiles.fwd_block_n,
-        CAUSAL_IN_BLOCK=causal_in_block, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
+        CAUSAL_IN_BLOCK=causal_in_block, DOT_PRECISION=_dot_precision(q.dtype), **tiles.fwd.launch(),
     )
     return out, lse
+
+
+def _softmax_bwd_delta(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, rows] fp32: rowwise <out, grad_out>."""
+    batch, n_heads, n_rows, head_dim = out.shape
+    delta = torch.empty(batch, n_heads, n_rows, device=out.device, dtype=torch.float32)
+    block_m = 64
+    _block_attn_bwd_delta_kernel[(triton.cdiv(n_rows, block_m), batch * n_heads)](
+        out, grad_out, delta, *_row_strides(out), *_row_strides(grad_out), n_heads, n_rows,
+        HEAD_DIM=head_dim, BLOCK_D=_head_dim_block(head_dim), BLOCK_M=block_m)
+    return delta
 
 
 def _backward(grad_out, q, k, v, out, lse, anchor, block_size, causal_in_block, scale, tiles, need_dq):
@@ -741,35 +777,32 @@ def _backward(grad_out, q, k, v, out, lse, anchor, block_size, causal_in_block, 
     n_blocks = anchor.shape[1]
     block_d = _head_dim_block(head_dim)
     group = n_q_heads // n_kv_heads
-    block_m, block_n = tiles.bwd_block_m, tiles.bwd_block_n
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                  CAUSAL_IN_BLOCK=causal_in_block, DOT_PRECISION=_dot_precision(q.dtype),
-                  num_warps=tiles.bwd_warps, num_stages=tiles.bwd_stages)
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL_IN_BLOCK=causal_in_block,
+                  DOT_PRECISION=_dot_precision(q.dtype))
 
-    delta = torch.empty_like(lse)                                                      # [batch, Hq, N*B]
-    n_q_tiles = triton.cdiv(n_rows, block_m)
-    _block_attn_bwd_delta_kernel[(n_q_tiles, batch * n_q_heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), n_q_heads, n_rows,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m)
+    delta = _softmax_bwd_delta(out, grad_out)                                         # [batch, Hq, N*B]
 
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    tile_max_anchor = _tile_max_anchor(anchor, block_size, block_m)                   # [batch, n_q_tiles]
-    n_key_tiles = triton.cdiv(ctx_len, block_n) + triton.cdiv(n_rows, block_n)
+    n_q_tiles = triton.cdiv(n_rows, tiles.dkdv.block_m)                                 # inner query tiles
+    tile_max_anchor = _tile_max_anchor(anchor, block_size, tiles.dkdv.block_m)          # [batch, n_q_tiles]
+    n_key_tiles = triton.cdiv(ctx_len, tiles.dkdv.block_n) + triton.cdiv(n_rows, tiles.dkdv.block_n)
     _block_attn_bwd_dkdv_kernel[(n_key_tiles, batch * n_kv_heads)](
         q, k, v, grad_out, lse, delta, anchor, tile_max_anchor, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *anchor.stride(),
+        *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
+        *_row_strides(dk), *_row_strides(dv), *anchor.stride(),
         n_q_heads, n_kv_heads, ctx_len, n_rows, n_blocks, block_size, n_q_tiles, scale, scale * LOG2E,
-        GROUP=group, **common)
+        **common, **tiles.dkdv.launch())
 
     dq = None
     if need_dq:
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        _block_attn_bwd_dq_kernel[(n_q_tiles, batch * n_q_heads)](
+        _block_attn_bwd_dq_kernel[(triton.cdiv(n_rows, tiles.dq.block_m), batch * n_q_heads)](
             q, k, v, grad_out, lse, delta, anchor, dq,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *anchor.stride(),
+            *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out), *_row_strides(dq),
+            *anchor.stride(),
             n_q_heads, ctx_len, n_rows, n_blocks, block_size, scale, scale * LOG2E,
-            GROUP=group, **common)
+            **common, **tiles.dq.launch())
     return dq, dk, dv
 
 
@@ -861,12 +894,11 @@ class Eagle3TTTAttentionFunction(torch.autograd.Function):
         batch, n_q_heads, seq_len, head_dim = q.shape
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(batch, n_q_heads, seq_len, device=q.device, dtype=torch.float32)
-        _eagle3_fwd_kernel[(triton.cdiv(seq_len, tiles.fwd_block_m), batch * n_q_heads)](
-            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        _eagle3_fwd_kernel[(triton.cdiv(seq_len, tiles.fwd.block_m), batch * n_q_heads)](
+            q, k, v, out, lse, *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
             n_q_heads, seq_len, n_steps, scale * LOG2E,
             GROUP=n_q_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=_head_dim_block(head_dim),
-            BLOCK_M=tiles.fwd_block_m, BLOCK_N=tiles.fwd_block_n, DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages)
+            DOT_PRECISION=_dot_precision(q.dtype), **tiles.fwd.launch())
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.n_steps, ctx.scale, ctx.tiles = n_steps, scale, tiles
         return out
@@ -878,28 +910,24 @@ class Eagle3TTTAttentionFunction(torch.autograd.Function):
         batch, n_q_heads, seq_len, head_dim = q.shape
         n_kv_heads = k.shape[1]
         tiles, scale = ctx.tiles, ctx.scale
-        block_d = _head_dim_block(head_dim)
-        common = dict(GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                      BLOCK_M=tiles.bwd_block_m, BLOCK_N=tiles.bwd_block_n, DOT_PRECISION=_dot_precision(q.dtype),
-                      num_warps=tiles.bwd_warps, num_stages=tiles.bwd_stages)
-        delta = torch.empty_like(lse)
-        n_q_tiles = triton.cdiv(seq_len, tiles.bwd_block_m)
-        _block_attn_bwd_delta_kernel[(n_q_tiles, batch * n_q_heads)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), n_q_heads, seq_len,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.bwd_block_m)
+        common = dict(GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_head_dim_block(head_dim),
+                      DOT_PRECISION=_dot_precision(q.dtype))
+        delta = _softmax_bwd_delta(out, grad_out)                                     # [batch, Hq, L]
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-        _eagle3_bwd_dkdv_kernel[(ctx.n_steps * triton.cdiv(seq_len, tiles.bwd_block_n), batch * n_kv_heads)](
+        n_key_tiles = ctx.n_steps * triton.cdiv(seq_len, tiles.dkdv.block_n)
+        _eagle3_bwd_dkdv_kernel[(n_key_tiles, batch * n_kv_heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            n_q_heads, n_kv_heads, seq_len, scale, scale * LOG2E, **common)
+            *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
+            *_row_strides(dk), *_row_strides(dv),
+            n_q_heads, n_kv_heads, seq_len, scale, scale * LOG2E, **common, **tiles.dkdv.launch())
         dq = None
         if ctx.needs_input_grad[0]:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-            _eagle3_bwd_dq_kernel[(n_q_tiles, batch * n_q_heads)](
+            _eagle3_bwd_dq_kernel[(triton.cdiv(seq_len, tiles.dq.block_m), batch * n_q_heads)](
                 q, k, v, grad_out, lse, delta, dq,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-                n_q_heads, seq_len, ctx.n_steps, scale, scale * LOG2E, **common)
+                *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out), *_row_strides(dq),
+                n_q_heads, seq_len, ctx.n_steps, scale, scale * LOG2E, **common, **tiles.dq.launch())
         return dq, dk, dv, None, None, None
 
 
@@ -917,6 +945,6 @@ def eagle3_ttt_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     n_steps = _check_eagle3_inputs(q, k, v)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    tiles = tiles if tiles is not None else default_tiles(q.shape[-1], q.dtype)
+    tiles = tiles if tiles is not None else default_tiles(q.shape[-1], q.dtype, kind="eagle3")
     q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
     return Eagle3TTTAttentionFunction.apply(q, k, v, n_steps, scale, tiles)

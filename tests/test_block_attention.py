@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 
-from spec_kernels.block_attention import (TileConfig, block_attention_triton, eagle3_ttt_attention_reference,
+from spec_kernels.block_attention import (KernelTiles, TileConfig, block_attention_triton, eagle3_ttt_attention_reference,
                                           eagle3_ttt_attention_triton, eagle3_ttt_mask)
 from trainer.attention import block_attention, block_attention_reference
 
@@ -31,6 +31,11 @@ DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 # max |got - want| must be <= TOL * max(1, max |want|)   (per tensor)
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _tiles(fwd_m, fwd_n, bwd_m, bwd_n):
+    """Interpreter-sized tiles: dk/dv and dq kernels get the same backward tile."""
+    return TileConfig(KernelTiles(fwd_m, fwd_n, 1, 1), KernelTiles(bwd_m, bwd_n, 1, 1), KernelTiles(bwd_m, bwd_n, 1, 1))
 
 
 def _make_inputs(batch, n_q_heads, n_kv_heads, ctx_len, n_blocks, block_size, head_dim, dtype, seed=0):
@@ -153,9 +158,9 @@ def test_block_sizes_that_straddle_tiles(block_size):
 
 
 @pytest.mark.parametrize("tiles", [
-    TileConfig(32, 16, 1, 1, 32, 16, 1, 1),   # a query tile holds several blocks
-    TileConfig(16, 32, 1, 1, 16, 32, 1, 1),   # key tiles longer than query tiles
-    TileConfig(64, 16, 1, 1, 16, 64, 1, 1),   # forward and backward tiles differ
+    _tiles(32, 16, 32, 16),                   # a query tile holds several blocks
+    _tiles(16, 32, 16, 32),                   # key tiles longer than query tiles
+    TileConfig(KernelTiles(64, 16), KernelTiles(16, 64), KernelTiles(32, 16)),   # every kernel different
 ], ids=["m32n16", "m16n32", "mixed"])
 @pytest.mark.parametrize("block_size", [8, 12])
 def test_other_tile_configs(tiles, block_size):
@@ -188,7 +193,7 @@ def test_context_tiles_past_every_anchor_are_never_read():
     # with NaN proves the kernels never load them (a masked load-and-multiply would give NaN: 0 * NaN).
     ctx_len, block_size = 64, 8
     anchors = torch.tensor([[16, 3, 0, 9]], device=DEVICE)
-    tiles = TileConfig(16, 16, 1, 1, 16, 16, 1, 1)
+    tiles = _tiles(16, 16, 16, 16)
     q, k, v, grad_out = _make_inputs(1, 2, 1, ctx_len, 4, block_size, 64, torch.float32)
     k_poisoned, v_poisoned = k.clone(), v.clone()
     k_poisoned[:, :, 16:ctx_len] = float("nan")
@@ -304,9 +309,9 @@ def test_eagle3_single_step_is_causal_attention():
 
 
 @pytest.mark.parametrize("dtype,head_dim,tiles", [
-    (torch.float32, 128, TileConfig(32, 16, 1, 1, 16, 32, 1, 1)),
+    (torch.float32, 128, _tiles(32, 16, 16, 32)),
     (torch.float16, 64, None),
-    (torch.bfloat16, 64, TileConfig(16, 32, 1, 1, 32, 16, 1, 1)),
+    (torch.bfloat16, 64, TileConfig(KernelTiles(16, 32), KernelTiles(32, 16), KernelTiles(16, 64))),
 ], ids=["fp32-d128-m32n16", "fp16", "bf16-m16n32"])
 def test_eagle3_ttt_dtypes_and_tiles(dtype, head_dim, tiles):
     q, k, v, grad_out = _eagle3_inputs(1, 4, 2, 45, 3, head_dim, dtype, seed=4)
@@ -349,21 +354,25 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                 sig[name] = "i32"
         return sig
 
+    def divisible_by_16(kernel, sig):                # what the JIT sees for 16-aligned shapes
+        return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                if sig[name] != "constexpr" and (name[0].isupper() or name in ("ctx_len", "n_rows", "seq_len")
+                                                 or (name.startswith("stride_") and not name.startswith("stride_a")))}
+
     target = GPUTarget("cuda", 90, 32)               # H100
     for head_dim, causal in [(64, False), (128, True), (256, False)]:
-        tiles = ba.default_tiles(head_dim)
-        launches = [(ba._block_attn_fwd_kernel, tiles.fwd_block_m, tiles.fwd_block_n, tiles.fwd_warps, tiles.fwd_stages),
-                    (ba._block_attn_bwd_dkdv_kernel, tiles.bwd_block_m, tiles.bwd_block_n, tiles.bwd_warps, tiles.bwd_stages),
-                    (ba._block_attn_bwd_dq_kernel, tiles.bwd_block_m, tiles.bwd_block_n, tiles.bwd_warps, tiles.bwd_stages)]
-        launches += [(ba._eagle3_fwd_kernel,) + launches[0][1:], (ba._eagle3_bwd_dkdv_kernel,) + launches[1][1:],
-                     (ba._eagle3_bwd_dq_kernel,) + launches[2][1:]]
-        for kernel, block_m, block_n, warps, stages in launches:
-            constexprs = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        tiles, eagle3_tiles = ba.default_tiles(head_dim), ba.default_tiles(head_dim, kind="eagle3")
+        launches = [(ba._block_attn_fwd_kernel, tiles.fwd), (ba._block_attn_bwd_dkdv_kernel, tiles.dkdv),
+                    (ba._block_attn_bwd_dq_kernel, tiles.dq), (ba._eagle3_fwd_kernel, eagle3_tiles.fwd),
+                    (ba._eagle3_bwd_dkdv_kernel, eagle3_tiles.dkdv), (ba._eagle3_bwd_dq_kernel, eagle3_tiles.dq)]
+        for kernel, kt in launches:
+            constexprs = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=kt.block_m, BLOCK_N=kt.block_n,
                               DOT_PRECISION="tf32")
             if "CAUSAL_IN_BLOCK" in kernel.arg_names:
                 constexprs["CAUSAL_IN_BLOCK"] = causal
-            compiled = triton.compile(ASTSource(kernel, signature(kernel, "bf16", constexprs), constexprs),
-                                      target=target, options=dict(num_warps=warps, num_stages=stages))
+            sig = signature(kernel, "bf16", constexprs)
+            compiled = triton.compile(ASTSource(kernel, sig, constexprs, divisible_by_16(kernel, sig)),
+                                      target=target, options=dict(num_warps=kt.warps, num_stages=kt.stages))
             assert compiled.metadata.shared <= 227 * 1024, (kernel.fn.__name__, compiled.metadata.shared)
             print("compiled", kernel.fn.__name__, head_dim, compiled.metadata.shared)
 """)
