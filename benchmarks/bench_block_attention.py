@@ -3,6 +3,7 @@
     python benchmarks/bench_block_attention.py                 # full grid
     python benchmarks/bench_block_attention.py --quick         # headline shapes only
     python benchmarks/bench_block_attention.py --out /tmp/res  # where JSON (and PNG) go
+    python benchmarks/bench_block_attention.py --quick --sweep-tiles   # + time alternative tile sizes
 
 For every shape it times forward, backward and forward+backward of
   * ours : spec_kernels.block_attention.block_attention_triton
@@ -12,8 +13,9 @@ For every shape it times forward, backward and forward+backward of
            expanded to n_q_heads beforehand (outside the timed region, which flatters SDPA)
 in the same process, with triton.testing.do_bench (CUDA events, median), and reports the ratios
 flex/ours and sdpa/ours (> 1 means ours is faster).  Before timing, it checks at full size that ours
-matches flex (relative RMS error of output and dq/dk/dv <= --tol).  Writes <out>/block_attention.json and, when matplotlib is
-installed, <out>/block_attention.png.  Without a CUDA GPU it prints "no CUDA GPU: skipping" and exits 0.
+matches flex (relative RMS error of output and dq/dk/dv <= --tol).  Writes <out>/block_attention.json
+and, when matplotlib is installed, <out>/block_attention.png.  Without a CUDA GPU it prints
+"no CUDA GPU: skipping" and exits 0.
 
 Anchors are drawn so that every block is real (no padding: SDPA returns NaN on fully masked rows) and,
 by default, sorted ascending over [B, S] as when anchors are positions sampled along one sequence;
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -213,6 +214,50 @@ def run_case(case: Case, args, gen: torch.Generator) -> dict:
     return result
 
 
+SWEEP_CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, for --sweep-tiles (head_dim 128)
+    "fwd": [(64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3)],
+    "dkdv": [(32, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (16, 128, 8, 2)],
+    "dq": [(64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+}
+
+
+def sweep_tiles(case: Case, args, gen: torch.Generator) -> list[dict]:
+    """Time ours with other tiles for one kernel at a time (the others at their defaults)."""
+    import dataclasses
+
+    from spec_kernels.block_attention import KernelTiles, block_attention_triton, default_tiles
+
+    device, dtype = DEVICE, torch.bfloat16
+    n_rows = case.n_blocks * case.block_size
+    anchors = make_anchors(case, args.anchors, gen).to(device)
+    q = torch.randn(case.batch, case.n_q_heads, n_rows, case.head_dim, device=device, dtype=dtype)
+    k = torch.randn(case.batch, case.n_kv_heads, case.ctx_len + n_rows, case.head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    grad_out = torch.randn_like(q)
+    default = default_tiles(case.head_dim, dtype)
+    rows = []
+    for kernel, candidates in SWEEP_CANDIDATES.items():
+        for cand in candidates:
+            tiles = dataclasses.replace(default, **{kernel: KernelTiles(*cand)})
+
+            def run(q, k, v, tiles=tiles):
+                return block_attention_triton(q, k, v, anchors, case.block_size,
+                                              causal_in_block=case.causal_in_block, tiles=tiles)
+            row = {"kernel": kernel, "tiles": cand, "default": getattr(default, kernel) == KernelTiles(*cand)}
+            try:
+                ms = time_fwd_bwd(run, q, k, v, grad_out)
+                row.update(fwd=ms["fwd"], bwd=ms["bwd"])
+            except Exception as exc:  # e.g. out of shared memory for a large candidate
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rows.append(row)
+            phase = "fwd" if kernel == "fwd" else "bwd"
+            shown = f"{row[phase]:.3f} ms {phase}" if phase in row else row["error"]
+            print(f"  {kernel:5} m{cand[0]:<4} n{cand[1]:<4} w{cand[2]} s{cand[3]}: {shown}"
+                  f"{'   (default)' if row['default'] else ''}", flush=True)
+    return rows
+
+
 def print_table(results: list[dict]) -> None:
     header = (f"{'case':<42} {'ours fwd/bwd/both ms':>24}  {'flex/ours fwd bwd both':>24}  "
               f"{'sdpa/ours fwd bwd both':>24}  {'TFLOP/s f/b':>12}  check")
@@ -268,6 +313,8 @@ def main() -> int:
     parser.add_argument("--tol", type=float, default=1e-2,
                         help="largest allowed ||ours - flex|| / ||flex|| for out, dq, dk, dv (bf16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep-tiles", action="store_true",
+                        help="also time ours on the h32/8 headline shape with alternative tiles per kernel")
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -285,6 +332,11 @@ def main() -> int:
         print(f"  done in {time.time() - start:.0f}s: {json.dumps(results[-1]['ratios'])}", flush=True)
         torch.cuda.empty_cache()
 
+    sweep = None
+    if args.sweep_tiles:
+        print(f"tile sweep on {HEADLINE[1].name}:")
+        sweep = sweep_tiles(HEADLINE[1], args, gen)
+
     print()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, anchors {args.anchors}")
     print_table(results)
@@ -293,7 +345,8 @@ def main() -> int:
     import triton
     with open(json_path, "w") as fh:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__, "anchors": args.anchors, "results": results}, fh, indent=2)
+                   "triton": triton.__version__, "anchors": args.anchors, "results": results,
+                   "tile_sweep": sweep}, fh, indent=2)
     print(f"wrote {json_path}")
     plot(results, os.path.join(args.out, "block_attention.png"))
     if not all(res["check_ok"] for res in results):

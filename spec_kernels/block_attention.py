@@ -78,7 +78,6 @@ bf16 dot is wrong), and the interpreter truncates fp32 -> bf16 casts where the G
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -666,7 +665,8 @@ def default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16, kind: str 
         return TileConfig(fwd=KernelTiles(64, 64, 4, 3), dkdv=KernelTiles(32, 128, 8, 2), dq=KernelTiles(64, 32, 4, 2))
     if head_dim <= 128:
         if kind == "eagle3":   # the diagonal's row-wise products keep [BLOCK_N, D] fp32 rows live
-            return TileConfig(fwd=KernelTiles(64, 64, 8, 3), dkdv=KernelTiles(64, 32, 8, 2), dq=KernelTiles(64, 32, 8, 3))
+            return TileConfig(fwd=KernelTiles(64, 64, 8, 3), dkdv=KernelTiles(64, 32, 8, 2),
+                              dq=KernelTiles(64, 32, 8, 3))
         return TileConfig(fwd=KernelTiles(64, 64, 8, 3), dkdv=KernelTiles(32, 64, 8, 2), dq=KernelTiles(64, 32, 8, 3))
     if kind == "eagle3":
         return TileConfig(fwd=KernelTiles(32, 32, 4, 2), dkdv=KernelTiles(32, 32, 8, 1), dq=KernelTiles(32, 32, 8, 1))

@@ -20,8 +20,9 @@ import textwrap
 import pytest
 import torch
 
-from spec_kernels.block_attention import (KernelTiles, TileConfig, block_attention_triton, eagle3_ttt_attention_reference,
-                                          eagle3_ttt_attention_triton, eagle3_ttt_mask)
+from spec_kernels.block_attention import (KernelTiles, TileConfig, block_attention_triton,
+                                          eagle3_ttt_attention_reference, eagle3_ttt_attention_triton,
+                                          eagle3_ttt_mask)
 from trainer.attention import block_attention, block_attention_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -75,8 +76,9 @@ def check_against_reference(anchors, *, batch=None, n_q_heads=2, n_kv_heads=1, c
     batch = anchors.shape[0]
     q, k, v, grad_out = _make_inputs(batch, n_q_heads, n_kv_heads, ctx_len, anchors.shape[1], block_size,
                                      head_dim, dtype, seed)
-    ours = _fwd_bwd(lambda q, k, v: block_attention_triton(q, k, v, anchors, block_size, causal_in_block=causal_in_block,
-                                                           scale=scale, tiles=tiles), q, k, v, grad_out)
+    ours = _fwd_bwd(lambda q, k, v: block_attention_triton(q, k, v, anchors, block_size,
+                                                           causal_in_block=causal_in_block, scale=scale, tiles=tiles),
+                    q, k, v, grad_out)
     want = _fwd_bwd(lambda q, k, v: block_attention_reference(q, k, v, anchors, block_size,
                                                               causal_in_block=causal_in_block, scale=scale),
                     q, k, v, grad_out)
