@@ -1,24 +1,26 @@
-"""Triton DFlash block attention vs the PyTorch oracle, forward and backward, on CPU.
+"""Triton DFlash (and EAGLE3) block attention vs the PyTorch oracle, forward and backward.
 
-Runs the kernels under the Triton interpreter (TRITON_INTERPRET=1 is set below, before anything imports
-triton), so shapes are tiny.  The kernels use 16x16 tiles there, and several tests pass other tile
-configs explicitly, so tile edges, tiles spanning several blocks and blocks spanning several tiles are
-all exercised.  One test (in a subprocess, without the interpreter) compiles the kernels for an H100
-(sm_90) to catch errors that only the real compiler sees.
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 is set below, before the
+kernels are imported), so shapes are tiny; with a GPU they run on it.  The interpreter uses 16x16 tiles,
+and several tests pass other tile configs explicitly, so tile edges, tiles spanning several blocks and
+blocks spanning several tiles are all exercised.  One test (in a subprocess, without the interpreter)
+compiles the kernels for an H100 (sm_90) to catch errors that only the real compiler sees.
 
 bf16 tolerances are loose on purpose: besides bf16's 8-bit mantissa, triton's interpreter truncates
 fp32 -> bf16 casts (the GPU rounds to nearest even), roughly doubling the error seen here.
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E402  (must precede any triton import)
-
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
+import torch  # does not import triton
+
+if not torch.cuda.is_available():
+    # No GPU: run the kernels in Triton's interpreter. Must happen before spec_kernels.block_attention is
+    # imported (triton.jit reads it at decoration time). With a GPU the tests run on it for real.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from spec_kernels.block_attention import (KernelTiles, TileConfig, block_attention_triton,
                                           eagle3_ttt_attention_reference, eagle3_ttt_attention_triton,
@@ -26,7 +28,7 @@ from spec_kernels.block_attention import (KernelTiles, TileConfig, block_attenti
 from trainer.attention import block_attention, block_attention_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="TRITON_INTERPRET was set to something else and there is no GPU")
+                                reason="no GPU and TRITON_INTERPRET was explicitly set to something other than 1")
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -107,6 +109,11 @@ def test_anchor_beyond_context_equals_anchor_at_context_end():
     beyond = block_attention_triton(q, k, v, torch.tensor([[25, 3]], device=DEVICE), 4)
     at_end = block_attention_triton(q, k, v, torch.tensor([[20, 3]], device=DEVICE), 4)
     assert torch.equal(beyond, at_end)
+
+
+def test_no_context():
+    # S = 0: blocks see only their own tokens, whatever the anchor says.
+    check_against_reference([[0, 5, -1]], ctx_len=0, block_size=8)
 
 
 def test_single_block():
