@@ -123,6 +123,7 @@ class launch_server:
             args += cpu_server_args()
         args += self.extra_args
         env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)      # set by the kernel tests for themselves; never for servers
         if self.cpu:
             env["SGLANG_PLATFORM"] = "torch_cpu"
         env.update(self.env)

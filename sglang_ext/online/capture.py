@@ -1,0 +1,209 @@
+"""Capture of live traffic in the scheduler process: pre-deepstack target features -> per-request records.
+
+One source for training and serving: the features are recorded inside
+`DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`, the single function through which SGLang feeds
+target hidden states to the live draft (prefill rows and the committed rows of every verify step), so the
+replay holds exactly the tensors the draft saw. Those features are made pre-deepstack one step earlier, in
+the Qwen3-VL text model's forward (`pre_deepstack_aux_hidden_states`).
+
+Per request (keyed by rid) we keep the rows by position; when SGLang releases the request's KV cache
+(`release_kv_cache`: finish, abort, retraction) a finished request's rows are handed, with its token ids,
+to the replay buffer's thread, which assembles the `trainer.replay.ReplayRecord` off the hot path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pre-deepstack features
+# ---------------------------------------------------------------------------------------------------------
+
+# srt/models/qwen3_vl.py `Qwen3LLMModel.forward` (and qwen3_vl_moe.py `Qwen3MoeLLMModel.forward`): the aux
+# hidden state for target layer k is captured at the start of layer k+1, after layer k's deepstack visual
+# embedding was added (image/video rows of extend batches, k < 3). Subtract it again so the draft's
+# features are the residual stream after layer k and before deepstack, as the HF capture records them.
+# Exact up to one fp rounding of (h + d) - d: |error| <= ulp(|h + d|).
+def pre_deepstack_aux_hidden_states(original, self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    deepstack = kwargs.get("input_deepstack_embeds", args[5] if len(args) > 5 else None)
+    if deepstack is None or not isinstance(out, tuple) or getattr(self, "use_hf_deepstack_order", False):
+        return out
+    _, aux = out
+    hidden_size = self.hidden_size
+    for i, captured_layer in enumerate(sorted(self.layers_to_capture)):
+        k = captured_layer - 1                       # the target layer whose output this capture is
+        if i < len(aux) and k in self.deepstack_embed_to_decoder_layer:
+            aux[i] = aux[i] - deepstack[:, k * hidden_size:(k + 1) * hidden_size].to(aux[i].dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-request records
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PendingRequest:
+    """Rows captured so far for one request: start position -> features [n, K*H] (CPU copies)."""
+    rid: str
+    chunks: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: int = 0
+
+
+@dataclass
+class FinishedRequest:
+    """What leaves the scheduler's hot path when a request finishes (assembled by the buffer thread)."""
+    rid: str
+    token_ids: list[int]              # prompt + generated, as SGLang finished them
+    prompt_len: int
+    chunks: dict[int, torch.Tensor]
+    mrope_prompt: torch.Tensor | None  # [3, prompt_len] or None for text-only
+    mrope_delta: int
+    has_image: bool
+    finish_reason: str
+
+
+class Recorder:
+    """Scheduler-side bookkeeping. Only the scheduler thread touches `pending`."""
+
+    def __init__(self, cfg, sink, metrics):
+        self.cfg = cfg
+        self.sink = sink                               # ReplayBuffer.submit(FinishedRequest)
+        self.metrics = metrics
+        self.pending: dict[str, PendingRequest] = {}
+        self.done: OrderedDict[str, None] = OrderedDict()   # recently released rids: ignore late rows
+        self.feature_dim: int | None = None
+        self.lock = threading.Lock()
+
+    # -- capture --------------------------------------------------------------------------------------
+    def _add_rows(self, req, start: int, rows: torch.Tensor) -> None:
+        rid = req.rid
+        if rid in self.done or rows.shape[0] == 0 or not self._eligible(req):
+            return
+        p = self.pending.get(rid)
+        if p is None:
+            p = self.pending[rid] = PendingRequest(rid)
+        # SGLang reuses these buffers in the next forward: copy (asynchronously where the device allows).
+        host = torch.empty(rows.shape, dtype=rows.dtype, device="cpu",
+                           pin_memory=rows.is_cuda and torch.cuda.is_available())
+        host.copy_(rows, non_blocking=rows.is_cuda)
+        p.chunks[int(start)] = host
+        p.rows += int(rows.shape[0])
+        self.metrics.captured(int(rows.shape[0]), host.numel() * host.element_size())
+
+    def observe_extend(self, batch, target_hidden: torch.Tensor) -> None:
+        """Prefill / chunked prefill: rows are the batch's extend tokens, request after request."""
+        offset = 0
+        for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+            self._add_rows(req, prefix_len, target_hidden[offset:offset + extend_len])
+            offset += extend_len
+
+    def observe_verify(self, batch, target_hidden: torch.Tensor, positions: torch.Tensor,
+                       commit_lens: torch.Tensor, block_size: int) -> None:
+        """Verify: each request's block of B rows; the committed ones (bonus + accepted) are a prefix."""
+        commit = commit_lens.tolist()
+        starts = positions.view(-1, block_size)[:, 0].tolist()
+        self.metrics.verified(commit, block_size)
+        for i, req in enumerate(batch.reqs[:len(commit)]):
+            self._add_rows(req, starts[i], target_hidden[i * block_size:i * block_size + commit[i]])
+
+    # -- finish ---------------------------------------------------------------------------------------
+    def release(self, req) -> None:
+        """Called when SGLang releases a request's KV cache."""
+        if not req.finished():               # retraction: the request will be recomputed; keep its rows
+            return
+        rid = req.rid
+        self.done[rid] = None
+        while len(self.done) > 4096:
+            self.done.popitem(last=False)
+        p = self.pending.pop(rid, None)
+        if p is None:
+            return
+        reason = type(req.finished_reason).__name__ if req.finished_reason is not None else "unknown"
+        if "ABORT" in reason.upper():
+            self.metrics.dropped("aborted")
+            return
+        token_ids = list(req.origin_input_ids) + list(req.output_ids)
+        if len(token_ids) > self.cfg.max_record_tokens:
+            self.metrics.dropped("too_long")
+            return
+        mm = getattr(req, "multimodal_inputs", None)
+        mrope = getattr(mm, "mrope_positions", None) if mm is not None else None
+        delta = getattr(mm, "mrope_position_delta", None) if mm is not None else None
+        self.sink(FinishedRequest(
+            rid=rid, token_ids=token_ids, prompt_len=len(req.origin_input_ids), chunks=p.chunks,
+            mrope_prompt=None if mrope is None else mrope.detach().to("cpu", copy=True),
+            mrope_delta=int(delta.reshape(-1)[0]) if delta is not None else 0,
+            has_image=_has_image(req), finish_reason=reason))
+
+    def _eligible(self, req) -> bool:
+        cfg = self.cfg
+        if str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):      # /health_generate probes are not traffic
+            return False
+        if cfg.learn_from != "all" and (cfg.learn_from == "image") != _has_image(req):
+            return False
+        if cfg.sample_rate < 1.0:
+            h = int(hashlib.sha1(str(req.rid).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            return h < cfg.sample_rate
+        return True
+
+
+def _has_image(req) -> bool:
+    mm = getattr(req, "multimodal_inputs", None)
+    return bool(mm is not None and getattr(mm, "mm_items", None))
+
+
+def assemble_record(fin: FinishedRequest, include_prompt_loss: bool):
+    """FinishedRequest -> trainer.replay.ReplayRecord, or None when no row was captured.
+
+    Covers positions [0, S) where S = end of the last captured row (capped at the finished length): the very
+    last generated token never has target features. Positions the target did not recompute (a radix-cache
+    prefix hit) are a gap: zero features, out of the loss mask, listed in meta["feature_gaps"].
+    """
+    from trainer.replay import ReplayRecord
+
+    n_tokens = len(fin.token_ids)
+    chunks = sorted((s, t) for s, t in fin.chunks.items() if s < n_tokens)
+    if not chunks:
+        return None
+    feature_dim, dtype = chunks[0][1].shape[1], chunks[0][1].dtype
+    end = min(max(s + t.shape[0] for s, t in chunks), n_tokens)
+    features = torch.zeros(end, feature_dim, dtype=dtype)
+    covered = torch.zeros(end, dtype=torch.bool)
+    for start, rows in chunks:                       # later chunks (recomputation) overwrite earlier ones
+        rows = rows[:end - start]
+        features[start:start + rows.shape[0]] = rows
+        covered[start:start + rows.shape[0]] = True
+    gaps, i = [], 0
+    while i < end:
+        if not covered[i]:
+            j = i
+            while j < end and not covered[j]:
+                j += 1
+            gaps.append([i, j])
+            i = j
+        else:
+            i += 1
+    input_ids = torch.tensor(fin.token_ids[:end], dtype=torch.int64)
+    loss_mask = covered.clone()
+    if not include_prompt_loss:
+        loss_mask[:fin.prompt_len] = False
+    positions = torch.arange(end, dtype=torch.int64).expand(3, end).clone()
+    if fin.mrope_prompt is not None:
+        n_prompt = min(fin.prompt_len, end, fin.mrope_prompt.shape[1])
+        positions[:, :n_prompt] = fin.mrope_prompt[:, :n_prompt].to(torch.int64)
+        positions[:, fin.prompt_len:] += fin.mrope_delta
+    meta = {"rid": fin.rid, "prompt_len": fin.prompt_len, "num_tokens_finished": n_tokens,
+            "finish_reason": fin.finish_reason, "has_image": fin.has_image, "feature_gaps": gaps,
+            "source": "online"}
+    return ReplayRecord(input_ids=input_ids, features=features, positions=positions,
+                        loss_mask=loss_mask, meta=meta)

@@ -1,0 +1,174 @@
+"""`--online-train` settings: one dataclass, its argparse group, parsing and validation.
+
+SGLang's ServerArgs has no API for new flags and `ServerArgs.from_cli_args` keeps declared fields only, so
+the flags are added to SGLang's own parser (for `--help` and `--config` files) and read back from argv by
+`sglang_ext.online.flags`. The parsed settings travel to the scheduler processes in the environment
+variable below (children inherit the launcher's environment) and as `server_args._online_train`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+ENV_VAR = "SGLANG_EXT_ONLINE_TRAIN"
+SUPPORTED_ALGORITHMS = ("DFLASH",)       # EAGLE3 comes later
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+class OnlineTrainConfigError(ValueError):
+    pass
+
+
+def parse_size(text: str | int, what: str) -> int:
+    """'512MB', '2GiB', '1000000' -> bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m or m.group(2) is None and not m.group(1):
+            raise OnlineTrainConfigError(f"{what}: cannot parse size {text!r} (examples: 512MB, 2GiB, 1000000)")
+        unit = (m.group(2) or "").lower()
+        if unit not in _UNITS:
+            raise OnlineTrainConfigError(f"{what}: unknown unit in {text!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise OnlineTrainConfigError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+@dataclass
+class OnlineTrainConfig:
+    enabled: bool = False
+    replay_budget_bytes: int = 2 * 2**30         # in-memory replay buffer; oldest records are dropped past it
+    persist_dir: str | None = None               # write finished records as replay shards here (mode 0600)
+    storage_dtype: str = "bf16"                  # bf16 | fp8 (e4m3 + per-token scale) for persisted shards
+    learn_from: str = "all"                      # all | text | image: which requests are recorded
+    sample_rate: float = 1.0                     # fraction of eligible requests recorded
+    include_prompt_loss: bool = False            # loss mask over prompt tokens too (else generated only)
+    max_record_tokens: int = 32768               # longer requests are dropped (counted), never truncated
+    shard_tokens: int = 65536                    # tokens per persisted shard
+
+    def validate(self) -> "OnlineTrainConfig":
+        if self.storage_dtype not in ("bf16", "fp8"):
+            raise OnlineTrainConfigError(f"online-train storage_dtype must be bf16 or fp8, got {self.storage_dtype!r}")
+        if self.learn_from not in ("all", "text", "image"):
+            raise OnlineTrainConfigError(f"online-train learn_from must be all, text or image, got {self.learn_from!r}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise OnlineTrainConfigError(f"online-train sample_rate must be in (0, 1], got {self.sample_rate}")
+        for name in ("replay_budget_bytes", "max_record_tokens", "shard_tokens"):
+            if int(getattr(self, name)) <= 0:
+                raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
+        if self.persist_dir is not None:
+            path = Path(self.persist_dir)
+            if path.exists() and not path.is_dir():
+                raise OnlineTrainConfigError(f"--online-train-persist-dir {path} exists and is not a directory")
+            try:
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as e:
+                raise OnlineTrainConfigError(f"--online-train-persist-dir {path}: cannot create ({e})") from e
+            if not os.access(path, os.W_OK):
+                raise OnlineTrainConfigError(f"--online-train-persist-dir {path} is not writable")
+        return self
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "OnlineTrainConfig | None":
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return None
+        return cls(**json.loads(raw))
+
+    @classmethod
+    def from_file(cls, path: str) -> dict:
+        """Keys of a JSON config file (same names as the dataclass fields)."""
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise OnlineTrainConfigError(f"--online-train-config {p}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise OnlineTrainConfigError(f"--online-train-config {p}: invalid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise OnlineTrainConfigError(f"--online-train-config {p}: expected a JSON object")
+        known = {f.name for f in fields(cls)} - {"enabled"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OnlineTrainConfigError(f"--online-train-config {p}: unknown key(s) {unknown}; known: {sorted(known)}")
+        return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sglang-ext online training",
+                                  "Learn the speculative draft from live traffic (sglang-ext plugin).")
+    g.add_argument("--online-train", action="store_true",
+                   help="capture the target's pre-deepstack hidden states of live requests into a replay buffer "
+                        "(needs --speculative-algorithm DFLASH)")
+    g.add_argument("--online-train-config", metavar="FILE",
+                   help="JSON file with online-train settings (keys: replay_budget_bytes, persist_dir, "
+                        "storage_dtype, learn_from, sample_rate, include_prompt_loss, max_record_tokens, "
+                        "shard_tokens); command-line flags override it")
+    g.add_argument("--online-train-replay-budget", metavar="SIZE",
+                   help="bytes of captured features kept in memory, e.g. 512MB or 2GiB (default 2GiB); "
+                        "the oldest records are dropped past it, and counted")
+    g.add_argument("--online-train-persist-dir", metavar="DIR",
+                   help="also write finished records as replay shards (trainer/finetune.py reads them); "
+                        "files are created with mode 0600")
+    g.add_argument("--online-train-storage-dtype", choices=["bf16", "fp8"],
+                   help="dtype of persisted features: bf16, or fp8 e4m3 with a per-token scale (default bf16)")
+    g.add_argument("--online-train-learn-from", choices=["all", "text", "image"],
+                   help="which requests to record: all (default), text-only or with images")
+    g.add_argument("--online-train-sample-rate", type=float, metavar="P",
+                   help="record this fraction of eligible requests (default 1.0)")
+    g.add_argument("--online-train-include-prompt-loss", action="store_true", default=None,
+                   help="put prompt tokens in the loss mask too (default: generated tokens only)")
+    g.add_argument("--online-train-max-record-tokens", type=int, metavar="N",
+                   help="requests longer than N tokens are not recorded (counted as dropped; default 32768)")
+
+
+_FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_train_persist_dir": "persist_dir",
+                  "online_train_storage_dtype": "storage_dtype", "online_train_learn_from": "learn_from",
+                  "online_train_sample_rate": "sample_rate",
+                  "online_train_include_prompt_loss": "include_prompt_loss",
+                  "online_train_max_record_tokens": "max_record_tokens"}
+
+
+def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
+    """Our flags from a launch command line; None when --online-train is absent."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    ns, _ = parser.parse_known_args(argv)
+    given = [k for k, v in vars(ns).items() if k != "online_train" and v is not None]
+    if not ns.online_train:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise OnlineTrainConfigError(f"{flags} given without --online-train")
+        return None
+    values: dict = {}
+    if ns.online_train_config:
+        values.update(OnlineTrainConfig.from_file(ns.online_train_config))
+    for flag, field_name in _FLAG_TO_FIELD.items():
+        v = getattr(ns, flag)
+        if v is not None:
+            values[field_name] = v
+    if "replay_budget_bytes" in values:
+        values["replay_budget_bytes"] = parse_size(values["replay_budget_bytes"], "online-train replay budget")
+    return OnlineTrainConfig(enabled=True, **values).validate()
+
+
+def check_server_args(cfg: OnlineTrainConfig, server_args) -> None:
+    """Fail at startup, not at the first request."""
+    algo = getattr(server_args, "speculative_algorithm", None)
+    if algo is None or str(algo).upper() not in SUPPORTED_ALGORITHMS:
+        raise OnlineTrainConfigError(
+            f"--online-train needs --speculative-algorithm {' or '.join(SUPPORTED_ALGORITHMS)} "
+            f"(got {algo!r}): it trains the speculative draft")
+    if not getattr(server_args, "speculative_draft_model_path", None):
+        raise OnlineTrainConfigError("--online-train needs --speculative-draft-model-path (the draft to train)")
