@@ -25,6 +25,11 @@ EOS token included when produced); the tokens are spliced as generated (no detok
 the regenerated tokens are in the loss mask (earlier assistant turns were not written by this target);
 --include-prompt-loss adds the prompt as above.
 
+Exactness (tests/test_capture.py, float32, dense and MoE): at image rows of layers k < 3 the captured
+features plus HF's own deepstack tensor equal, bit for bit (torch.equal, tolerance 0), the residual stream that
+HF feeds layer k+1; at text rows and for layers >= 3 the two are bit-identical. Stored shards round the
+features to bf16 (or fp8 with per-token-and-layer scales).
+
 Target layers (default): the draft's dflash_config.target_layer_ids with --draft-model-path, else K
 (--num-features, default 5, at most L-3) evenly spaced in [1, L-3] (SGLang's build_target_layer_ids).
 """
@@ -101,8 +106,9 @@ def assistant_char_spans(target: HFTarget, example: ChatExample) -> tuple[str, l
         before = target.render(messages[:i], add_generation_prompt=True) if i else ""
         through = target.render(messages[: i + 1])
         if not (full.startswith(through) and through.startswith(before)):
-            raise ChatDataError(example.source, example.line, f"the chat template does not render messages[:{i}] as a prefix of "
-                                             "the conversation; cannot locate the assistant turn", f"messages[{i}]")
+            raise ChatDataError(example.source, example.line,
+                                f"the chat template does not render messages[:{i}] as a prefix of the conversation; "
+                                "cannot locate the assistant turn", f"messages[{i}]")
         spans.append((len(before), len(through.rstrip())))
     return full, spans
 
@@ -122,7 +128,8 @@ def _expanded_char_index(text: str, placeholder: str, expansions: list[int]) -> 
     return index
 
 
-def token_mask_from_spans(enc: EncodedPrompt, text: str, spans: list[tuple[int, int]], target: HFTarget) -> torch.Tensor:
+def token_mask_from_spans(enc: EncodedPrompt, text: str, spans: list[tuple[int, int]],
+                          target: HFTarget) -> torch.Tensor:
     """[S] bool: tokens whose first char lies inside one of the spans (spans in un-expanded `text`)."""
     grid = enc.vision.get("image_grid_thw")
     merge = int(target.model.config.vision_config.spatial_merge_size)

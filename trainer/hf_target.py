@@ -232,8 +232,8 @@ class HFTarget:
             vision["pixel_values"] = vision["pixel_values"].to(self.dtype)
         positions, delta = self.model.model.get_rope_index(
             enc["input_ids"], mm_token_type_ids=types, image_grid_thw=enc.get("image_grid_thw"))
-        return EncodedPrompt(input_ids=ids, positions=positions[:, 0].long().cpu(), rope_delta=int(delta.reshape(-1)[0]),
-                             vision=vision, is_vision=types[0] != 0,
+        return EncodedPrompt(input_ids=ids, positions=positions[:, 0].long().cpu(),
+                             rope_delta=int(delta.reshape(-1)[0]), vision=vision, is_vision=types[0] != 0,
                              offsets=enc["offset_mapping"][0] if with_offsets else None)
 
     def continuation_positions(self, prompt: EncodedPrompt, start: int, n: int) -> torch.Tensor:

@@ -1,0 +1,387 @@
+"""Acceptance of a DFlash draft against its target: tau = tokens committed per verify step, two ways.
+
+    python -m trainer.evaluate --target-model-path TARGET --draft-model-path DRAFT --prompts FILE.jsonl \\
+        --block-size 4 --max-new-tokens N [--offline] [--served] [--output report.json]
+
+Same prompts (chat JSONL as in trainer.capture; a trailing assistant turn is dropped, the rest rendered with
+the generation prompt), same block size, greedy, in both ways:
+
+(a) offline (`evaluate_offline`): HF transformers target (trainer.hf_target, the capture code) + the trainer's
+    DFlashDraft, replaying SGLang 0.5.23's DFLASH loop (`srt/speculative/dflash_worker_v2.py`
+    `DFlashWorkerV2.forward_batch_generation`) for one request at a time:
+      prefill     the target runs the prompt; its greedy token is the first output token and the first
+                  "bonus"; its features at positions 0..S-1 become the draft context
+                  (`_append_target_hidden_to_draft_kv_by_loc` with extend lens).
+      each step   p = committed length (= batch.seq_lens; the bonus sits at position p, not yet in the KV).
+                  draft block = [bonus, MASK x (B-1)] at 1-D positions p..p+B-1, seeing the context features
+                  of positions < p; proposals = argmax(target lm_head(draft hidden)) for slots 1..B-1
+                  (`_greedy_sample_from_vocab_parallel_head` on draft_hidden[:, 1:]).
+                  The target verifies [bonus, d1..d_{B-1}] at positions p..p+B-1 (+ mRoPE delta);
+                  target_predict = argmax of its logits per slot.
+                  accept = number of leading i with d_i == target_predict[i-1]
+                  (`compute_dflash_correct_drafts_and_bonus`), commit = accept + 1, new bonus =
+                  target_predict[accept]; committed tokens = d_1..d_accept, new bonus (`_commit_accept`);
+                  the target features of the first `commit` verify rows join the context
+                  (`_append_target_hidden_to_draft_kv_by_loc` with commit lens).
+      finish      SGLang appends the whole committed run to output_ids, then `Req.update_finish_state`
+                  (schedule_batch.py) finishes the request once len(output_ids) >= max_new_tokens (or on an
+                  EOS inside the run unless ignore_eos) and `output_ids_through_stop` truncates to
+                  finished_len. Every verify step counts (`req.spec_verify_ct += 1` in
+                  `BatchResultProcessor._resolve_spec_v2_tokens`), the last, partly used one included.
+      tau         per request exactly SGLang's meta_info["spec_accept_length"]
+                  (`TokenizerManager` spec metrics) = completion_tokens / spec_verify_ct, where
+                  completion_tokens = len(output_ids_through_stop) INCLUDES the first token from prefill and
+                  is capped at max_new_tokens. (Not (completion_tokens - 1) / steps.) The per-step accept
+                  counts (untruncated) are SGLang's spec_correct_drafts_histogram.
+(b) served (`evaluate_served`): real SGLang (CPU platform in tests: launch_server + dflash_args) with
+    --speculative-num-draft-tokens B, one request at a time, temperature 0, reading meta_info.
+
+Context features: "pre" (default) feeds the draft the same pre-deepstack features trainer.capture records,
+which is also what a server started with this plugin's --online-train feeds its draft
+(sglang_ext.online.capture.pre_deepstack_aux_hidden_states subtracts the deepstack again, up to one rounding).
+A stock SGLang 0.5.23 DFLASH server feeds POST-deepstack features on the prompt's image rows of layers k < 3
+(`Qwen3LLMModel.forward` captures the residual entering layer k+1): pass context_features="post"
+(--context-features post) to mirror that exactly on image prompts. Text rows and all decode rows are
+identical either way.
+
+Numerics: offline and served run the same float32 weights; they agree exactly as long as no greedy argmax is a
+near-tie that different kernels break differently. tests/test_evaluate.py compares per prompt: output ids,
+verify steps, accept histograms and accept lengths must be equal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.dflash_draft import DFlashDraft
+from trainer.hf_target import FEATURE_MODES, ChatExample, HFTarget, load_chat_jsonl, load_images
+
+
+@dataclass
+class PromptTau:
+    name: str                        # "file:line"
+    completion_tokens: int           # SGLang's: output tokens incl. the prefill token, capped (max_new_tokens / EOS)
+    verify_steps: int                # spec_verify_ct
+    accept_histogram: list[int]      # [n] = verify steps that accepted n draft tokens (spec_correct_drafts_histogram)
+    committed_per_step: list[int]    # accept + 1 per step; offline: in order; served: sorted (SGLang keeps counts only)
+    output_ids: list[int]
+    prompt_tokens: int = 0
+
+    @property
+    def accept_length(self) -> float | None:
+        """meta_info["spec_accept_length"]: completion_tokens / verify steps (None without a verify step)."""
+        return self.completion_tokens / self.verify_steps if self.verify_steps else None
+
+
+@dataclass
+class TauReport:
+    mode: str                        # "offline" | "served"
+    target: str
+    draft: str
+    block_size: int
+    max_new_tokens: int
+    prompts: list[PromptTau] = field(default_factory=list)
+    context_features: str | None = None
+    wall_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean over prompts of SGLang's per-request spec_accept_length."""
+        vals = [p.accept_length for p in self.prompts if p.accept_length is not None]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    @property
+    def tau_pooled(self) -> float:
+        """All completion tokens / all verify steps."""
+        steps = sum(p.verify_steps for p in self.prompts)
+        return sum(p.completion_tokens for p in self.prompts) / steps if steps else math.nan
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.completion_tokens for p in self.prompts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for p, row in zip(self.prompts, d["prompts"]):
+            row["accept_length"] = p.accept_length
+        d.update(tau=self.tau, tau_pooled=self.tau_pooled, tokens=self.tokens)
+        return d
+
+
+def _histogram(accepts: list[int], block_size: int) -> list[int]:
+    hist = [0] * block_size
+    for a in accepts:
+        hist[a] += 1
+    return hist
+
+
+def _short_name(example: ChatExample) -> str:
+    return f"{Path(example.source).name}:{example.line}"
+
+
+def _resolve_prompts(prompts: str | Path | list[ChatExample]) -> list[ChatExample]:
+    return load_chat_jsonl(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
+
+
+# ---- (a) offline ---------------------------------------------------------------------------------------------
+
+def load_draft_for(target: HFTarget, draft_dir: str | Path) -> DFlashDraft:
+    """The trainer's DFlashDraft with the target's embedding and lm_head, as SGLang's worker uses them; a
+    mask_embedding.pt next to the draft replaces the mask row (`_maybe_merge_trained_mask_embedding`)."""
+    draft_dir = Path(draft_dir)
+    draft = DFlashDraft.from_pretrained(draft_dir).to(target.device, target.dtype).eval()
+    if draft.cfg.num_target_layers != target.num_layers or draft.cfg.hidden_size != target.hidden_size:
+        raise ValueError(f"draft {draft_dir} expects a target with {draft.cfg.num_target_layers} layers and hidden "
+                         f"size {draft.cfg.hidden_size}; {target.path} has {target.num_layers} and "
+                         f"{target.hidden_size}")
+    embed = target.model.get_input_embeddings().weight.detach()
+    mask_file = draft_dir / "mask_embedding.pt"
+    if mask_file.is_file():
+        saved = torch.load(mask_file, map_location="cpu", weights_only=True)
+        if int(saved["mask_token_id"]) != draft.cfg.mask_token_id:
+            raise ValueError(f"{mask_file}: mask_token_id {saved['mask_token_id']} != draft config's "
+                             f"{draft.cfg.mask_token_id}")
+        embed = embed.clone()
+        embed[draft.cfg.mask_token_id] = saved["embedding"].to(embed)
+    draft.attach_target(embed, target.model.get_output_embeddings().weight.detach())
+    return draft
+
+
+@torch.no_grad()
+def simulate_prompt(target: HFTarget, draft: DFlashDraft, text: str, images: list, *, block_size: int,
+                    max_new_tokens: int, ignore_eos: bool = True, context_features: str = "pre",
+                    name: str = "") -> PromptTau:
+    """One request through SGLang's DFLASH greedy loop (see the module docstring), offline."""
+    layer_ids = draft.cfg.target_layer_ids
+    mask_id = draft.cfg.mask_token_id
+    prompt = target.encode(text, images)
+    cache = target.new_cache()
+    out = target.forward(prompt.input_ids, prompt.positions, layer_ids, cache=cache, vision=prompt.vision,
+                         mode=context_features)
+    context = out.features                                            # [p, K*H], features of positions < p
+    bonus = int(out.logits[-1].argmax())
+    output = [bonus]
+    finished_len = _finished_len(output, 1, max_new_tokens, ignore_eos, target.eos_token_ids)
+    accepts = []
+    while finished_len is None:
+        p = len(prompt) + len(output) - 1                            # committed length = the bonus's position
+        block_ids = torch.full((1, block_size), mask_id, dtype=torch.long, device=target.device)
+        block_ids[0, 0] = bonus
+        hidden = draft(context[None].to(target.dtype), block_ids, torch.tensor([[p]], device=target.device))
+        proposals = draft.logits(hidden[0, 1:]).argmax(-1)             # [B-1]
+        candidates = torch.cat([block_ids[0, :1], proposals])          # [B] = bonus, d1 .. d_{B-1}
+        verify = target.forward(candidates, target.continuation_positions(prompt, p, block_size), layer_ids,
+                                cache=cache, mode=context_features)
+        target_predict = verify.logits.argmax(-1)                       # [B]
+        matches = (candidates[1:] == target_predict[:-1]).int()
+        accept = int(matches.cumprod(0).sum())
+        commit = accept + 1
+        bonus = int(target_predict[accept])
+        new_tokens = candidates[1:accept + 1].tolist() + [bonus]
+        output += new_tokens
+        accepts.append(accept)
+        context = torch.cat([context, verify.features[:commit]])
+        target.crop_cache(cache, p + commit)
+        finished_len = _finished_len(output, commit, max_new_tokens, ignore_eos, target.eos_token_ids)
+    return PromptTau(name=name, completion_tokens=finished_len, verify_steps=len(accepts),
+                     accept_histogram=_histogram(accepts, block_size), committed_per_step=[a + 1 for a in accepts],
+                     output_ids=output[:finished_len], prompt_tokens=len(prompt))
+
+
+def _finished_len(output: list[int], new: int, max_new_tokens: int, ignore_eos: bool, eos_ids: set[int]) -> int | None:
+    """`Req.update_finish_state` after `new` tokens were appended: EOS in the new run (unless ignore_eos) or
+    the length cap; returns finished_len (output_ids_through_stop length) or None while running."""
+    if not ignore_eos:
+        for i in range(len(output) - new, len(output)):
+            if output[i] in eos_ids:
+                return min(i + 1, max_new_tokens)
+    if len(output) >= max_new_tokens:
+        return max_new_tokens
+    return None
+
+
+def evaluate_offline(target_dir: str | Path, draft_dir: str | Path, prompts: str | Path | list[ChatExample],
+                     block_size: int, max_new_tokens: int, *, ignore_eos: bool = True, context_features: str = "pre",
+                     device: str | None = None, dtype: torch.dtype | None = None, target: HFTarget | None = None,
+                     progress: bool = True) -> TauReport:
+    from tqdm import tqdm
+    if block_size < 2:
+        raise ValueError(f"block size must be >= 2 (bonus + at least one draft slot), got {block_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if context_features not in FEATURE_MODES:
+        raise ValueError(f"context_features {context_features!r} not in {FEATURE_MODES}")
+    t0 = time.monotonic()
+    examples = _resolve_prompts(prompts)
+    target = target or HFTarget(target_dir, device=device, dtype=dtype)
+    draft = load_draft_for(target, draft_dir)
+    report = TauReport(mode="offline", target=str(target_dir), draft=str(draft_dir), block_size=block_size,
+                       max_new_tokens=max_new_tokens, context_features=context_features)
+    for ex in tqdm(examples, desc="offline tau", unit="prompt", disable=not progress):
+        text = target.render(ex.prompt_messages(), add_generation_prompt=True)
+        report.prompts.append(simulate_prompt(target, draft, text, load_images(ex), block_size=block_size,
+                                              max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                                              context_features=context_features, name=_short_name(ex)))
+    report.wall_s = time.monotonic() - t0
+    return report
+
+
+# ---- (b) served ----------------------------------------------------------------------------------------------
+
+def served_prompt_tau(name: str, result: dict, block_size: int) -> PromptTau:
+    """PromptTau from an SGLang /generate answer (output_ids + meta_info)."""
+    meta = result["meta_info"]
+    steps = int(meta.get("spec_verify_ct", 0))
+    hist = list(meta.get("spec_correct_drafts_histogram") or [])
+    hist = (hist + [0] * block_size)[:block_size] if len(hist) <= block_size else hist
+    committed = sorted(a + 1 for a, n in enumerate(hist) for _ in range(n))
+    if sum(hist) != steps:
+        raise ValueError(f"{name}: SGLang reported {steps} verify steps but its accept histogram {hist} counts "
+                         f"{sum(hist)}")
+    completion = int(meta["completion_tokens"])
+    if steps and not math.isclose(meta["spec_accept_length"], completion / steps, rel_tol=1e-9):
+        raise ValueError(f"{name}: spec_accept_length {meta['spec_accept_length']} != completion_tokens / "
+                         f"spec_verify_ct = {completion}/{steps}; SGLang's definition changed")
+    return PromptTau(name=name, completion_tokens=completion, verify_steps=steps, accept_histogram=hist,
+                     committed_per_step=committed, output_ids=list(result["output_ids"]),
+                     prompt_tokens=int(meta.get("prompt_tokens", 0)))
+
+
+def evaluate_served(target_dir: str | Path, draft_dir: str | Path, prompts: str | Path | list[ChatExample],
+                    block_size: int, max_new_tokens: int, *, ignore_eos: bool = True, url: str | None = None,
+                    log_dir: str | Path | None = None, cpu: bool = True, extra_args: list[str] | None = None,
+                    progress: bool = True) -> TauReport:
+    """Real SGLang: start one (CPU platform by default) with DFLASH and block size B, or use `url` (a server the
+    caller started with the same target, draft and --speculative-num-draft-tokens B)."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from sglang_ext.testing.server import dflash_args, image_to_data_url, launch_server
+    t0 = time.monotonic()
+    examples = _resolve_prompts(prompts)
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(target_dir)
+    requests = [(_short_name(ex), processor.apply_chat_template(ex.prompt_messages(), tokenize=False,
+                                                         add_generation_prompt=True), load_images(ex))
+                for ex in examples]
+    report = TauReport(mode="served", target=str(target_dir), draft=str(draft_dir), block_size=block_size,
+                       max_new_tokens=max_new_tokens)
+
+    def run(server) -> None:
+        for name, text, images in tqdm(requests, desc="served tau", unit="prompt", disable=not progress):
+            body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                                                      "ignore_eos": ignore_eos}}
+            if images:
+                body["image_data"] = [image_to_data_url(im) for im in images]
+            report.prompts.append(served_prompt_tau(name, server.post("/generate", body), block_size))
+
+    if url is not None:
+        run(_Client(url.rstrip("/")))
+    else:
+        log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="sglang-eval-"))
+        args = dflash_args(Path(draft_dir), block_size) + list(extra_args or [])
+        with launch_server(Path(target_dir), args, log_dir=log_dir, cpu=cpu, name="evaluate") as server:
+            run(server)
+    report.wall_s = time.monotonic() - t0
+    return report
+
+
+@dataclass
+class _Client:
+    """POST JSON to an already running server (same error reporting as SGLangServer.post)."""
+    url: str
+
+    def post(self, path: str, body: dict, timeout: float = 600) -> dict:
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:2000]
+            raise RuntimeError(f"POST {self.url}{path} -> HTTP {e.code}: {detail}") from e
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------
+
+def format_table(reports: list[TauReport]) -> str:
+    """Per prompt: accept length (and verify steps) of each report; then the mean and pooled tau."""
+    names = [p.name for p in reports[0].prompts]
+    head = f"{'prompt':<40}" + "".join(f"{r.mode + ' tau':>14}{'steps':>7}{'tokens':>8}" for r in reports)
+    lines = [head, "-" * len(head)]
+
+    def fmt(x):
+        return f"{x:14.3f}" if x is not None else f"{'-':>14}"
+    for i, name in enumerate(names):
+        row = f"{name[-40:]:<40}"
+        for r in reports:
+            p = r.prompts[i]
+            row += fmt(p.accept_length) + f"{p.verify_steps:7d}{p.completion_tokens:8d}"
+        lines.append(row)
+    lines.append("-" * len(head))
+    lines.append(f"{'mean':<40}" + "".join(f"{r.tau:14.3f}{'':7}{r.tokens:8d}" for r in reports))
+    lines.append(f"{'pooled (tokens / steps)':<40}" + "".join(f"{r.tau_pooled:14.3f}{'':15}" for r in reports))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate",
+                                description="Acceptance length (tau) of a DFlash draft against its target: offline "
+                                            "simulation of SGLang's DFLASH verify rule and/or a real SGLang server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--target-model-path", required=True, metavar="PATH")
+    p.add_argument("--draft-model-path", required=True, metavar="PATH")
+    p.add_argument("--prompts", required=True, metavar="FILE", help='chat JSONL: {"messages": [...]} per line')
+    p.add_argument("--block-size", type=int, required=True,
+                   help="DFlash block size B (= --speculative-num-draft-tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--offline", action="store_true", help="simulate with HF transformers (default when neither given)")
+    p.add_argument("--served", action="store_true", help="measure on a real SGLang server")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: ignore_eos, fixed lengths)")
+    p.add_argument("--context-features", choices=FEATURE_MODES, default="pre",
+                   help="offline draft context: pre-deepstack (as captured for training) or post (stock SGLang)")
+    p.add_argument("--device", default=None, help="offline torch device (default: cuda if available)")
+    p.add_argument("--url", default=None, help="served: use this running server instead of starting one")
+    p.add_argument("--gpu", action="store_true", help="served: start SGLang on the GPU instead of the CPU platform")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="served: extra launch_server argument (repeatable, e.g. --server-arg=--dtype=bfloat16)")
+    p.add_argument("--output", default="tau_report.json", metavar="FILE", help="JSON report")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_offline = args.offline or not args.served
+    reports = []
+    try:
+        examples = load_chat_jsonl(args.prompts)
+        common = dict(block_size=args.block_size, max_new_tokens=args.max_new_tokens, ignore_eos=not args.stop_at_eos,
+                      progress=not args.no_progress)
+        if run_offline:
+            reports.append(evaluate_offline(args.target_model_path, args.draft_model_path, examples,
+                                            context_features=args.context_features, device=args.device, **common))
+        if args.served:
+            reports.append(evaluate_served(args.target_model_path, args.draft_model_path, examples, url=args.url,
+                                           cpu=not args.gpu, extra_args=args.server_arg, **common))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(reports))
+    Path(args.output).write_text(json.dumps({r.mode: r.to_dict() for r in reports}, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
