@@ -7,6 +7,8 @@ passes the parsed settings to its children in $SGLANG_EXT_ONLINE_TRAIN).
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -70,7 +72,45 @@ def capture_draft_context(original, self, *args, **kwargs):
                 recorder.observe_extend(batch, target_hidden)
         except Exception:                   # capture must never take serving down
             logger.exception("sglang_ext: capture failed; serving continues")
-    return original(self, *args, **kwargs)
+    out = original(self, *args, **kwargs)
+    if _DEBUG_DUMP_DIR and batch is not None and target_hidden is not None and target_hidden.numel():
+        _debug_dump_draft_context(self, batch, kwargs)
+    return out
+
+
+# Test instrumentation, off unless $SGLANG_EXT_DEBUG_DUMP_DIR is set: after the draft consumed the features,
+# save them with the layer-0 keys the draft wrote into its KV cache for them, so a test can check that the
+# recorded features are the ones the live draft used.
+_DEBUG_DUMP_DIR = os.environ.get("SGLANG_EXT_DEBUG_DUMP_DIR")
+_debug_calls = [0]
+
+
+def _debug_dump_draft_context(worker, batch, kwargs) -> None:
+    import torch
+    target_hidden, cache_loc = kwargs["target_hidden"], kwargs["cache_loc"]
+    k_cache = worker.draft_model_runner.token_to_kv_pool.get_key_buffer(0)
+    rows, locs, rids, starts = [], [], [], []
+    if kwargs.get("commit_lens") is not None:
+        block = int(worker.block_size)
+        commit = kwargs["commit_lens"].tolist()
+        block_starts = kwargs["positions"].view(-1, block)[:, 0].tolist()
+        for i, req in enumerate(batch.reqs[:len(commit)]):
+            rows.append(target_hidden[i * block:i * block + commit[i]])
+            locs.append(cache_loc[i * block:i * block + commit[i]])
+            rids.append(req.rid)
+            starts.append(block_starts[i])
+    else:
+        offset = 0
+        for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+            rows.append(target_hidden[offset:offset + extend_len])
+            locs.append(cache_loc[offset:offset + extend_len])
+            rids.append(req.rid)
+            starts.append(prefix_len)
+            offset += extend_len
+    dump = {"rids": rids, "starts": starts, "features": [r.detach().float().cpu() for r in rows],
+            "draft_k_layer0": [k_cache[loc.long()].detach().float().cpu() for loc in locs]}
+    _debug_calls[0] += 1
+    torch.save(dump, Path(_DEBUG_DUMP_DIR) / f"call-{os.getpid()}-{_debug_calls[0]:06d}.pt")
 
 
 # srt/mem_cache/common.py `release_kv_cache`: called once a request finishes, is aborted or retracted.

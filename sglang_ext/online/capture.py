@@ -132,7 +132,8 @@ class Recorder:
         if "ABORT" in reason.upper():
             self.metrics.dropped("aborted")
             return
-        token_ids = list(req.origin_input_ids) + list(req.output_ids)
+        token_ids = _unpad_multimodal(list(req.origin_input_ids), getattr(req, "multimodal_inputs", None)) \
+            + list(req.output_ids)
         if len(token_ids) > self.cfg.max_record_tokens:
             self.metrics.dropped("too_long")
             return
@@ -155,6 +156,22 @@ class Recorder:
             h = int(hashlib.sha1(str(req.rid).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             return h < cfg.sample_rate
         return True
+
+
+def _unpad_multimodal(token_ids: list[int], mm) -> list[int]:
+    """SGLang replaces image/video placeholder tokens by per-item hash values (`MultimodalDataItem.pad_values`,
+    for radix caching); put the model's placeholder token ids back."""
+    if mm is None or not getattr(mm, "mm_items", None):
+        return token_ids
+    back: dict[int, int] = {}
+    for item in mm.mm_items:
+        token = mm.video_token_id if "VIDEO" in str(getattr(item, "modality", "")).upper() else mm.im_token_id
+        if token is None:
+            continue
+        for pad in item.padding_values():
+            if pad is not None:
+                back[int(pad)] = int(token)
+    return [back.get(t, t) for t in token_ids]
 
 
 def _has_image(req) -> bool:

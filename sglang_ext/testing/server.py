@@ -55,7 +55,8 @@ class SGLangServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
+                raw = resp.read()
+                return json.loads(raw) if raw.strip() else {}
         except urllib.error.HTTPError as e:
             raise ServerError(f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from e
 

@@ -44,6 +44,8 @@ MASK_TOKEN_ID = VOCAB_SIZE - 1
 MASK_DIM = 0                 # large only for the mask token
 TEXT_DIM = 1                 # constant for every non-mask token: lets the draft tell "token" from "mask"
 CONTENT = slice(2, 66)       # 64 random dims that identify a token
+FEATURE = slice(66, 130)     # where the hand-built draft's fc puts the target features
+FEATURE_KEY_DIM = 5          # the draft key dim that reads them (no query reads it)
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -266,10 +268,13 @@ def default_target_layer_ids(num_target_layers: int, num_features: int) -> list[
 def _copy_draft_weights(cfg: dict) -> dict[str, torch.Tensor]:
     """One-layer DFlash draft that proposes bonus+1 in every mask slot (needs a "copy" target).
 
-    fc = 0 -> the context K/V are zero; head 0 routes every mask query to the bonus token's key through the
-    lowest-frequency RoPE pair (nearly position-independent); its value copies the bonus token's content
-    dims back into the residual stream; the final norm keeps only the content dims, which the target's
-    lm_head maps to the bonus token's successor.
+    Head 0 routes every mask query to the bonus token's key through the lowest-frequency RoPE pair (nearly
+    position-independent); its value copies the bonus token's content dims back into the residual stream;
+    the final norm keeps only the content dims, which the target's lm_head maps to the bonus token's
+    successor. `fc` writes the target features into hidden dims no routing row reads (FEATURE dims), and
+    one key dim (FEATURE_KEY_DIM, orthogonal to every query) reads them: the draft's context keys then
+    depend on the target features, so tests can check which features fed the draft, without changing any
+    proposal.
     """
     hidden, n_heads, n_kv, head_dim = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], \
         cfg["head_dim"]
@@ -281,6 +286,10 @@ def _copy_draft_weights(cfg: dict) -> dict[str, torch.Tensor]:
     k = torch.zeros(n_kv * head_dim, hidden)
     v = torch.zeros(n_kv * head_dim, hidden)
     o = torch.zeros(hidden, n_heads * head_dim)
+    gen = torch.Generator().manual_seed(1234)
+    k[FEATURE_KEY_DIM, FEATURE] = torch.randn(FEATURE.stop - FEATURE.start, generator=gen)
+    fc = torch.zeros(hidden, k_feats * hidden)
+    fc[FEATURE] = torch.randn(FEATURE.stop - FEATURE.start, k_feats * hidden, generator=gen) * 0.05
     q[route, MASK_DIM] = 1.0          # mask tokens query ...
     k[route, TEXT_DIM] = 1.0          # ... the one real token in the block (the bonus)
     v[torch.arange(n_content), torch.arange(CONTENT.start, CONTENT.stop)] = 1.0
@@ -297,7 +306,7 @@ def _copy_draft_weights(cfg: dict) -> dict[str, torch.Tensor]:
         p + "mlp.down_proj.weight": torch.zeros(hidden, inter),
         p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden),
         "norm.weight": norm,
-        "fc.weight": torch.zeros(hidden, k_feats * hidden),
+        "fc.weight": fc,
         "hidden_norm.weight": torch.ones(hidden),
     }
 

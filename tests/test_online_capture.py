@@ -1,0 +1,232 @@
+"""--online-train, part 1, against real SGLang on the CPU platform: serving is unchanged, the captured
+features are HF's pre-deepstack features and the very tensors the live draft consumed, the persisted shards
+hold exactly the finished requests, /metrics agrees with meta_info, and trainer/finetune.py trains on them."""
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_ext.testing.prompts import chat_prompt, make_image, mixed_requests
+from sglang_ext.testing.server import ServerError, dflash_args, launch_server
+
+pytestmark = pytest.mark.server
+MAX_NEW = 20
+BUDGET_BYTES = 300_000          # small, so the in-memory buffer must evict
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _dumps_by_rid(dump_dir: Path) -> dict:
+    """rid -> {start position: (features [n, F], draft layer-0 keys [n, Hkv, D])} from the debug dump."""
+    out: dict = {}
+    for path in sorted(dump_dir.glob("call-*.pt")):
+        d = torch.load(path)
+        for rid, start, feats, keys in zip(d["rids"], d["starts"], d["features"], d["draft_k_layer0"]):
+            out.setdefault(rid, {})[int(start)] = (feats, keys)
+    return out
+
+
+def _assemble(chunks: dict, length: int, feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = torch.zeros(length, feature_dim)
+    covered = torch.zeros(length, dtype=torch.bool)
+    for start, (f, _) in sorted(chunks.items()):
+        n = min(f.shape[0], length - start)
+        if n > 0:
+            feats[start:start + n] = f[:n]
+            covered[start:start + n] = True
+    return feats, covered
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tiny, server_log_dir):
+    requests = mixed_requests(n_text=6, n_image=2)
+    with launch_server(tiny.dense, log_dir=server_log_dir, name="plain-for-online") as plain:
+        return requests, [plain.generate(t, im, max_new_tokens=MAX_NEW)["output_ids"] for t, im in requests]
+
+
+def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_path):
+    from trainer.dflash_draft import DFlashDraft, rope_cos_sin
+    from trainer.hf_target import HFTarget
+    from trainer.replay import ReplayReader
+
+    requests, expected = plain_outputs
+    persist, dump_dir = tmp_path / "replay", tmp_path / "dump"
+    dump_dir.mkdir()
+    args = dflash_args(tiny.draft_dense) + ["--online-train", "--online-train-persist-dir", str(persist),
+                                            "--online-train-replay-budget", str(BUDGET_BYTES)]
+    with launch_server(tiny.dense, args, log_dir=server_log_dir, name="online-dense",
+                       env={"SGLANG_EXT_DEBUG_DUMP_DIR": str(dump_dir)}) as server:
+        before = server.get_text("/metrics")
+        sequential = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
+        after_sequential = server.get_text("/metrics")
+
+        # Concurrent traffic: mixed text/image requests, two long ones aborted while running.
+        concurrent_reqs = mixed_requests(n_text=4, n_image=2)
+        aborted_rids = [f"to-abort-{i}" for i in range(2)]
+
+        def long_request(rid):
+            body = {"text": chat_prompt("Tell me a very long story."), "rid": rid,
+                    "sampling_params": {"max_new_tokens": 1000, "temperature": 0.0, "ignore_eos": True}}
+            try:
+                return server.post("/generate", body)
+            except ServerError as e:
+                return {"error": str(e)}
+
+        with ThreadPoolExecutor(8) as pool:
+            long_futures = [pool.submit(long_request, rid) for rid in aborted_rids]
+            futures = [pool.submit(server.generate, t, im, MAX_NEW) for t, im in concurrent_reqs]
+            time.sleep(3.0)
+            for rid in aborted_rids:
+                server.post("/abort_request", {"rid": rid})
+            concurrent = [f.result() for f in futures]
+            aborted = [f.result() for f in long_futures]
+
+        finished = sequential + concurrent
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = server.get_text("/metrics")
+            if _metric(metrics, "sglang:online_train_persisted_records_total") >= \
+                    _metric(metrics, "sglang:online_train_recorded_records_total") >= len(finished):
+                break
+            time.sleep(0.5)
+
+    # 1. Serving is unchanged: greedy DFLASH + capture == plain serving (float32).
+    assert [r["output_ids"] for r in sequential] == expected
+    for a in aborted:
+        reason = a.get("meta_info", {}).get("finish_reason", {}) if "error" not in a else {"type": "abort"}
+        assert reason.get("type") == "abort", a
+        assert len(a.get("output_ids", [])) < 1000
+
+    # 2. The shards hold exactly the finished requests, tokens in order, loss mask on generated tokens.
+    reader = ReplayReader(persist)
+    assert not reader.skipped
+    records = {}
+    for i in range(len(reader)):
+        rec = reader.read(i)
+        records[rec.meta["rid"]] = rec
+    finished_rids = [r["meta_info"]["id"] for r in finished]
+    assert set(finished_rids) <= set(records)
+    assert not set(aborted_rids) & set(records)
+    assert len(set(records) - set(finished_rids)) <= 1            # SGLang's own startup warmup request
+    hf = HFTarget(tiny.dense, device="cpu", dtype=torch.float32)
+    for (text, images), result in zip(requests + concurrent_reqs, finished):
+        rec = records[result["meta_info"]["id"]]
+        prompt = hf.encode(text, images)
+        n_prompt = len(prompt)
+        assert rec.meta["prompt_len"] == n_prompt
+        assert rec.input_ids[:n_prompt].tolist() == prompt.input_ids.tolist()
+        generated = rec.input_ids[n_prompt:].tolist()
+        assert generated == result["output_ids"][:len(generated)] and len(generated) >= MAX_NEW - 1
+        gaps = rec.meta["feature_gaps"]
+        assert all(a < b <= n_prompt for a, b in gaps)             # only radix-cache prefix hits
+        want_mask = torch.zeros(len(rec), dtype=torch.bool)
+        want_mask[n_prompt:] = True
+        assert torch.equal(rec.loss_mask, want_mask)
+        full = hf.extend(prompt, generated)
+        assert torch.equal(rec.positions, full.positions)          # mRoPE positions, image rows included
+
+    # 3. Features: HF pre-deepstack features, and exactly what the live draft consumed.
+    dumps = _dumps_by_rid(dump_dir)
+    draft = DFlashDraft.from_pretrained(tiny.draft_dense).float().eval()
+    layer_ids = sorted(draft.cfg.target_layer_ids)
+    checked_image_rows = 0
+    for (text, images), result in zip(requests, sequential):
+        rid = result["meta_info"]["id"]
+        rec = records[rid]
+        consumed, covered = _assemble(dumps[rid], len(rec), rec.features.shape[1])
+        # the persisted rows are the consumed rows (bf16 storage)
+        assert torch.equal(rec.features[covered].float(), consumed[covered].to(torch.bfloat16).float())
+        # ... and they produced the draft's context keys: recompute layer-0 keys from them
+        for start, (feats, keys) in dumps[rid].items():
+            pos = torch.arange(start, start + feats.shape[0])
+            cos, sin = rope_cos_sin(pos, draft.cfg)
+            with torch.no_grad():
+                k, _ = draft.layers[0].self_attn.context_kv(draft.project_context(feats[None]), cos[None], sin[None])
+            torch.testing.assert_close(k[0].transpose(0, 1), keys, rtol=1e-4, atol=1e-4)
+        # ... and they equal HF's pre-deepstack capture (fp32; different kernels: atol 1e-4)
+        full = hf.extend(hf.encode(text, images), rec.input_ids[len(hf.encode(text, images)):].tolist())
+        pre = hf.forward(full.input_ids, full.positions, layer_ids, vision=full.vision, mode="pre").features
+        torch.testing.assert_close(consumed[covered], pre[covered], rtol=1e-4, atol=1e-4)
+        if images:
+            post = hf.forward(full.input_ids, full.positions, layer_ids, vision=full.vision, mode="post").features
+            image_rows = full.is_vision & covered
+            assert image_rows.any()
+            # the check can tell: post-deepstack features differ at image rows of layers < 3
+            assert (post[image_rows] - pre[image_rows]).abs().max() > 1e-2
+            checked_image_rows += int(image_rows.sum())
+    assert checked_image_rows > 0
+
+    # 4. /metrics agrees with meta_info (sequential phase: nothing else ran). meta_info's accept length is
+    # completion_tokens / verify steps, completion_tokens counting the prefill token and capped at
+    # max_new_tokens; the worker may run one verify step past a request's end (overlap scheduling), whose
+    # commits the metrics count too: at most one extra step and block_size extra tokens per request.
+    metas = [r["meta_info"] for r in sequential]
+    n_req, block = len(metas), 4
+    steps = sum(m["spec_verify_ct"] for m in metas)
+    committed = sum(m["completion_tokens"] - 1 for m in metas)
+    for m in metas:
+        assert m["spec_accept_length"] == pytest.approx(m["completion_tokens"] / m["spec_verify_ct"])
+
+    def delta(name, **labels):
+        return _metric(after_sequential, name, **labels) - _metric(before, name, **labels)
+
+    metric_steps = delta("sglang:online_train_accept_length_count")
+    metric_committed = delta("sglang:online_train_accept_length_sum")
+    assert steps <= metric_steps <= steps + n_req
+    assert committed <= metric_committed <= committed + block * n_req
+    assert metric_committed / metric_steps == pytest.approx(committed / steps, rel=0.1)
+    for position in (1, 2, 3):
+        assert delta("sglang:online_train_proposed_drafts_total", position=str(position)) == metric_steps
+    assert delta("sglang:online_train_accepted_tokens_total") == metric_committed - metric_steps
+    assert delta("sglang:online_train_recorded_records_total") == len(sequential)
+    assert _metric(metrics, "sglang:online_train_dropped_requests_total", reason="aborted") >= len(aborted_rids)
+    assert _metric(metrics, "sglang:online_train_replay_bytes") <= BUDGET_BYTES
+    assert _metric(metrics, "sglang:online_train_replay_dropped_records_total") > 0
+    assert _metric(metrics, "sglang:online_train_replay_dropped_records_total") == \
+        _metric(metrics, "sglang:online_train_recorded_records_total") - \
+        _metric(metrics, "sglang:online_train_replay_records")
+    assert _metric(metrics, "sglang:online_train_draft_version") == 0
+
+    # 5. trainer/finetune.py trains from the shards unchanged.
+    out = tmp_path / "finetuned"
+    proc = subprocess.run([sys.executable, "-m", "trainer.finetune", "--replay", str(persist),
+                           "--target-model-path", str(tiny.dense), "--draft-model-path", str(tiny.draft_dense),
+                           "--output", str(out), "--max-steps", "3", "--batch-size", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+def test_online_train_moe_pre_deepstack(tiny, server_log_dir, tmp_path):
+    from trainer.hf_target import HFTarget
+
+    dump_dir = tmp_path / "dump"
+    dump_dir.mkdir()
+    text, images = chat_prompt("What colour is the shape?", 1), [make_image(7)]
+    with launch_server(tiny.moe, dflash_args(tiny.draft_moe) + ["--online-train"], log_dir=server_log_dir,
+                       name="online-moe", env={"SGLANG_EXT_DEBUG_DUMP_DIR": str(dump_dir)}) as server:
+        result = server.generate(text, images, max_new_tokens=8)
+    hf = HFTarget(tiny.moe, device="cpu", dtype=torch.float32)
+    prompt = hf.encode(text, images)
+    chunks = _dumps_by_rid(dump_dir)[result["meta_info"]["id"]]
+    layer_ids = json.loads((tiny.draft_moe / "config.json").read_text())["dflash_config"]["target_layer_ids"]
+    consumed, covered = _assemble(chunks, len(prompt), len(layer_ids) * hf.hidden_size)
+    pre = hf.forward(prompt.input_ids, prompt.positions, sorted(layer_ids), vision=prompt.vision, mode="pre").features
+    image_rows = prompt.is_vision & covered
+    assert image_rows.any()
+    torch.testing.assert_close(consumed[covered], pre[covered], rtol=1e-4, atol=1e-4)
