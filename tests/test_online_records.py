@@ -1,0 +1,130 @@
+"""The online recorder and replay buffer without a server: rows -> records, gaps, drops, budget."""
+import time
+from types import SimpleNamespace
+
+import torch
+
+from sglang_ext.online.buffer import ReplayBuffer
+from sglang_ext.online.capture import Recorder, assemble_record
+from sglang_ext.online.config import OnlineTrainConfig
+
+F = 6   # feature width (K*H) in these tests
+
+
+class FakeMetrics:
+    def __init__(self):
+        self.events = []
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self.events.append((name, a))
+
+
+class Finish:                                    # SGLang finish reasons are classes; the name is what we read
+    pass
+
+
+class FINISH_ABORT:
+    pass
+
+
+def fake_req(rid, prompt, output, finished=True, reason=Finish):
+    return SimpleNamespace(rid=rid, origin_input_ids=list(prompt), output_ids=list(output), multimodal_inputs=None,
+                           finished=lambda: finished, finished_reason=reason() if finished else None)
+
+
+def rows(start, n):
+    return torch.arange(start, start + n, dtype=torch.float32)[:, None].repeat(1, F)
+
+
+def make_recorder(**cfg):
+    sink = []
+    return Recorder(OnlineTrainConfig(enabled=True, **cfg), sink.append, FakeMetrics()), sink
+
+
+def test_prefill_chunks_and_verify_rows_assemble_in_order():
+    rec, sink = make_recorder()
+    req = fake_req("r1", prompt=[10, 11, 12, 13, 14], output=[20, 21, 22, 23])
+    # chunked prefill: 3 + 2 rows
+    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[3]), rows(0, 3))
+    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[3], extend_lens=[2]), rows(3, 2))
+    # two verify steps, block 4: commit 2 then 3 rows (rows past the commit are never stored)
+    for start, commit in ((5, 2), (7, 3)):
+        block = torch.cat([rows(start, commit), torch.full((4 - commit, F), -1.0)])
+        rec.observe_verify(SimpleNamespace(reqs=[req]), block, torch.arange(start, start + 4),
+                           torch.tensor([commit]), 4)
+    rec.release(req)
+    assert len(sink) == 1
+    record = assemble_record(sink[0], include_prompt_loss=False)
+    assert record.input_ids.tolist() == [10, 11, 12, 13, 14, 20, 21, 22, 23]    # 9 tokens, 10 rows: capped
+    assert torch.equal(record.features[:, 0], torch.arange(9, dtype=torch.float32))
+    assert record.loss_mask.tolist() == [False] * 5 + [True] * 4
+    assert record.meta["feature_gaps"] == []
+    assert torch.equal(record.positions, torch.arange(9).expand(3, 9))
+
+
+def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
+    rec, sink = make_recorder(include_prompt_loss=True)
+    req = fake_req("r2", prompt=[1, 2, 3, 4, 5, 6], output=[7, 8])
+    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[4], extend_lens=[2]), rows(4, 2))
+    rec.observe_verify(SimpleNamespace(reqs=[req]), rows(6, 4), torch.arange(6, 10), torch.tensor([2]), 4)
+    rec.release(req)
+    record = assemble_record(sink[0], include_prompt_loss=True)
+    assert record.meta["feature_gaps"] == [[0, 4]]
+    assert record.features[:4].abs().sum() == 0
+    assert record.loss_mask.tolist() == [False] * 4 + [True] * 4
+
+
+def test_aborted_too_long_retracted_and_health_checks():
+    rec, sink = make_recorder(max_record_tokens=8)
+    aborted = fake_req("a", [1, 2], [3], reason=FINISH_ABORT)
+    long = fake_req("l", list(range(6)), [1, 2, 3])
+    retracted = fake_req("t", [1, 2, 3], [4], finished=False)
+    health = fake_req("HEALTH_CHECK_123", [1], [2])
+    for req in (aborted, long, retracted, health):
+        rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
+        rec.release(req)
+    assert sink == []
+    assert ("dropped", ("aborted",)) in rec.metrics.events and ("dropped", ("too_long",)) in rec.metrics.events
+    assert "t" in rec.pending and "HEALTH_CHECK_123" not in rec.pending    # retracted: kept for recomputation
+    # Late rows of a released request (overlap scheduling) do not start a new record.
+    rec.observe_extend(SimpleNamespace(reqs=[aborted], prefix_lens=[2], extend_lens=[1]), rows(2, 1))
+    assert "a" not in rec.pending
+
+
+def test_sampling_and_learn_from_filters():
+    rec, _ = make_recorder(learn_from="image")
+    req = fake_req("text-only", [1, 2], [3])
+    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
+    assert rec.pending == {}
+    rec, _ = make_recorder(sample_rate=0.5)
+    kept = 0
+    for i in range(200):
+        r = fake_req(f"req-{i}", [1, 2], [3])
+        rec.observe_extend(SimpleNamespace(reqs=[r], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
+        kept += f"req-{i}" in rec.pending
+    assert 60 < kept < 140
+
+
+def test_replay_buffer_budget_and_persistence(tmp_path):
+    from trainer.replay import ReplayReader, ReplaySpec
+    from trainer.target import TargetIdentity
+
+    spec = ReplaySpec(TargetIdentity("tiny", "0" * 16), (1, 2), 3, "bfloat16")
+    cfg = OnlineTrainConfig(enabled=True, replay_budget_bytes=3 * 10 * F * 4, persist_dir=str(tmp_path / "replay"))
+    metrics = FakeMetrics()
+    buf = ReplayBuffer(cfg, spec, metrics, flush_interval_s=0.05)
+    rec = Recorder(cfg, buf.submit, metrics)
+    for i in range(5):
+        req = fake_req(f"r{i}", list(range(6)), [1, 2, 3, 4])
+        rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[10]), rows(0, 10))
+        rec.release(req)
+    deadline = time.monotonic() + 10
+    while buf.stats.persisted < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert buf.stats.added == 5 and buf.stats.persisted == 5
+    assert buf.stats.records == 3 and buf.stats.dropped == 2             # 3 records fit the budget
+    assert buf.stats.bytes <= cfg.replay_budget_bytes
+    assert [r.meta["rid"] for r, _ in buf.snapshot()] == ["r2", "r3", "r4"]   # oldest dropped first
+    reader = ReplayReader(tmp_path / "replay")
+    assert sorted(reader.read(i).meta["rid"] for i in range(len(reader))) == [f"r{i}" for i in range(5)]
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in (tmp_path / "replay").glob("*.safetensors"))
