@@ -67,8 +67,10 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     requests, expected = plain_outputs
     persist, dump_dir = tmp_path / "replay", tmp_path / "dump"
     dump_dir.mkdir()
+    # Small prefill chunks: every prompt here is prefilled in several chunks (the plain server does not chunk).
     args = dflash_args(tiny.draft_dense) + ["--online-train", "--online-train-persist-dir", str(persist),
-                                            "--online-train-replay-budget", str(BUDGET_BYTES)]
+                                            "--online-train-replay-budget", str(BUDGET_BYTES),
+                                            "--chunked-prefill-size", "16"]
     with launch_server(tiny.dense, args, log_dir=server_log_dir, name="online-dense",
                        env={"SGLANG_EXT_DEBUG_DUMP_DIR": str(dump_dir)}) as server:
         before = server.get_text("/metrics")
@@ -170,6 +172,10 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
             assert (post[image_rows] - pre[image_rows]).abs().max() > 1e-2
             checked_image_rows += int(image_rows.sum())
     assert checked_image_rows > 0
+    # chunked prefill really happened: some prompt was captured in several extend chunks
+    prefill_chunks = [sum(1 for start in dumps[r["meta_info"]["id"]] if start < records[r["meta_info"]["id"]]
+                          .meta["prompt_len"]) for r in sequential]
+    assert max(prefill_chunks) >= 2, prefill_chunks
 
     # 4. /metrics agrees with meta_info (sequential phase: nothing else ran). meta_info's accept length is
     # completion_tokens / verify steps, completion_tokens counting the prefill token and capped at

@@ -45,13 +45,13 @@ def test_prefill_chunks_and_verify_rows_assemble_in_order():
     rec, sink = make_recorder()
     req = fake_req("r1", prompt=[10, 11, 12, 13, 14], output=[20, 21, 22, 23])
     # chunked prefill: 3 + 2 rows
-    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[3]), rows(0, 3))
-    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[3], extend_lens=[2]), rows(3, 2))
+    rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[3]), rows(0, 3))
+    rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[3], extend_lens=[2]), rows(3, 2))
     # two verify steps, block 4: commit 2 then 3 rows (rows past the commit are never stored)
     for start, commit in ((5, 2), (7, 3)):
         block = torch.cat([rows(start, commit), torch.full((4 - commit, F), -1.0)])
-        rec.observe_verify(SimpleNamespace(reqs=[req]), block, torch.arange(start, start + 4),
-                           torch.tensor([commit]), 4)
+        rec.observe(SimpleNamespace(reqs=[req]), block, positions=torch.arange(start, start + 4),
+                    commit_lens=torch.tensor([commit]), block_size=4)
     rec.release(req)
     assert len(sink) == 1
     record = assemble_record(sink[0], include_prompt_loss=False)
@@ -65,8 +65,9 @@ def test_prefill_chunks_and_verify_rows_assemble_in_order():
 def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
     rec, sink = make_recorder(include_prompt_loss=True)
     req = fake_req("r2", prompt=[1, 2, 3, 4, 5, 6], output=[7, 8])
-    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[4], extend_lens=[2]), rows(4, 2))
-    rec.observe_verify(SimpleNamespace(reqs=[req]), rows(6, 4), torch.arange(6, 10), torch.tensor([2]), 4)
+    rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[4], extend_lens=[2]), rows(4, 2))
+    rec.observe(SimpleNamespace(reqs=[req]), rows(6, 4), positions=torch.arange(6, 10),
+                commit_lens=torch.tensor([2]), block_size=4)
     rec.release(req)
     record = assemble_record(sink[0], include_prompt_loss=True)
     assert record.meta["feature_gaps"] == [[0, 4]]
@@ -81,26 +82,26 @@ def test_aborted_too_long_retracted_and_health_checks():
     retracted = fake_req("t", [1, 2, 3], [4], finished=False)
     health = fake_req("HEALTH_CHECK_123", [1], [2])
     for req in (aborted, long, retracted, health):
-        rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
+        rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
         rec.release(req)
     assert sink == []
     assert ("dropped", ("aborted",)) in rec.metrics.events and ("dropped", ("too_long",)) in rec.metrics.events
     assert "t" in rec.pending and "HEALTH_CHECK_123" not in rec.pending    # retracted: kept for recomputation
     # Late rows of a released request (overlap scheduling) do not start a new record.
-    rec.observe_extend(SimpleNamespace(reqs=[aborted], prefix_lens=[2], extend_lens=[1]), rows(2, 1))
+    rec.observe(SimpleNamespace(reqs=[aborted], prefix_lens=[2], extend_lens=[1]), rows(2, 1))
     assert "a" not in rec.pending
 
 
 def test_sampling_and_learn_from_filters():
     rec, _ = make_recorder(learn_from="image")
     req = fake_req("text-only", [1, 2], [3])
-    rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
+    rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
     assert rec.pending == {}
     rec, _ = make_recorder(sample_rate=0.5)
     kept = 0
     for i in range(200):
         r = fake_req(f"req-{i}", [1, 2], [3])
-        rec.observe_extend(SimpleNamespace(reqs=[r], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
+        rec.observe(SimpleNamespace(reqs=[r], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
         kept += f"req-{i}" in rec.pending
     assert 60 < kept < 140
 
@@ -116,7 +117,7 @@ def test_replay_buffer_budget_and_persistence(tmp_path):
     rec = Recorder(cfg, buf.submit, metrics)
     for i in range(5):
         req = fake_req(f"r{i}", list(range(6)), [1, 2, 3, 4])
-        rec.observe_extend(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[10]), rows(0, 10))
+        rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[10]), rows(0, 10))
         rec.release(req)
     deadline = time.monotonic() + 10
     while buf.stats.persisted < 5 and time.monotonic() < deadline:

@@ -65,11 +65,7 @@ def capture_draft_context(original, self, *args, **kwargs):
     target_hidden = kwargs.get("target_hidden")
     if recorder is not None and batch is not None and target_hidden is not None and target_hidden.numel():
         try:
-            if kwargs.get("commit_lens") is not None:
-                recorder.observe_verify(batch, target_hidden, kwargs["positions"], kwargs["commit_lens"],
-                                        int(self.block_size))
-            elif kwargs.get("extend_lens") is not None:
-                recorder.observe_extend(batch, target_hidden)
+            recorder.observe(batch, target_hidden, **_row_layout(self, kwargs))
         except Exception:                   # capture must never take serving down
             logger.exception("sglang_ext: capture failed; serving continues")
     out = original(self, *args, **kwargs)
@@ -85,30 +81,24 @@ _DEBUG_DUMP_DIR = os.environ.get("SGLANG_EXT_DEBUG_DUMP_DIR")
 _debug_calls = [0]
 
 
+def _row_layout(worker, kwargs) -> dict:
+    """How the rows of one draft-context write map to requests (see capture.split_rows)."""
+    if kwargs.get("commit_lens") is None:
+        return {}
+    return {"positions": kwargs["positions"], "commit_lens": kwargs["commit_lens"],
+            "block_size": int(worker.block_size)}
+
+
 def _debug_dump_draft_context(worker, batch, kwargs) -> None:
     import torch
+
+    from sglang_ext.online.capture import split_rows
     target_hidden, cache_loc = kwargs["target_hidden"], kwargs["cache_loc"]
     k_cache = worker.draft_model_runner.token_to_kv_pool.get_key_buffer(0)
-    rows, locs, rids, starts = [], [], [], []
-    if kwargs.get("commit_lens") is not None:
-        block = int(worker.block_size)
-        commit = kwargs["commit_lens"].tolist()
-        block_starts = kwargs["positions"].view(-1, block)[:, 0].tolist()
-        for i, req in enumerate(batch.reqs[:len(commit)]):
-            rows.append(target_hidden[i * block:i * block + commit[i]])
-            locs.append(cache_loc[i * block:i * block + commit[i]])
-            rids.append(req.rid)
-            starts.append(block_starts[i])
-    else:
-        offset = 0
-        for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
-            rows.append(target_hidden[offset:offset + extend_len])
-            locs.append(cache_loc[offset:offset + extend_len])
-            rids.append(req.rid)
-            starts.append(prefix_len)
-            offset += extend_len
-    dump = {"rids": rids, "starts": starts, "features": [r.detach().float().cpu() for r in rows],
-            "draft_k_layer0": [k_cache[loc.long()].detach().float().cpu() for loc in locs]}
+    parts = split_rows(batch, **_row_layout(worker, kwargs))
+    dump = {"rids": [req.rid for req, _, _ in parts], "starts": [start for _, start, _ in parts],
+            "features": [target_hidden[rows].detach().float().cpu() for _, _, rows in parts],
+            "draft_k_layer0": [k_cache[cache_loc[rows].long()].detach().float().cpu() for _, _, rows in parts]}
     _debug_calls[0] += 1
     torch.save(dump, Path(_DEBUG_DUMP_DIR) / f"call-{os.getpid()}-{_debug_calls[0]:06d}.pt")
 

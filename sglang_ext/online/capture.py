@@ -100,21 +100,14 @@ class Recorder:
         p.rows += int(rows.shape[0])
         self.metrics.captured(int(rows.shape[0]), host.numel() * host.element_size())
 
-    def observe_extend(self, batch, target_hidden: torch.Tensor) -> None:
-        """Prefill / chunked prefill: rows are the batch's extend tokens, request after request."""
-        offset = 0
-        for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
-            self._add_rows(req, prefix_len, target_hidden[offset:offset + extend_len])
-            offset += extend_len
-
-    def observe_verify(self, batch, target_hidden: torch.Tensor, positions: torch.Tensor,
-                       commit_lens: torch.Tensor, block_size: int) -> None:
-        """Verify: each request's block of B rows; the committed ones (bonus + accepted) are a prefix."""
-        commit = commit_lens.tolist()
-        starts = positions.view(-1, block_size)[:, 0].tolist()
-        self.metrics.verified(commit, block_size)
-        for i, req in enumerate(batch.reqs[:len(commit)]):
-            self._add_rows(req, starts[i], target_hidden[i * block_size:i * block_size + commit[i]])
+    def observe(self, batch, target_hidden: torch.Tensor, *, positions=None, commit_lens=None,
+                block_size: int | None = None) -> None:
+        """Rows fed to the draft by one `_append_target_hidden_to_draft_kv_by_loc` call."""
+        if commit_lens is not None:
+            self.metrics.verified(commit_lens.tolist(), block_size)
+        for req, start, rows in split_rows(batch, positions=positions, commit_lens=commit_lens,
+                                           block_size=block_size):
+            self._add_rows(req, start, target_hidden[rows])
 
     # -- finish ---------------------------------------------------------------------------------------
     def release(self, req) -> None:
@@ -177,6 +170,24 @@ def _unpad_multimodal(token_ids: list[int], mm) -> list[int]:
 def _has_image(req) -> bool:
     mm = getattr(req, "multimodal_inputs", None)
     return bool(mm is not None and getattr(mm, "mm_items", None))
+
+
+def split_rows(batch, *, positions=None, commit_lens=None, block_size: int | None = None):
+    """[(req, start position, row slice)] for the target feature rows of one draft-context write.
+
+    Prefill (commit_lens None): the batch's extend tokens, request after request, starting at each prefix.
+    Verify: B rows per request at `positions`; the committed ones (bonus + accepted) are a prefix.
+    """
+    if commit_lens is None:
+        out, offset = [], 0
+        for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+            out.append((req, int(prefix_len), slice(offset, offset + extend_len)))
+            offset += extend_len
+        return out
+    commit = commit_lens.tolist()
+    starts = positions.view(-1, block_size)[:, 0].tolist()
+    return [(req, int(starts[i]), slice(i * block_size, i * block_size + commit[i]))
+            for i, req in enumerate(batch.reqs[:len(commit)])]
 
 
 def assemble_record(fin: FinishedRequest, include_prompt_loss: bool):
