@@ -1,0 +1,533 @@
+"""Serving cost of `--online-train` capture: DFLASH decode throughput with and without it, in one run.
+
+    python benchmarks/bench_online_capture.py                  # 8 requests x 128 tokens, 7 rounds, dense
+    python benchmarks/bench_online_capture.py --quick          # smoke run: 4 x 32 tokens, 2 rounds
+    python benchmarks/bench_online_capture.py --variant moe --rounds 9 --out /tmp/res
+    python benchmarks/bench_online_capture.py --gpu            # default (CUDA) platform instead of torch_cpu
+
+What is measured. The same tiny Qwen3-VL target (sglang_ext.testing.tiny_models, "copy" kind) and its
+hand-built DFlash draft (block size 4) are served by real SGLang 0.5.23, float32, in up to three configs:
+
+    plain     --speculative-algorithm DFLASH --enable-metrics
+    online    ... --online-train                                   (capture -> in-memory replay buffer;
+                                                                     no trainer exists yet, so none runs)
+    persist   ... --online-train --online-train-persist-dir <tmp>  (+ replay shards written to disk)
+
+The servers are started one after the other and then kept up together (about 1.5 GB of RAM each on CPU),
+each warmed up with one unmeasured round. A round sends N concurrent greedy /generate requests (default 8;
+a quarter of them with one synthetic image, the rest text) with ignore_eos and max_new_tokens M (default
+128), so every request generates exactly M tokens. Rounds go to the configs alternately, in an order that
+reverses every round (A B C, C B A, A B C, ...), so slow drift of the machine's other load hits every config
+alike. Round r sends the same prompts to every config, and prompts/images are unique per round, so the
+radix cache only ever reuses the few tokens of the shared chat-template prefix (every other prompt row is
+computed, and captured). Every config runs with
+--enable-metrics (which --online-train turns on by itself) and --sleep-on-idle, so the configs differ only
+in the capture. On CPU each server runs torch with one thread (OMP_NUM_THREADS=1; --threads to change it),
+see the caveats.
+
+Per round and config: decode throughput = generated tokens / wall time of the round (first request sent ->
+last answer; the prompts are short, 20-40 tokens, so prefill is a small part of it); per request (from
+SGLang's meta_info): time per output token after the first (TPOT, the mean inter-token latency; with
+speculative decoding tokens arrive in bursts of accept-length tokens), time to first token, and the accept
+length (tokens per verify step, which must match between configs for the throughput comparison to mean
+anything). Reported: the median tokens/s per config with min/max and IQR over rounds, the ratio
+online/plain of the medians and the median/min/max of the per-round paired ratios (rounds adjacent in
+time), CPU-seconds the server used per 1000 tokens (from /proc: less sensitive to other load than wall
+time, since it counts only our server's processes), the other load on the machine during the rounds, and
+from /metrics the captured feature rows and bytes (and records persisted). Writes
+<out>/online_capture_<variant>[_quick][_gpu].json (default out: benchmarks/results/, gitignored) and, only
+when matplotlib is installed, a PNG of tokens/s per round.
+
+Caveats.
+  * CPU: the torch_cpu platform runs a tiny model (6 layers, hidden 256) where a forward costs milliseconds,
+    so the fixed per-step Python overhead of the capture (per request and step: a host tensor, a copy, two
+    Prometheus counter updates; per verify step two .tolist() calls and the accept histogram) is a much
+    larger share of a step than on a real model on a GPU, while the feature bytes are tiny (3 layers x 256
+    x fp32 = 3 KB per token). The ratio here is a statement about overheads, not about a production target.
+  * The machine is small and shared (2 cores, other jobs running): absolute tokens/s move by tens of
+    percent between minutes; only the paired ratio and its spread are worth reading, and a ratio within the
+    spread means "no measurable cost". Idle servers run with --sleep-on-idle (without it an idle SGLang
+    scheduler busy-polls about one full core, which would halve the CPU left for the measured server);
+    the CPU the idle servers used during other configs' rounds is reported as a check.
+  * Threads: with torch's default of one OpenMP thread per core (2 here), the DFLASH servers' speed on this
+    shared machine is dominated by OpenMP spinning, not by the model: in our runs plain DFLASH did 4-40
+    tokens/s with both of its threads burning a full core each, while the same server with one thread did
+    ~210, and the --online-train server with two threads did 130-220 (its worker thread spun far less;
+    apparently the extra host work between forwards changes the OpenMP threads' wait pattern). That made
+    capture look 4-30x *faster*, an artifact. So on CPU every server gets OMP_NUM_THREADS=1 by default
+    (--threads 0 keeps torch's default, to reproduce the artifact).
+  * GPU (--gpu, not run on this machine): the capture copies each request's committed feature rows
+    device -> host in every forward (one small D2H copy per request per step, into freshly allocated pinned
+    memory) and the verify path syncs twice per step (commit_lens.tolist(), positions.tolist()), which
+    breaks CPU/GPU overlap; with CUDA graphs on, those syncs and copies are outside the graph. Expect a cost
+    that grows with batch size there, unlike the tiny CPU model.
+  * Greedy outputs are compared across configs (capture must not change serving); with concurrent batching
+    tiny float differences between batch compositions could in principle flip a near-tie, so a mismatch is
+    reported, not fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from sglang_ext.testing.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, chat_prompt, make_image  # noqa: E402
+from sglang_ext.testing.server import dflash_args, launch_server  # noqa: E402
+
+CONFIGS = ("plain", "online", "persist")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+METRICS = ("captured_tokens_total", "captured_bytes_total", "recorded_records_total", "recorded_tokens_total",
+           "persisted_records_total", "replay_dropped_records_total")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workload
+# ---------------------------------------------------------------------------------------------------------
+
+def workload(round_tag: str, n_requests: int, image_every: int) -> list[tuple[str, list]]:
+    """n_requests (prompt, images): every `image_every`-th one has one image; unique per round_tag."""
+    reqs = []
+    for i in range(n_requests):
+        tag = f"[{round_tag}.{i}] "
+        if image_every and i % image_every == image_every - 1:
+            seed = (zlib.crc32(round_tag.encode()) % 100_000) * 100 + i
+            reqs.append((chat_prompt(tag + IMAGE_QUESTIONS[i % len(IMAGE_QUESTIONS)], 1), [make_image(seed)]))
+        else:
+            reqs.append((chat_prompt(tag + TEXT_PROMPTS[i % len(TEXT_PROMPTS)]), []))
+    return reqs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# /proc accounting (Linux)
+# ---------------------------------------------------------------------------------------------------------
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user+system CPU seconds of the live processes in process group `pgid` (a server and its children)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:                       # fields: state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def self_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of this machine spent not idle (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return (sum(vals[:8]) - idle) / CLK_TCK
+
+
+def mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def group_rss_bytes(pgid: int) -> int:
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")   # rss (pages)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Server side
+# ---------------------------------------------------------------------------------------------------------
+
+def metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def online_metrics(server) -> dict:
+    text = server.get_text("/metrics")
+    return {m: metric_sum(text, "sglang:online_train_" + m) for m in METRICS}
+
+
+def server_env(threads: int) -> dict:
+    if threads <= 0:
+        return {}
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def server_args(config: str, draft: Path, persist_dir: Path, gpu: bool, n_servers: int) -> list[str]:
+    # --online-train turns on --enable-metrics; the baseline gets it too, so the ratio is the capture's cost.
+    args = dflash_args(draft) + ["--sleep-on-idle", "--enable-metrics"]
+    if gpu:   # launch_server(cpu=False) adds nothing: pick the dtype and share the GPU between the servers
+        args += ["--dtype", "float32", "--max-running-requests", "16",
+                 "--mem-fraction-static", f"{min(0.8 / n_servers, 0.5):.2f}"]
+    if config in ("online", "persist"):
+        args += ["--online-train"]
+    if config == "persist":
+        args += ["--online-train-persist-dir", str(persist_dir)]
+    return args
+
+
+def run_round(server, requests: list, max_new_tokens: int, pgid_of: dict, active: str) -> dict:
+    """Send all requests at once; wait for every answer. Returns the round's measurements."""
+    cpu0 = {c: group_cpu_seconds(p) for c, p in pgid_of.items()}
+    busy0, self0 = machine_busy_seconds(), self_cpu_seconds()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(server.generate, text, images, max_new_tokens) for text, images in requests]
+        results = [f.result() for f in futures]
+    wall = time.perf_counter() - t0
+    busy1, self1 = machine_busy_seconds(), self_cpu_seconds()
+    cpu1 = {c: group_cpu_seconds(p) for c, p in pgid_of.items()}
+    metas = [r["meta_info"] for r in results]
+    tokens = sum(int(m["completion_tokens"]) for m in metas)
+    verify = sum(int(m.get("spec_verify_ct") or 0) for m in metas)
+    tpot = [(m["e2e_latency"] - m["first_token_latency"]) / (m["completion_tokens"] - 1)
+            for m in metas if m.get("first_token_latency") is not None and m["completion_tokens"] > 1]
+    ttft = [m["first_token_latency"] for m in metas if m.get("first_token_latency") is not None]
+    server_cpu = cpu1[active] - cpu0[active]
+    all_servers_cpu = sum(cpu1[c] - cpu0[c] for c in cpu1)
+    return {
+        "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+        "accept_length": tokens / verify if verify else None,
+        "tpot_ms_median": 1000 * statistics.median(tpot) if tpot else None,
+        "ttft_ms_median": 1000 * statistics.median(ttft) if ttft else None,
+        "server_cpu_s": server_cpu,
+        "idle_servers_cpu_s": all_servers_cpu - server_cpu,
+        "other_load_cores": max(0.0, (busy1 - busy0) - all_servers_cpu - (self1 - self0)) / wall,
+        "output_ids": [r["output_ids"] for r in results],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics and report
+# ---------------------------------------------------------------------------------------------------------
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarize(rounds: dict[str, list[dict]], metrics: dict[str, dict]) -> dict:
+    out = {}
+    for config, rs in rounds.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        q1, q3 = quartiles(tps)
+        tokens = sum(r["tokens"] for r in rs)
+        acc = [r["accept_length"] for r in rs if r["accept_length"] is not None]
+        tpot = [r["tpot_ms_median"] for r in rs if r["tpot_ms_median"] is not None]
+        ttft = [r["ttft_ms_median"] for r in rs if r["ttft_ms_median"] is not None]
+        out[config] = {
+            "rounds": len(rs), "tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": min(tps),
+            "tokens_per_s_max": max(tps), "tokens_per_s_q1": q1, "tokens_per_s_q3": q3,
+            "tokens_per_s_rounds": tps,
+            "accept_length_mean": statistics.fmean(acc) if acc else None,
+            "tpot_ms_median": statistics.median(tpot) if tpot else None,
+            "ttft_ms_median": statistics.median(ttft) if ttft else None,
+            "server_cpu_s_per_1k_tokens": 1000 * sum(r["server_cpu_s"] for r in rs) / tokens,
+            "idle_servers_cpu_s_per_round": statistics.fmean(r["idle_servers_cpu_s"] for r in rs),
+            "other_load_cores_mean": statistics.fmean(r["other_load_cores"] for r in rs),
+            "generated_tokens": tokens,
+            "metrics_measured_rounds": metrics.get(config),
+        }
+    base = rounds.get("plain")
+    for config in rounds:
+        if config == "plain" or not base:
+            continue
+        paired = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rounds[config], base)]
+        cpu_ratio = out[config]["server_cpu_s_per_1k_tokens"] / out["plain"]["server_cpu_s_per_1k_tokens"]
+        out[config].update({
+            "ratio_of_medians": out[config]["tokens_per_s_median"] / out["plain"]["tokens_per_s_median"],
+            "paired_ratio_median": statistics.median(paired), "paired_ratio_min": min(paired),
+            "paired_ratio_max": max(paired), "paired_ratios": paired,
+            "cpu_per_token_ratio": cpu_ratio,
+            "identical_outputs": sum(a == b for r, p in zip(rounds[config], base)
+                                     for a, b in zip(r["output_ids"], p["output_ids"])),
+            "compared_outputs": sum(len(r["output_ids"]) for r in rounds[config]),
+        })
+    return out
+
+
+def fmt(x, spec=".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_report(summary: dict, settings: dict) -> None:
+    print(f"\nonline capture serving cost: {settings['variant']} tiny Qwen3-VL + DFlash draft, "
+          f"{settings['platform']}, float32; {settings['requests']} concurrent requests "
+          f"({settings['image_requests']} with an image) x {settings['max_new_tokens']} new tokens, "
+          f"{settings['rounds']} measured rounds per config, {settings['mode']}, "
+          f"server threads {settings['server_threads']}")
+    head = (f"{'config':8} {'tok/s med':>9} {'min':>7} {'max':>7} {'IQR':>15} {'ratio':>6} "
+            f"{'paired ratio med [min, max]':>28} {'TPOT ms':>8} {'TTFT ms':>8} {'acc len':>7} "
+            f"{'cpu s/1k tok':>12} {'other load':>10}")
+    print(head)
+    print("-" * len(head))
+    for config, s in summary.items():
+        ratio = fmt(s.get("ratio_of_medians"), ".3f") if "ratio_of_medians" in s else "1"
+        paired = (f"{s['paired_ratio_median']:.3f} [{s['paired_ratio_min']:.3f}, {s['paired_ratio_max']:.3f}]"
+                  if "paired_ratio_median" in s else "-")
+        print(f"{config:8} {s['tokens_per_s_median']:9.1f} {s['tokens_per_s_min']:7.1f} {s['tokens_per_s_max']:7.1f} "
+              f"{s['tokens_per_s_q1']:7.1f}-{s['tokens_per_s_q3']:<7.1f} {ratio:>6} {paired:>28} "
+              f"{fmt(s['tpot_ms_median']):>8} {fmt(s['ttft_ms_median'], '.0f'):>8} "
+              f"{fmt(s['accept_length_mean'], '.3f'):>7} {s['server_cpu_s_per_1k_tokens']:12.2f} "
+              f"{s['other_load_cores_mean']:9.2f}c")
+    print("(ratio = median tok/s / plain's; paired ratio = per round vs plain's adjacent round; "
+          "cpu s/1k tok = CPU the server's processes used; other load = cores busy with other jobs)")
+    for config, s in summary.items():
+        m = s.get("metrics_measured_rounds")
+        extra = []
+        if m and m.get("captured_tokens_total"):
+            extra.append(f"captured {int(m['captured_tokens_total'])} rows, {m['captured_bytes_total'] / 1e6:.2f} MB "
+                         f"({m['captured_bytes_total'] / m['captured_tokens_total']:.0f} B/row; "
+                         f"{m['captured_tokens_total'] / s['generated_tokens']:.2f} rows per generated token), "
+                         f"{int(m['recorded_records_total'])} records")
+            if m.get("persisted_records_total"):
+                extra.append(f"{int(m['persisted_records_total'])} persisted")
+            if s.get("persist_dir_bytes"):
+                extra.append(f"{s['persist_dir_bytes'] / 1e6:.2f} MB of shards on disk")
+        if "cpu_per_token_ratio" in s:
+            extra.append(f"server CPU per token x{s['cpu_per_token_ratio']:.3f} of plain's")
+        if "compared_outputs" in s:
+            extra.append(f"greedy outputs identical to plain: {s['identical_outputs']}/{s['compared_outputs']}")
+        extra.append(f"idle servers' CPU during its rounds {s['idle_servers_cpu_s_per_round']:.2f} s/round")
+        if s.get("rss_bytes"):
+            extra.append(f"RSS {s['rss_bytes'] / 2**30:.2f} GiB (summed over its processes)")
+        print(f"  {config}: " + "; ".join(extra))
+
+
+def maybe_plot(summary: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for config, s in summary.items():
+        ax.plot(range(1, len(s["tokens_per_s_rounds"]) + 1), s["tokens_per_s_rounds"], "o-", label=config)
+    ax.set_xlabel("round")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("DFLASH decode throughput with and without --online-train")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=None, help="concurrent requests per round (default 8)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per request (default 128)")
+    ap.add_argument("--rounds", type=int, default=None, help="measured rounds per config (default 7)")
+    ap.add_argument("--warmup-rounds", type=int, default=1, help="unmeasured rounds per server first (default 1)")
+    ap.add_argument("--image-every", type=int, default=4,
+                    help="every k-th request carries an image (default 4: a quarter; 0: text only)")
+    ap.add_argument("--variant", choices=["dense", "moe"], default="dense", help="tiny target (default dense)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated subset of {','.join(CONFIGS)} (default all; plain is always run)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one server at a time (all its rounds, then the next) instead of alternating rounds "
+                         "between servers kept up together; chosen automatically when RAM is short")
+    ap.add_argument("--gpu", action="store_true", help="serve on the default (CUDA) platform, not torch_cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS of every server (default 1 on CPU, unset with --gpu; 0: leave unset)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                    help="where the JSON (and PNG) go (default benchmarks/results/)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 requests x 32 tokens, 2 rounds")
+    args = ap.parse_args(argv)
+    n_req = args.requests or (4 if args.quick else 8)
+    max_new = args.max_new_tokens or (32 if args.quick else 128)
+    n_rounds = args.rounds or (2 if args.quick else 7)
+    threads = args.threads if args.threads is not None else (0 if args.gpu else 1)
+    configs = ["plain"] + [c.strip() for c in args.configs.split(",") if c.strip() and c.strip() != "plain"]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown config(s) {unknown}; choose from {CONFIGS}")
+    if n_req < 1 or max_new < 2 or n_rounds < 1:
+        ap.error("--requests >= 1, --max-new-tokens >= 2 and --rounds >= 1 are needed")
+
+    from sglang_ext.testing.tiny_models import tiny_models
+
+    models = tiny_models()
+    target = models.dense if args.variant == "dense" else models.moe
+    draft = models.draft_dense if args.variant == "dense" else models.draft_moe
+    out_dir = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_online_capture_"))
+    persist_dir = work / "replay"
+    log_dir = out_dir / "logs"
+
+    sequential = args.sequential
+    avail = mem_available_bytes()
+    if not sequential and not args.gpu and avail is not None and avail < len(configs) * 3 * 2**30:
+        print(f"only {avail / 2**30:.1f} GiB of RAM available: running the configs one after the other "
+              f"(--sequential) instead of keeping {len(configs)} servers up together")
+        sequential = True
+
+    image_requests = sum(1 for i in range(n_req) if args.image_every and i % args.image_every == args.image_every - 1)
+    settings = {"variant": args.variant, "requests": n_req, "image_requests": image_requests,
+                "max_new_tokens": max_new, "rounds": n_rounds, "warmup_rounds": args.warmup_rounds,
+                "configs": configs, "mode": "sequential" if sequential else "alternating",
+                "platform": "cuda" if args.gpu else "torch_cpu", "quick": args.quick,
+                "server_threads": threads or "default",
+                "target": str(target), "draft": str(draft), "host": platform.node(), "cpus": os.cpu_count(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"settings: {json.dumps({k: v for k, v in settings.items() if k not in ('target', 'draft')})}")
+
+    rounds: dict[str, list[dict]] = {c: [] for c in configs}
+    metrics: dict[str, dict] = {}
+    extra: dict[str, dict] = {c: {} for c in configs}
+    commands: dict[str, list[str]] = {}
+    t_start = time.perf_counter()
+
+    def start(stack: contextlib.ExitStack, config: str):
+        t0 = time.perf_counter()
+        server = stack.enter_context(launch_server(
+            target, server_args(config, draft, persist_dir, args.gpu, 1 if sequential else len(configs)),
+            log_dir=log_dir, name=f"bench-{config}", cpu=not args.gpu, env=server_env(threads)))
+        commands[config] = server.args
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {config}: server up on port {server.port} "
+              f"in {time.perf_counter() - t0:.0f}s", flush=True)
+        return server
+
+    def warm(server, config: str, pgid_of: dict):
+        for w in range(args.warmup_rounds):
+            r = run_round(server, workload(f"warm{w}", n_req, args.image_every), max_new, pgid_of, config)
+            print(f"[{time.perf_counter() - t_start:6.0f}s] {config}: warm-up {w + 1}: {r['tokens_per_s']:.1f} tok/s",
+                  flush=True)
+
+    def measure(server, config: str, r: int, pgid_of: dict):
+        res = run_round(server, workload(f"r{r}", n_req, args.image_every), max_new, pgid_of, config)
+        rounds[config].append(res)
+        print(f"[{time.perf_counter() - t_start:6.0f}s] round {r + 1}/{n_rounds} {config:7}: "
+              f"{res['tokens_per_s']:7.1f} tok/s, TPOT {fmt(res['tpot_ms_median'])} ms, "
+              f"accept len {fmt(res['accept_length'], '.3f')}, server CPU {res['server_cpu_s']:.1f} s, "
+              f"other load {res['other_load_cores']:.2f} cores", flush=True)
+
+    def settle(server, config: str, want_records: float = 0) -> dict:
+        """/metrics once the replay buffer's thread has caught up (records assembled, shards flushed)."""
+        m = online_metrics(server)
+        if config == "plain":
+            return m
+        deadline, last = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            caught_up = m["recorded_records_total"] >= want_records and (
+                config != "persist" or m["persisted_records_total"] >= m["recorded_records_total"])
+            if caught_up and m == last:
+                break
+            last = m
+            time.sleep(1.0)
+            m = online_metrics(server)
+        return m
+
+    def finish(server, config: str, before: dict):
+        if config != "plain":
+            m = settle(server, config, before["recorded_records_total"] + n_rounds * n_req)
+            metrics[config] = {k: m[k] - before[k] for k in METRICS}
+
+    try:
+        if sequential:
+            for config in configs:
+                with contextlib.ExitStack() as stack:
+                    server = start(stack, config)
+                    pgid_of = {config: server.process.pid}
+                    warm(server, config, pgid_of)
+                    before = settle(server, config)
+                    for r in range(n_rounds):
+                        measure(server, config, r, pgid_of)
+                    finish(server, config, before)
+                    extra[config]["rss_bytes"] = group_rss_bytes(server.process.pid)
+        else:
+            with contextlib.ExitStack() as stack:
+                servers = {}
+                for config in configs:
+                    servers[config] = start(stack, config)
+                pgid_of = {c: s.process.pid for c, s in servers.items()}
+                for config in configs:
+                    warm(servers[config], config, pgid_of)
+                before = {c: settle(s, c) for c, s in servers.items()}
+                for r in range(n_rounds):
+                    order = configs if r % 2 == 0 else configs[::-1]
+                    for config in order:
+                        measure(servers[config], config, r, pgid_of)
+                for config in configs:
+                    finish(servers[config], config, before[config])
+                    extra[config]["rss_bytes"] = group_rss_bytes(servers[config].process.pid)
+        if "persist" in configs:
+            extra["persist"]["persist_dir_bytes"] = dir_bytes(persist_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    summary = summarize(rounds, metrics)
+    for config, e in extra.items():
+        summary[config].update(e)
+    settings["elapsed_s"] = time.perf_counter() - t_start
+    print_report(summary, settings)
+
+    suffix = ("_quick" if args.quick else "") + ("_gpu" if args.gpu else "")
+    json_path = out_dir / f"online_capture_{args.variant}{suffix}.json"
+    for rs in rounds.values():               # outputs were only needed for the comparison
+        for r in rs:
+            r.pop("output_ids", None)
+    json_path.write_text(json.dumps({"settings": settings, "commands": commands, "summary": summary,
+                                     "rounds": rounds}, indent=2))
+    print(f"wrote {json_path}")
+    maybe_plot(summary, out_dir / f"online_capture_{args.variant}{suffix}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
