@@ -10,7 +10,7 @@ from PIL import Image
 from sglang_ext.testing.server import launch_server
 from sglang_ext.testing.tiny_models import VOCAB_SIZE
 from sglang_ext.testing.workload import (DOMAINS, IMAGE_QUESTION, IMAGE_SIZE, SPLITS, WorkloadConfig,
-                                         build_workload, hf_greedy, load_target, read_jsonl, record_prompt,
+                                         build_workload, hf_greedy, load_target, record_prompt,
                                          render_image, workload_hash)
 
 QUICK_MINUTES = 0.5
