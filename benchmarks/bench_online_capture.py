@@ -12,6 +12,8 @@ hand-built DFlash draft (block size 4) are served by real SGLang 0.5.23, float32
     online    ... --online-train                                   (capture -> in-memory replay buffer;
                                                                      no trainer exists yet, so none runs)
     persist   ... --online-train --online-train-persist-dir <tmp>  (+ replay shards written to disk)
+    plain2    a second plain server (only with --configs ...,plain2): an A/A control of how much two
+              identical servers differ on this machine
 
 The servers are started one after the other and then kept up together (about 1.5 GB of RAM each on CPU),
 each warmed up with one unmeasured round. A round sends N concurrent greedy /generate requests (default 8;
@@ -61,6 +63,9 @@ Caveats.
     memory) and the verify path syncs twice per step (commit_lens.tolist(), positions.tolist()), which
     breaks CPU/GPU overlap; with CUDA graphs on, those syncs and copies are outside the graph. Expect a cost
     that grows with batch size there, unlike the tiny CPU model.
+  * One server per config: whatever makes one server instance faster than another (where its memory
+    landed, which core its thread was on) is confounded with the config. Run with --configs
+    online,persist,plain2 to see how far two identical plain servers differ.
   * Greedy outputs are compared across configs (capture must not change serving); with concurrent batching
     tiny float differences between batch compositions could in principle flip a near-tie, so a mismatch is
     reported, not fatal.
@@ -86,7 +91,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from sglang_ext.testing.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, chat_prompt, make_image  # noqa: E402
 from sglang_ext.testing.server import dflash_args, launch_server  # noqa: E402
 
-CONFIGS = ("plain", "online", "persist")
+CONFIGS = ("plain", "online", "persist")          # the default set
+EXTRA_CONFIGS = ("plain2",)                       # a second plain server: A/A control, not run by default
+CAPTURING = ("online", "persist")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 METRICS = ("captured_tokens_total", "captured_bytes_total", "recorded_records_total", "recorded_tokens_total",
            "persisted_records_total", "replay_dropped_records_total")
@@ -201,7 +208,7 @@ def server_args(config: str, draft: Path, persist_dir: Path, gpu: bool, n_server
     if gpu:   # launch_server(cpu=False) adds nothing: pick the dtype and share the GPU between the servers
         args += ["--dtype", "float32", "--max-running-requests", "16",
                  "--mem-fraction-static", f"{min(0.8 / n_servers, 0.5):.2f}"]
-    if config in ("online", "persist"):
+    if config in CAPTURING:
         args += ["--online-train"]
     if config == "persist":
         args += ["--online-train-persist-dir", str(persist_dir)]
@@ -278,11 +285,16 @@ def summarize(rounds: dict[str, list[dict]], metrics: dict[str, dict]) -> dict:
             continue
         paired = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rounds[config], base)]
         cpu_ratio = out[config]["server_cpu_s_per_1k_tokens"] / out["plain"]["server_cpu_s_per_1k_tokens"]
+        cpu_paired = [(r["server_cpu_s"] / r["tokens"]) / (b["server_cpu_s"] / b["tokens"])
+                      for r, b in zip(rounds[config], base)]
+        cq1, cq3 = quartiles(cpu_paired)
         out[config].update({
             "ratio_of_medians": out[config]["tokens_per_s_median"] / out["plain"]["tokens_per_s_median"],
             "paired_ratio_median": statistics.median(paired), "paired_ratio_min": min(paired),
             "paired_ratio_max": max(paired), "paired_ratios": paired,
             "cpu_per_token_ratio": cpu_ratio,
+            "cpu_per_token_paired_ratio_median": statistics.median(cpu_paired),
+            "cpu_per_token_paired_ratio_q1": cq1, "cpu_per_token_paired_ratio_q3": cq3,
             "identical_outputs": sum(a == b for r, p in zip(rounds[config], base)
                                      for a, b in zip(r["output_ids"], p["output_ids"])),
             "compared_outputs": sum(len(r["output_ids"]) for r in rounds[config]),
@@ -302,20 +314,23 @@ def print_report(summary: dict, settings: dict) -> None:
           f"server threads {settings['server_threads']}")
     head = (f"{'config':8} {'tok/s med':>9} {'min':>7} {'max':>7} {'IQR':>15} {'ratio':>6} "
             f"{'paired ratio med [min, max]':>28} {'TPOT ms':>8} {'TTFT ms':>8} {'acc len':>7} "
-            f"{'cpu s/1k tok':>12} {'other load':>10}")
+            f"{'cpu s/1k tok':>12} {'cpu/tok paired med [IQR]':>24} {'other load':>10}")
     print(head)
     print("-" * len(head))
     for config, s in summary.items():
         ratio = fmt(s.get("ratio_of_medians"), ".3f") if "ratio_of_medians" in s else "1"
         paired = (f"{s['paired_ratio_median']:.3f} [{s['paired_ratio_min']:.3f}, {s['paired_ratio_max']:.3f}]"
                   if "paired_ratio_median" in s else "-")
+        cpu = (f"{s['cpu_per_token_paired_ratio_median']:.3f} [{s['cpu_per_token_paired_ratio_q1']:.3f}, "
+               f"{s['cpu_per_token_paired_ratio_q3']:.3f}]" if "cpu_per_token_paired_ratio_median" in s else "1")
         print(f"{config:8} {s['tokens_per_s_median']:9.1f} {s['tokens_per_s_min']:7.1f} {s['tokens_per_s_max']:7.1f} "
               f"{s['tokens_per_s_q1']:7.1f}-{s['tokens_per_s_q3']:<7.1f} {ratio:>6} {paired:>28} "
               f"{fmt(s['tpot_ms_median']):>8} {fmt(s['ttft_ms_median'], '.0f'):>8} "
-              f"{fmt(s['accept_length_mean'], '.3f'):>7} {s['server_cpu_s_per_1k_tokens']:12.2f} "
+              f"{fmt(s['accept_length_mean'], '.3f'):>7} {s['server_cpu_s_per_1k_tokens']:12.2f} {cpu:>24} "
               f"{s['other_load_cores_mean']:9.2f}c")
     print("(ratio = median tok/s / plain's; paired ratio = per round vs plain's adjacent round; "
-          "cpu s/1k tok = CPU the server's processes used; other load = cores busy with other jobs)")
+          "cpu s/1k tok = CPU the server's processes used per 1000 generated tokens, and its per-round ratio "
+          "to plain's; other load = cores busy with other jobs during the rounds)")
     for config, s in summary.items():
         m = s.get("metrics_measured_rounds")
         extra = []
@@ -328,8 +343,6 @@ def print_report(summary: dict, settings: dict) -> None:
                 extra.append(f"{int(m['persisted_records_total'])} persisted")
             if s.get("persist_dir_bytes"):
                 extra.append(f"{s['persist_dir_bytes'] / 1e6:.2f} MB of shards on disk")
-        if "cpu_per_token_ratio" in s:
-            extra.append(f"server CPU per token x{s['cpu_per_token_ratio']:.3f} of plain's")
         if "compared_outputs" in s:
             extra.append(f"greedy outputs identical to plain: {s['identical_outputs']}/{s['compared_outputs']}")
         extra.append(f"idle servers' CPU during its rounds {s['idle_servers_cpu_s_per_round']:.2f} s/round")
@@ -377,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="every k-th request carries an image (default 4: a quarter; 0: text only)")
     ap.add_argument("--variant", choices=["dense", "moe"], default="dense", help="tiny target (default dense)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help=f"comma-separated subset of {','.join(CONFIGS)} (default all; plain is always run)")
+                    help=f"comma-separated subset of {','.join(CONFIGS + EXTRA_CONFIGS)} (default "
+                         f"{','.join(CONFIGS)}; plain is always run; plain2 is a second plain server, an A/A "
+                         "control of how much two identical servers differ)")
     ap.add_argument("--sequential", action="store_true",
                     help="one server at a time (all its rounds, then the next) instead of alternating rounds "
                          "between servers kept up together; chosen automatically when RAM is short")
@@ -393,9 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     n_rounds = args.rounds or (2 if args.quick else 7)
     threads = args.threads if args.threads is not None else (0 if args.gpu else 1)
     configs = ["plain"] + [c.strip() for c in args.configs.split(",") if c.strip() and c.strip() != "plain"]
-    unknown = sorted(set(configs) - set(CONFIGS))
+    configs = list(dict.fromkeys(configs))
+    unknown = sorted(set(configs) - set(CONFIGS + EXTRA_CONFIGS))
     if unknown:
-        ap.error(f"unknown config(s) {unknown}; choose from {CONFIGS}")
+        ap.error(f"unknown config(s) {unknown}; choose from {CONFIGS + EXTRA_CONFIGS}")
     if n_req < 1 or max_new < 2 or n_rounds < 1:
         ap.error("--requests >= 1, --max-new-tokens >= 2 and --rounds >= 1 are needed")
 
@@ -460,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     def settle(server, config: str, want_records: float = 0) -> dict:
         """/metrics once the replay buffer's thread has caught up (records assembled, shards flushed)."""
         m = online_metrics(server)
-        if config == "plain":
+        if config not in CAPTURING:
             return m
         deadline, last = time.monotonic() + 60, None
         while time.monotonic() < deadline:
@@ -474,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return m
 
     def finish(server, config: str, before: dict):
-        if config != "plain":
+        if config in CAPTURING:
             m = settle(server, config, before["recorded_records_total"] + n_rounds * n_req)
             metrics[config] = {k: m[k] - before[k] for k in METRICS}
 
