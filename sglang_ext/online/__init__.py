@@ -1,4 +1,5 @@
-"""`--online-train`: capture -> replay buffer (-> trainer -> swap, in part 2).
+"""`--online-train`: capture -> replay buffer -> trainer process -> hot swap, all in the scheduler process
+(the trainer in a child process of it).
 
 Every hook of the online path is registered here, in one place. The flag hooks are always on (they only add
 flags to SGLang's parser); the capture hooks only in processes where --online-train was given (the launcher
@@ -45,6 +46,29 @@ def init_online_capture(result, self, *args, **kwargs):
                   recorder=Recorder(cfg, buffer.submit, metrics), block_size=int(self.block_size))
     logger.info("sglang_ext: online capture ready: layers %s, hidden %d, replay budget %d bytes, persist %s",
                 layer_ids, hidden_size, cfg.replay_budget_bytes, cfg.persist_dir)
+    if cfg.trainer:
+        import atexit
+
+        from sglang_ext.online.supervisor import TrainerSupervisor
+        supervisor = TrainerSupervisor(cfg, self, metrics, target_path=self.server_args.model_path,
+                                       draft_path=self.server_args.speculative_draft_model_path,
+                                       block_size=int(self.block_size))
+        buffer.on_record = supervisor.offer
+        supervisor.start(lambda: [record for record, _ in buffer.snapshot()])
+        atexit.register(supervisor.stop)
+        _state["supervisor"] = supervisor
+
+
+# srt/managers/scheduler.py `Scheduler.ingest_requests`: called at the top of every scheduler iteration, when
+# no forward is running: the one point where the live draft's weights may change (hot swap).
+def swap_between_iterations(scheduler, *args, **kwargs):
+    supervisor = _state.get("supervisor")
+    if supervisor is not None:
+        try:
+            supervisor.tick(scheduler)
+        except Exception:                   # a failed swap must not take serving down
+            logger.exception("sglang_ext: hot swap / trainer bookkeeping failed; serving goes on")
+    return None
 
 
 # `DFlashWorkerV2.forward_batch_generation`: remember the batch being run, so the capture below can map
@@ -133,3 +157,5 @@ def register_online_hooks() -> None:
     reg(f"{worker}.forward_batch_generation", remember_batch, HookType.AROUND)
     reg(f"{worker}._append_target_hidden_to_draft_kv_by_loc", capture_draft_context, HookType.AROUND)
     reg("sglang.srt.mem_cache.common.release_kv_cache", finish_request, HookType.AROUND)
+    if cfg.trainer:
+        reg("sglang.srt.managers.scheduler.Scheduler.ingest_requests", swap_between_iterations, HookType.BEFORE)

@@ -35,6 +35,7 @@ class ReplayBuffer:
         self.lock = threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
         self.writer = None
+        self.on_record = None                 # e.g. TrainerSupervisor.offer: called with each new record
         if cfg.persist_dir:
             from trainer.replay import ShardWriter
             self.writer = ShardWriter(cfg.persist_dir, spec, max_shard_tokens=cfg.shard_tokens)
@@ -66,6 +67,11 @@ class ReplayBuffer:
                     record = None
                 if record is not None:
                     self._add(record)
+                    if self.on_record is not None:
+                        try:
+                            self.on_record(record)
+                        except Exception:
+                            logger.exception("sglang_ext: could not hand request %s to the trainer", finished.rid)
                     if self.writer is not None:
                         try:
                             self.writer.add(record)

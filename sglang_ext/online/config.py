@@ -53,6 +53,25 @@ class OnlineTrainConfig:
     include_prompt_loss: bool = False            # loss mask over prompt tokens too (else generated only)
     max_record_tokens: int = 32768               # longer requests are dropped (counted), never truncated
     shard_tokens: int = 65536                    # tokens per persisted shard
+    # -- the co-located trainer (part 2) --
+    trainer: bool = True                         # False: capture only (no trainer process, no swaps)
+    trainer_device: str = "auto"                 # auto (the serving device) | cpu | cuda | cuda:N
+    trainer_threads: int = 1                     # torch CPU threads of the trainer process
+    lr: float = 6e-4                             # AdamW peak learning rate (constant after warmup)
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 8                          # records per training step
+    num_anchors: int = 64                        # blocks sampled per record
+    gamma: float = 7.0                           # slot-weight decay of the DFlash loss
+    max_seq_len: int = 4096                      # records are cut to this many tokens for training
+    min_records: int = 8                         # training starts once this many records arrived
+    swap_every: int = 25                         # training steps between candidate publications
+    holdout_every: int = 5                       # every n-th record goes to the guard's held-out slice
+    holdout_records: int = 32                    # size of that slice (most recent)
+    guard_tolerance: float = 0.0                 # swap if candidate tau >= live tau - tolerance
+    checkpoint_dir: str | None = None            # export each accepted version here (SGLang draft format)
+    keep_checkpoints: int = 3                    # accepted versions kept in checkpoint_dir
 
     def validate(self) -> "OnlineTrainConfig":
         if self.storage_dtype not in ("bf16", "fp8"):
@@ -61,20 +80,36 @@ class OnlineTrainConfig:
             raise OnlineTrainConfigError(f"online-train learn_from must be all, text or image, got {self.learn_from!r}")
         if not 0.0 < self.sample_rate <= 1.0:
             raise OnlineTrainConfigError(f"online-train sample_rate must be in (0, 1], got {self.sample_rate}")
-        for name in ("replay_budget_bytes", "max_record_tokens", "shard_tokens"):
+        for name in ("replay_budget_bytes", "max_record_tokens", "shard_tokens", "trainer_threads", "batch_size",
+                     "num_anchors", "max_seq_len", "min_records", "swap_every", "holdout_every", "holdout_records",
+                     "keep_checkpoints"):
             if int(getattr(self, name)) <= 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
-        if self.persist_dir is not None:
-            path = Path(self.persist_dir)
-            if path.exists() and not path.is_dir():
-                raise OnlineTrainConfigError(f"--online-train-persist-dir {path} exists and is not a directory")
-            try:
-                path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            except OSError as e:
-                raise OnlineTrainConfigError(f"--online-train-persist-dir {path}: cannot create ({e})") from e
-            if not os.access(path, os.W_OK):
-                raise OnlineTrainConfigError(f"--online-train-persist-dir {path} is not writable")
+        for name in ("lr", "gamma"):
+            if not float(getattr(self, name)) > 0:
+                raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance"):
+            if float(getattr(self, name)) < 0:
+                raise OnlineTrainConfigError(f"online-train {name} must be >= 0, got {getattr(self, name)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.trainer_device)):
+            raise OnlineTrainConfigError(f"--online-train-device must be auto, cpu, cuda or cuda:N, "
+                                         f"got {self.trainer_device!r}")
+        for name in ("persist_dir", "checkpoint_dir"):
+            if getattr(self, name) is not None:
+                self._check_dir(name)
         return self
+
+    def _check_dir(self, name: str) -> None:
+        flag = "--online-train-" + name.replace("_", "-")
+        path = Path(getattr(self, name))
+        if path.exists() and not path.is_dir():
+            raise OnlineTrainConfigError(f"{flag} {path} exists and is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise OnlineTrainConfigError(f"{flag} {path}: cannot create ({e})") from e
+        if not os.access(path, os.W_OK):
+            raise OnlineTrainConfigError(f"{flag} {path} is not writable")
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -112,9 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="capture the target's pre-deepstack hidden states of live requests into a replay buffer "
                         "(needs --speculative-algorithm DFLASH)")
     g.add_argument("--online-train-config", metavar="FILE",
-                   help="JSON file with online-train settings (keys: replay_budget_bytes, persist_dir, "
-                        "storage_dtype, learn_from, sample_rate, include_prompt_loss, max_record_tokens, "
-                        "shard_tokens); command-line flags override it")
+                   help="JSON file with online-train settings, keys named as the fields of "
+                        "sglang_ext.online.config.OnlineTrainConfig (e.g. replay_budget_bytes, persist_dir, lr, "
+                        "swap_every, guard_tolerance, weight_decay, warmup_steps, max_seq_len); command-line "
+                        "flags override it")
     g.add_argument("--online-train-replay-budget", metavar="SIZE",
                    help="bytes of captured features kept in memory, e.g. 512MB or 2GiB (default 2GiB); "
                         "the oldest records are dropped past it, and counted")
@@ -131,13 +167,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="put prompt tokens in the loss mask too (default: generated tokens only)")
     g.add_argument("--online-train-max-record-tokens", type=int, metavar="N",
                    help="requests longer than N tokens are not recorded (counted as dropped; default 32768)")
+    g.add_argument("--online-train-capture-only", action="store_true", default=None,
+                   help="record traffic (and persist it) but start no trainer: the draft is never changed")
+    g.add_argument("--online-train-device", metavar="DEV",
+                   help="where the trainer process trains: auto (the serving device, default), cpu, cuda or "
+                        "cuda:N (another GPU)")
+    g.add_argument("--online-train-threads", type=int, metavar="N",
+                   help="torch CPU threads of the trainer process (default 1, leaving the rest to serving)")
+    g.add_argument("--online-train-lr", type=float, metavar="LR",
+                   help="AdamW learning rate, constant after a short warmup (default 6e-4)")
+    g.add_argument("--online-train-batch-size", type=int, metavar="N",
+                   help="replay records per training step (default 8)")
+    g.add_argument("--online-train-num-anchors", type=int, metavar="N",
+                   help="DFlash blocks sampled per record per step (default 64)")
+    g.add_argument("--online-train-swap-every", type=int, metavar="STEPS",
+                   help="training steps between candidate drafts; each is scored against the live draft on "
+                        "held-out recent traffic and swapped in only if it is not worse (default 25)")
+    g.add_argument("--online-train-min-records", type=int, metavar="N",
+                   help="finished requests to wait for before training starts (default 8)")
+    g.add_argument("--online-train-holdout-every", type=int, metavar="N",
+                   help="every N-th recorded request is held out for the swap guard, never trained on "
+                        "(default 5)")
+    g.add_argument("--online-train-checkpoint-dir", metavar="DIR",
+                   help="export every accepted draft version here in SGLang's draft format "
+                        "(version-NNNNNN/, the newest --online-train-keep-checkpoints kept)")
+    g.add_argument("--online-train-keep-checkpoints", type=int, metavar="N",
+                   help="accepted versions kept in --online-train-checkpoint-dir (default 3)")
 
 
 _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_train_persist_dir": "persist_dir",
                   "online_train_storage_dtype": "storage_dtype", "online_train_learn_from": "learn_from",
                   "online_train_sample_rate": "sample_rate",
                   "online_train_include_prompt_loss": "include_prompt_loss",
-                  "online_train_max_record_tokens": "max_record_tokens"}
+                  "online_train_max_record_tokens": "max_record_tokens",
+                  "online_train_device": "trainer_device", "online_train_threads": "trainer_threads",
+                  "online_train_lr": "lr", "online_train_batch_size": "batch_size",
+                  "online_train_num_anchors": "num_anchors", "online_train_swap_every": "swap_every",
+                  "online_train_min_records": "min_records", "online_train_holdout_every": "holdout_every",
+                  "online_train_checkpoint_dir": "checkpoint_dir",
+                  "online_train_keep_checkpoints": "keep_checkpoints"}
 
 
 def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
@@ -158,6 +226,8 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
         v = getattr(ns, flag)
         if v is not None:
             values[field_name] = v
+    if ns.online_train_capture_only:
+        values["trainer"] = False
     if "replay_budget_bytes" in values:
         values["replay_budget_bytes"] = parse_size(values["replay_budget_bytes"], "online-train replay budget")
     return OnlineTrainConfig(enabled=True, **values).validate()

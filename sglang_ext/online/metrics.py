@@ -14,6 +14,20 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_dropped_requests_total{reason}     aborted / too_long
     sglang:online_train_replay_bytes, _replay_records, _replay_budget_bytes, _replay_dropped_records_total
     sglang:online_train_persisted_records_total            records written to shards
+  trainer and swaps (part 2):
+    sglang:online_train_trainer_up                         1 while the trainer process runs
+    sglang:online_train_trainer_restarts_total             trainer processes restarted after an exit
+    sglang:online_train_trainer_steps                      optimiser steps so far (kept across restarts)
+    sglang:online_train_trainer_loss                       loss of the latest step
+    sglang:online_train_trainer_tokens_per_second          training throughput (EMA)
+    sglang:online_train_trainer_tokens                     tokens trained on so far
+    sglang:online_train_trainer_records                    records the trainer received
+    sglang:online_train_heldout_accept_length              offline tau of the live draft on held-out traffic
+    sglang:online_train_swaps_total                        draft versions swapped into the live decoder
+    sglang:online_train_swaps_in_flight_total              ... of them with requests in flight
+    sglang:online_train_rejected_swaps_total{reason}       candidates not swapped: worse (guard) | nan
+    sglang:online_train_swap_latency_seconds               histogram: weight copy + helper rebuild
+    sglang:online_train_seconds_since_last_swap            -1 before the first swap
 """
 from __future__ import annotations
 
@@ -50,7 +64,26 @@ class OnlineMetrics:
         self._replay_budget = gauge("replay_budget_bytes", "Byte budget of the in-memory replay buffer")
         self._replay_dropped = counter("replay_dropped_records", "Records evicted from the replay buffer (budget)")
         self._persisted = counter("persisted_records", "Records written to replay shards")
+        self._trainer_up = gauge("trainer_up", "1 while the co-located trainer process runs")
+        self._restarts = counter("trainer_restarts", "Trainer processes restarted after an exit")
+        self._steps = gauge("trainer_steps", "Trainer optimiser steps so far")
+        self._loss = gauge("trainer_loss", "Loss of the trainer's latest step")
+        self._tok_s = gauge("trainer_tokens_per_second", "Tokens trained per second (EMA)")
+        self._tokens = gauge("trainer_tokens", "Tokens trained on so far")
+        self._trainer_records = gauge("trainer_records", "Records the trainer received")
+        self._heldout_tau = gauge("heldout_accept_length", "Offline tau of the live draft on held-out traffic")
+        self._swaps = counter("swaps", "Draft versions swapped into the live decoder")
+        self._swaps_in_flight = counter("swaps_in_flight", "Swaps done while requests were in flight")
+        self._rejected = counter("rejected_swaps", "Candidate drafts not swapped in", extra=("reason",))
+        self._swap_latency = Histogram("sglang:online_train_swap_latency_seconds",
+                                       "Hot-swap latency: weight copy into the live draft + helper rebuild",
+                                       labelnames=names, buckets=[1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3])
+        self._since_swap = gauge("seconds_since_last_swap", "Seconds since the last swap (-1: none yet)")
         self._version.labels(**self.labels).set(0)
+        self._since_swap.labels(**self.labels).set(-1)
+        self._trainer_up.labels(**self.labels).set(0)
+        for reason in ("worse", "nan"):
+            self._rejected.labels(**self.labels, reason=reason).inc(0)
 
     def verified(self, commit_lens: list[int], block_size: int) -> None:
         for c in commit_lens:
@@ -85,3 +118,32 @@ class OnlineMetrics:
 
     def set_draft_version(self, version: int) -> None:
         self._version.labels(**self.labels).set(version)
+
+    # -- trainer / swaps ---------------------------------------------------------------------------------
+    def trainer_restarted(self) -> None:
+        self._restarts.labels(**self.labels).inc()
+
+    def swapped(self, version: int, latency_s: float, in_flight: int) -> None:
+        self._version.labels(**self.labels).set(version)
+        self._swaps.labels(**self.labels).inc()
+        if in_flight:
+            self._swaps_in_flight.labels(**self.labels).inc()
+        self._swap_latency.labels(**self.labels).observe(latency_s)
+        self._since_swap.labels(**self.labels).set(0)
+
+    def rejected(self, reason: str, n: int) -> None:
+        self._rejected.labels(**self.labels, reason=reason).inc(n)
+
+    def trainer_status(self, *, up: bool, steps: float, loss: float, tokens_per_s: float, tokens: float,
+                       since_swap: float | None, records: float, heldout_tau: float) -> None:
+        lab = self.labels
+        self._trainer_up.labels(**lab).set(1 if up else 0)
+        self._steps.labels(**lab).set(steps)
+        self._loss.labels(**lab).set(loss)
+        self._tok_s.labels(**lab).set(tokens_per_s)
+        self._tokens.labels(**lab).set(tokens)
+        self._trainer_records.labels(**lab).set(records)
+        if heldout_tau == heldout_tau and heldout_tau > 0:
+            self._heldout_tau.labels(**lab).set(heldout_tau)
+        if since_swap is not None:
+            self._since_swap.labels(**lab).set(since_swap)

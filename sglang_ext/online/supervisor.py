@@ -1,0 +1,238 @@
+"""Scheduler side of the co-located trainer: start / watch / restart the trainer process, feed it records,
+and hot-swap the weights it publishes into the live draft.
+
+Two threads of the scheduler process touch this:
+  * the supervisor thread (ours): (re)starts `python -m sglang_ext.online.trainer_worker` with a fresh
+    socket, sends it the records the replay buffer finished (on a restart, first everything the buffer
+    still holds), and notices when the process dies (trainer down, restart after a backoff);
+  * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
+    trainer published a version the scheduler has not applied, it copies the slot's weights into
+    `draft_model` in place (`load_weights` -> `param.data.copy_`, storage addresses kept, so CUDA graphs
+    stay valid), rebuilds the DFlash worker's fused KV helper (it holds stacked copies of k/v weights), and
+    acknowledges. No forward runs during the copy, so none sees two versions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import Connection
+
+import torch
+
+from sglang_ext.online import weight_slot as ws
+
+logger = logging.getLogger(__name__)
+_STACKED = (("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"), ("gate_proj", "gate_up_proj"),
+            ("up_proj", "gate_up_proj"))
+
+
+def check_draft_names(draft_model, layout: ws.Layout) -> None:
+    """Every trained weight must land on a parameter of SGLang's draft (its load_weights skips unknown names
+    silently): fail at startup if one would not."""
+    params = {n.removeprefix("model.") for n, _ in draft_model.named_parameters()}
+    missing = []
+    for name, _ in layout:
+        for part, stacked in _STACKED:
+            if f".{part}." in name:
+                name = name.replace(part, stacked)
+                break
+        if name not in params:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"--online-train: trained draft weights {missing[:6]} have no parameter in SGLang's "
+                         f"{type(draft_model).__name__}; cannot hot-swap into it")
+
+
+def resolve_trainer_device(cfg, serving_device) -> str:
+    if cfg.trainer_device != "auto":
+        if cfg.trainer_device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--online-train-device {cfg.trainer_device}: no CUDA device in this process")
+        return cfg.trainer_device
+    dev = torch.device(serving_device)
+    return f"cuda:{dev.index or 0}" if dev.type == "cuda" else "cpu"
+
+
+class TrainerSupervisor:
+    RESTART_BACKOFF_S = (1.0, 30.0)
+
+    def __init__(self, cfg, worker, metrics, *, target_path: str, draft_path: str, block_size: int):
+        self.cfg = cfg
+        self.worker = worker                        # DFlashWorkerV2 (draft_model, _init_fused_kv_helper)
+        self.metrics = metrics
+        self.layout = ws.draft_layout(draft_path)
+        check_draft_names(worker.draft_model, self.layout)
+        self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
+        self.slot = ws.WeightSlot.create(self.layout)
+        self.spec = {"config": _config_dict(cfg), "target_path": str(target_path), "draft_path": str(draft_path),
+                     "block_size": int(block_size), "device": self.device, "slot": str(self.slot.path)}
+        self.outbox: deque[bytes] = deque(maxlen=4096)
+        self.cond = threading.Condition()
+        self.snapshot_fn = None                     # -> records to resend after a restart
+        self.proc: subprocess.Popen | None = None
+        self.conn: Connection | None = None
+        self.up = False
+        self.starts = 0
+        self.version = 0
+        self.swaps = 0
+        self.last_swap_t: float | None = None
+        self.swap_latencies_s: list[float] = []
+        self._seen = {ws.REJECTED_WORSE: 0.0, ws.REJECTED_NAN: 0.0}
+        self._last_metrics_t = 0.0
+        self._stopping = False
+        self.thread = threading.Thread(target=self._supervise, name="sglang-ext-trainer", daemon=True)
+
+    def start(self, snapshot_fn) -> None:
+        self.snapshot_fn = snapshot_fn
+        self.thread.start()
+
+    # -- supervisor thread ---------------------------------------------------------------------------------
+    def offer(self, record) -> None:
+        """A finished replay record (called by the replay buffer's thread)."""
+        from sglang_ext.online.trainer_worker import encode_record
+        with self.cond:
+            self.outbox.append(encode_record(record))
+            self.cond.notify()
+
+    def _launch(self) -> None:
+        parent, child = socket.socketpair()
+        spec = dict(self.spec, fd=child.fileno())
+        env = dict(os.environ)
+        if self.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        self.proc = subprocess.Popen([sys.executable, "-m", "sglang_ext.online.trainer_worker", json.dumps(spec)],
+                                     pass_fds=[child.fileno()], env=env, close_fds=True)
+        child.close()
+        self.conn = Connection(parent.detach())
+        self.starts += 1
+        self.up = True
+        logger.info("sglang_ext: trainer process started (pid %d, device %s, start #%d)", self.proc.pid,
+                    self.device, self.starts)
+        if self.starts > 1:
+            self.metrics.trainer_restarted()
+        if self.starts > 1 and self.snapshot_fn is not None:
+            # A fresh trainer has no records: give it everything the replay buffer still holds.
+            from sglang_ext.online.trainer_worker import encode_record
+            backlog = list(self.snapshot_fn())[-self.outbox.maxlen:]
+            with self.cond:
+                self.outbox.clear()
+                self.outbox.extend(encode_record(r) for r in backlog)
+
+    def _supervise(self) -> None:
+        backoff = self.RESTART_BACKOFF_S[0]
+        while not self._stopping:
+            if self.proc is None:
+                try:
+                    self._launch()
+                    started = time.monotonic()
+                except Exception:
+                    logger.exception("sglang_ext: could not start the trainer process")
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, self.RESTART_BACKOFF_S[1])
+                    continue
+            if self.proc.poll() is not None:
+                self._on_exit()
+                if time.monotonic() - started > 60:
+                    backoff = self.RESTART_BACKOFF_S[0]
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.RESTART_BACKOFF_S[1])
+                continue
+            with self.cond:
+                if not self.outbox:
+                    self.cond.wait(timeout=0.5)
+                payload = self.outbox.popleft() if self.outbox else None
+            if payload is not None:
+                try:
+                    self.conn.send_bytes(payload)
+                except OSError:                # the trainer is gone (or its socket is): restart it
+                    with self.cond:
+                        self.outbox.appendleft(payload)
+                    if self.proc.poll() is None:
+                        self.proc.kill()
+                        self.proc.wait()
+
+    def _on_exit(self) -> None:
+        code = self.proc.returncode
+        self.up = False
+        logger.error("sglang_ext: trainer process %d exited with code %s; serving goes on with draft version "
+                     "%d; restarting it", self.proc.pid, code, self.version)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        self.proc, self.conn = None, None
+
+    def stop(self) -> None:
+        self._stopping = True
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self.slot.close()
+
+    # -- scheduler thread ----------------------------------------------------------------------------------
+    def tick(self, scheduler=None) -> None:
+        """Top of a scheduler iteration: apply a published version; refresh metrics about once a second."""
+        slot = self.slot
+        if slot.published > slot.applied:
+            self._swap(scheduler)
+        now = time.monotonic()
+        if now - self._last_metrics_t >= 1.0:
+            self._last_metrics_t = now
+            self._update_metrics(now)
+
+    @torch.no_grad()
+    def _swap(self, scheduler) -> None:
+        slot, worker = self.slot, self.worker
+        version = slot.published
+        in_flight = _requests_in_flight(scheduler)
+        t0 = time.perf_counter()
+        cuda = next(worker.draft_model.parameters()).is_cuda
+        if cuda:
+            torch.cuda.synchronize()           # the overlap scheduler may still run the previous forward
+        worker.draft_model.load_weights(list(slot.weights.items()))
+        if getattr(worker, "_use_fused_kv_materialize", False):
+            worker._init_fused_kv_helper()     # it keeps stacked copies of the k/v weights
+        if cuda:
+            torch.cuda.synchronize()
+        latency = time.perf_counter() - t0
+        slot.set(ws.APPLIED, version)
+        self.version = version
+        self.swaps += 1
+        self.last_swap_t = time.monotonic()
+        self.swap_latencies_s.append(latency)
+        self.metrics.swapped(version, latency, in_flight)
+        logger.info("sglang_ext: draft version %d swapped in (%.2f ms, %d requests in flight, trainer step %d, "
+                    "held-out tau %.3f vs %.3f)", version, latency * 1e3, in_flight, int(slot.get(ws.STEPS)),
+                    slot.get(ws.CANDIDATE_TAU), slot.get(ws.LIVE_TAU))
+
+    def _update_metrics(self, now: float) -> None:
+        s = self.slot
+        alive = self.proc is not None and self.proc.poll() is None
+        for field, reason in ((ws.REJECTED_WORSE, "worse"), (ws.REJECTED_NAN, "nan")):
+            value = s.get(field)
+            if value > self._seen[field]:
+                self.metrics.rejected(reason, int(value - self._seen[field]))
+            self._seen[field] = max(value, self._seen[field])
+        self.metrics.trainer_status(
+            up=alive, steps=s.get(ws.STEPS), loss=s.get(ws.LOSS), tokens_per_s=s.get(ws.TOKENS_PER_S),
+            tokens=s.get(ws.TOKENS), since_swap=None if self.last_swap_t is None else now - self.last_swap_t,
+            records=s.get(ws.RECORDS), heldout_tau=s.get(ws.LIVE_TAU))
+
+
+def _requests_in_flight(scheduler) -> int:
+    if scheduler is None:
+        return 0
+    running = getattr(scheduler, "running_batch", None)
+    n = len(getattr(running, "reqs", []) or []) if running is not None else 0
+    return n + len(getattr(scheduler, "waiting_queue", []) or [])
+
+
+def _config_dict(cfg) -> dict:
+    from dataclasses import asdict
+    return asdict(cfg)
