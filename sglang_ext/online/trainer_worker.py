@@ -14,7 +14,8 @@ against the live draft on the held-out slice (offline tau: the acceptance length
 give on those records, same anchors for both) and published only if it is not worse.
 
 Faults for tests ($SGLANG_EXT_TRAINER_FAULT, comma separated): `nan_steps=A-B` makes the loss NaN at
-steps A..B; `worse_candidates=I;J` adds noise to the I-th, J-th scored candidates (1-based).
+the A-th..B-th step this process attempts; `worse_candidates=I;J` adds noise to the I-th, J-th scored
+candidates (1-based).
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ class OnlineTrainer:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.step = int(self.slot.get(ws.STEPS))
-        self.local_steps = 0
+        self.local_steps = 0                # attempted steps of this process (faults count these)
+        self.bad_steps = 0                  # non-finite steps in a row
         self.pool: deque[Record] = deque()
         self.pool_bytes = 0
         self.holdout: deque[Record] = deque(maxlen=self.cfg.holdout_records)
@@ -143,6 +145,7 @@ class OnlineTrainer:
                     payload = conn.recv_bytes()
                 except (EOFError, OSError):
                     log.info("scheduler connection closed; trainer exits")
+                    self.slot.remove_if_orphaned()
                     os._exit(0)
                 try:
                     self.inbox.put(decode_record(payload))
@@ -184,11 +187,11 @@ class OnlineTrainer:
         out = dflash_loss(self.draft, feats, ids, mask, num_anchors=cfg.num_anchors, gamma=cfg.gamma,
                           generator=torch.Generator().manual_seed(self.rng.randrange(2**31)))
         loss = out.loss
+        self.local_steps += 1
         a, b = self.faults["nan_steps"]
-        if a <= self.step + 1 <= b:
+        if a <= self.local_steps <= b:
             loss = loss * float("nan")
         loss_val = float(loss.detach())
-        self.local_steps += 1
         if not math.isfinite(loss_val):
             self._skip(f"loss is {loss_val}")
             return
@@ -198,6 +201,7 @@ class OnlineTrainer:
             self._skip(f"gradient norm is {float(grad_norm)}")
             return
         self.optimizer.step()
+        self.bad_steps = 0
         self.step += 1
         self.tokens += ntok
         dt = max(1e-6, time.monotonic() - t0)
@@ -214,7 +218,13 @@ class OnlineTrainer:
     def _skip(self, why: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.slot.set(ws.REJECTED_NAN, self.slot.get(ws.REJECTED_NAN) + 1)
+        self.bad_steps += 1
         log.warning("step %d skipped: %s (no update, counted)", self.step + 1, why)
+        if self.bad_steps >= 10:            # stuck: go back to the live draft with a fresh optimizer
+            log.error("%d non-finite steps in a row: restarting from the live draft", self.bad_steps)
+            self.draft.load_state_dict(self.live.state_dict())
+            self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            self.bad_steps = 0
 
     # -- guard + publish -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -248,7 +258,8 @@ class OnlineTrainer:
             s.set(ws.REJECTED_NAN, s.get(ws.REJECTED_NAN) + 1)
             log.warning("candidate %d has non-finite weights: rejected", self.candidates)
             return
-        if self.candidates in self.faults["worse_candidates"]:
+        injected = self.candidates in self.faults["worse_candidates"]
+        if injected:
             scorer = type(self.draft)(self.draft.cfg)
             scorer.load_state_dict(state)
             scorer.to(self.device).attach_target(self.draft.embed_tokens, self.draft.lm_head)
@@ -260,25 +271,26 @@ class OnlineTrainer:
         s.set(ws.LIVE_TAU, live_tau)
         if not cand_tau >= live_tau - self.cfg.guard_tolerance:
             s.set(ws.REJECTED_WORSE, s.get(ws.REJECTED_WORSE) + 1)
-            log.info("step %d: candidate tau %.3f < live %.3f on %d held-out records: not swapped",
-                     self.step, cand_tau, live_tau, len(self.holdout))
+            log.info("step %d: %scandidate tau %.3f < live %.3f on %d held-out records: not swapped",
+                     self.step, "injected-worse " if injected else "", cand_tau, live_tau, len(self.holdout))
             return
         version = s.publish(state)
         self.live.load_state_dict(state)
-        log.info("step %d: published draft version %d (held-out tau %.3f, live %.3f)", self.step, version,
-                 cand_tau, live_tau)
+        log.info("step %d: published %sdraft version %d (held-out tau %.3f, live %.3f)", self.step,
+                 "injected-worse " if injected else "", version, cand_tau, live_tau)
         if self.cfg.checkpoint_dir:
             self.checkpoint(version, state)
 
     def checkpoint(self, version: int, state: dict) -> None:
+        """Export the accepted version; the oldest go first, so at most keep_checkpoints exist at any time."""
         out = Path(self.cfg.checkpoint_dir)
         try:
-            self.live.export(out / f"version-{version:06d}")
             kept = sorted(p for p in out.glob("version-*") if p.is_dir())
-            for old in kept[:-self.cfg.keep_checkpoints]:
+            for old in kept[:max(0, len(kept) - self.cfg.keep_checkpoints + 1)]:
                 for f in old.iterdir():
                     f.unlink()
                 old.rmdir()
+            self.live.export(out / f"version-{version:06d}")
         except OSError:
             log.exception("could not write the checkpoint of version %d to %s", version, out)
 

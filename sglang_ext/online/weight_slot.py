@@ -31,7 +31,7 @@ HEADER_SLOTS = 32
 HEADER_BYTES = HEADER_SLOTS * 8
 # header fields (float64 each)
 PUBLISHED, APPLIED, STEPS, LOSS, TOKENS_PER_S, REJECTED_WORSE, REJECTED_NAN, HEARTBEAT, RECORDS, TOKENS, \
-    CANDIDATE_TAU, LIVE_TAU, PID, GUARD_EVALS, TRAIN_RECORDS, HOLDOUT_RECORDS, ACCURACY = range(17)
+    CANDIDATE_TAU, LIVE_TAU, PID, GUARD_EVALS, TRAIN_RECORDS, HOLDOUT_RECORDS, ACCURACY, OWNER_PID = range(18)
 
 Layout = list[tuple[str, tuple[int, ...]]]
 
@@ -50,6 +50,16 @@ def draft_layout(draft_dir: str | os.PathLike) -> Layout:
             if name != "__metadata__":
                 layout[name.removeprefix("model.")] = tuple(int(d) for d in info["shape"])
     return sorted(layout.items())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def layout_numel(layout: Layout) -> int:
@@ -81,6 +91,9 @@ class WeightSlot:
         os.close(fd)
         self.owner = create
         self.header = torch.frombuffer(self._mmap, dtype=torch.float64, count=HEADER_SLOTS)
+        if create:
+            self.header[OWNER_PID] = os.getpid()
+        self.owner_pid = int(self.header[OWNER_PID])
         self.weights: dict[str, torch.Tensor] = {}
         offset = HEADER_BYTES
         for name, shape in self.layout:
@@ -129,6 +142,15 @@ class WeightSlot:
 
     def read_state(self) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in self.weights.items()}
+
+    def remove_if_orphaned(self) -> None:
+        """Trainer side, when the scheduler is gone: remove the slot file it can no longer remove itself."""
+        if os.getppid() == 1 or not _alive(self.owner_pid):
+            try:
+                self.path.unlink()
+                self.path.parent.rmdir()
+            except OSError:
+                pass
 
     # -- lifetime ----------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,127 @@
+"""--online-train, part 2, against real SGLang on the CPU platform (float32, DFLASH block size 4): from a
+random draft, the co-located trainer learns from live traffic and its versions are hot-swapped in while
+requests are in flight; served tau rises from about 1.0 to >= 1.8; every token equals plain greedy serving;
+killing the trainer does not disturb serving and a restarted trainer resumes; an injected NaN loss and an
+injected worse candidate are not swapped in, and are counted."""
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sglang_ext.testing.online import (make_random_draft, online_metrics, send_traffic, swaps_from_log,
+                                       trainer_pids)
+from sglang_ext.testing.server import dflash_args, launch_server
+from sglang_ext.testing.workload import record_prompt
+
+pytestmark = pytest.mark.server
+BLOCK = 4
+MAX_NEW = 32
+MAX_ROUNDS = 14               # the test stops as soon as a round reaches the target tau
+TARGET_TAU = 1.8
+KILL_AFTER_ROUND = 3
+FAULTS = "nan_steps=3-4,worse_candidates=6"
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def traffic(quick_workload):
+    """Prompts of the workload's train traffic (code, and two image prompts) and their plain greedy outputs."""
+    records = quick_workload.prompts("A", "train") + quick_workload.prompts("image", "train")[:2]
+    return [record_prompt(r) for r in records]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(quick_workload, traffic, server_log_dir):
+    with launch_server(quick_workload.target_dir, log_dir=server_log_dir, name="plain-for-online-train") as plain:
+        done = send_traffic(plain, traffic, list(range(len(traffic))), max_new_tokens=MAX_NEW)
+    return {s.prompt: s.output_ids for s in done}
+
+
+def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plain_outputs, server_log_dir,
+                                                   tmp_path):
+    draft = make_random_draft(quick_workload.target_dir, tmp_path / "random-draft", block_size=BLOCK)
+    ckpt = tmp_path / "accepted"
+    args = dflash_args(draft, BLOCK) + [
+        "--online-train", "--online-train-lr", "1e-3", "--online-train-swap-every", "5",
+        "--online-train-min-records", "4", "--online-train-holdout-every", "5",
+        "--online-train-checkpoint-dir", str(ckpt), "--online-train-keep-checkpoints", "2"]
+    rng = random.Random(0)
+    rounds: list[dict] = []
+    with launch_server(quick_workload.target_dir, args, log_dir=server_log_dir, name="online-train",
+                       env={"SGLANG_EXT_TRAINER_FAULT": FAULTS}) as server:
+        t0 = time.monotonic()
+        killed = None
+        for r in range(MAX_ROUNDS):
+            order = list(range(len(traffic)))
+            rng.shuffle(order)
+            watcher, seen_down = None, []
+            if r == KILL_AFTER_ROUND:
+                # Kill the trainer while this round's requests are being served; watch /metrics meanwhile.
+                before = online_metrics(server)
+                (pid,) = _wait_for(lambda: trainer_pids(server), 30, "the trainer process")
+                os.kill(pid, 9)
+                killed = {"pid": pid, "steps": before["trainer_steps"], "version": before["draft_version"]}
+
+                def watch():
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline and not seen_down:
+                        m = online_metrics(server)
+                        if m["trainer_up"] == 0:
+                            seen_down.append(m)
+                        time.sleep(0.1)
+                watcher = threading.Thread(target=watch)
+                watcher.start()
+            done = send_traffic(server, traffic, order, max_new_tokens=MAX_NEW, t0=t0)
+            if watcher is not None:
+                watcher.join()
+                assert seen_down, "/metrics never showed the trainer down after it was killed"
+                # serving went on with the last good draft while the trainer was down
+                assert seen_down[0]["draft_version"] >= killed["version"]
+            for s in done:                  # every token equals non-speculative greedy serving
+                assert s.output_ids == plain_outputs[s.prompt], (r, s.prompt)
+            m = online_metrics(server)
+            tau = sum(s.accept_length for s in done) / len(done)
+            rounds.append({"round": r, "t": time.monotonic() - t0, "tau": tau, **m})
+            print(f"round {r:2d}  t={rounds[-1]['t']:6.1f}s  tau={tau:.3f}  version={m['draft_version']:.0f}  "
+                  f"steps={m['trainer_steps']:.0f}  loss={m['trainer_loss']:.3f}  up={m['trainer_up']:.0f}  "
+                  f"rejected worse/nan={m['rejected_worse']:.0f}/{m['rejected_nan']:.0f}  "
+                  f"heldout tau={m['heldout_accept_length']:.2f}", flush=True)
+            if r > KILL_AFTER_ROUND and tau >= TARGET_TAU and m["trainer_restarts_total"] >= 1:
+                break
+        # the restarted trainer is up and went on from where the killed one was
+        final = _wait_for(lambda: (lambda m: m if m["trainer_up"] == 1 else None)(online_metrics(server)), 60,
+                          "the restarted trainer")
+        log_text = server.log_path.read_text()
+
+    assert killed is not None
+    assert final["trainer_restarts_total"] >= 1
+    assert final["trainer_steps"] > killed["steps"], (final["trainer_steps"], killed["steps"])
+    assert "resuming from version" in log_text
+    assert rounds[0]["tau"] < 1.3, rounds[0]
+    assert rounds[-1]["tau"] >= TARGET_TAU, [round(x["tau"], 3) for x in rounds]
+    # faults: NaN steps skipped and a deliberately worse candidate refused, both counted
+    assert final["rejected_nan"] >= 2 and final["rejected_worse"] >= 1, final
+    assert "skipped: loss is nan" in log_text
+    assert "injected-worse candidate tau" in log_text and "published injected-worse" not in log_text
+    swaps = swaps_from_log(log_text)
+    assert len(swaps) == final["swaps_total"] >= 2
+    assert final["swaps_in_flight_total"] >= 1 and any(n > 0 for _, _, n in swaps)
+    latencies = sorted(ms for _, ms, _ in swaps)
+    print(f"{len(swaps)} swaps, {sum(n > 0 for _, _, n in swaps)} with requests in flight; copy latency ms: "
+          f"median {latencies[len(latencies) // 2]:.2f}, max {latencies[-1]:.2f}")
+    assert latencies[-1] < 1000
+    # the accepted versions were exported in SGLang's draft format (newest 2 kept)
+    kept = sorted(p.name for p in ckpt.iterdir())
+    assert 1 <= len(kept) <= 2 and all((ckpt / k / "model.safetensors").is_file() for k in kept), kept
