@@ -18,9 +18,23 @@ def server_log_dir(tmp_path_factory) -> Path:
     return Path(root) if root else tmp_path_factory.mktemp("server-logs")
 
 
+QUICK_WORKLOAD_MINUTES = 0.5
+
+
 @pytest.fixture(scope="session")
-def quick_workload():
-    """The small reference workload (tiny Qwen3-VL trained ~30 s on stdlib code, prose and images), built once
-    and cached by a hash of its config under $SGLANG_EXT_CACHE (or ~/.cache/sglang_ext)."""
+def workload_cache_dir(tmp_path_factory) -> Path:
+    """A fresh cache for the quick reference workload: every session builds it once (test_workload checks that
+    build), and every test that needs it shares it."""
+    return tmp_path_factory.mktemp("workload-cache")
+
+
+@pytest.fixture(scope="session")
+def quick_workload(workload_cache_dir):
+    """The small reference workload (tiny Qwen3-VL trained ~30 s on stdlib code, prose and images)."""
+    import time
+
     from sglang_ext.testing.workload import build_workload
-    return build_workload(None, minutes=0.5, quick=True, progress=False)
+    start = time.monotonic()
+    built = build_workload(workload_cache_dir, minutes=QUICK_WORKLOAD_MINUTES, quick=True, progress=False)
+    built.stats["test_build_seconds"] = time.monotonic() - start
+    return built

@@ -40,6 +40,9 @@ def test_parse_size(text, want):
     (["--online-train", "--online-train-replay-budget", "0"], "must be positive"),
     (["--online-train", "--online-train-sample-rate", "1.5"], "sample_rate must be in (0, 1]"),
     (["--online-train", "--online-train-config", "/nonexistent/online.json"], "no such file"),
+    (["--online-train", "--online-train-lr", "0"], "online-train lr must be positive"),
+    (["--online-train", "--online-train-swap-every", "0"], "online-train swap_every must be positive"),
+    (["--online-train", "--online-train-device", "tpu"], "--online-train-device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_values_are_named(argv, message):
     with pytest.raises(OnlineTrainConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
@@ -83,7 +86,11 @@ def test_real_launcher_help_and_fail_fast(tmp_path):
     for flag in ("--online-train ", "--online-train-config", "--online-train-replay-budget",
                  "--online-train-persist-dir", "--online-train-storage-dtype", "--online-train-learn-from",
                  "--online-train-sample-rate", "--online-train-include-prompt-loss",
-                 "--online-train-max-record-tokens"):
+                 "--online-train-max-record-tokens", "--online-train-capture-only", "--online-train-device",
+                 "--online-train-threads", "--online-train-lr", "--online-train-batch-size",
+                 "--online-train-num-anchors", "--online-train-swap-every", "--online-train-min-records",
+                 "--online-train-holdout-every", "--online-train-checkpoint-dir",
+                 "--online-train-keep-checkpoints"):
         assert flag in help_out.stdout, flag
     # Without a speculative algorithm: a clear error before any model is loaded.
     bad = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path),

@@ -122,6 +122,7 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
     print(f"{len(swaps)} swaps, {sum(n > 0 for _, _, n in swaps)} with requests in flight; copy latency ms: "
           f"median {latencies[len(latencies) // 2]:.2f}, max {latencies[-1]:.2f}")
     assert latencies[-1] < 1000
+    assert "parameter storage moved" not in log_text          # in place: same storage before and after
     # the accepted versions were exported in SGLang's draft format (newest 2 kept)
     kept = sorted(p.name for p in ckpt.iterdir())
     assert 1 <= len(kept) <= 2 and all((ckpt / k / "model.safetensors").is_file() for k in kept), kept

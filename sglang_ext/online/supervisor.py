@@ -56,7 +56,9 @@ def resolve_trainer_device(cfg, serving_device) -> str:
             raise ValueError(f"--online-train-device {cfg.trainer_device}: no CUDA device in this process")
         return cfg.trainer_device
     dev = torch.device(serving_device)
-    return f"cuda:{dev.index or 0}" if dev.type == "cuda" else "cpu"
+    if dev.type != "cuda":
+        return "cpu"
+    return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"   # the serving GPU
 
 
 class TrainerSupervisor:
@@ -195,7 +197,10 @@ class TrainerSupervisor:
         cuda = next(worker.draft_model.parameters()).is_cuda
         if cuda:
             torch.cuda.synchronize()           # the overlap scheduler may still run the previous forward
+        storage = [p.data_ptr() for p in worker.draft_model.parameters()]
         worker.draft_model.load_weights(list(slot.weights.items()))
+        if storage != [p.data_ptr() for p in worker.draft_model.parameters()]:
+            logger.error("sglang_ext: draft parameter storage moved during the swap (CUDA graphs would be stale)")
         if getattr(worker, "_use_fused_kv_materialize", False):
             worker._init_fused_kv_helper()     # it keeps stacked copies of the k/v weights
         if cuda:

@@ -1,0 +1,139 @@
+"""Pieces of the co-located trainer without a server: the shared weight slot's handshake, the names check
+against SGLang's draft, fault parsing, and the trainer's NaN / guard handling on synthetic records."""
+import json
+
+import pytest
+import torch
+
+from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.config import OnlineTrainConfig
+from sglang_ext.online.trainer_worker import OnlineTrainer, Record, decode_record, encode_record, parse_faults
+from sglang_ext.testing.online import make_random_draft
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tiny, tmp_path_factory):
+    return make_random_draft(tiny.dense_random, tmp_path_factory.mktemp("draft") / "d", block_size=4)
+
+
+def test_slot_handshake(draft_dir):
+    layout = ws.draft_layout(draft_dir)
+    assert layout and all(not name.startswith("model.") for name, _ in layout)
+    owner = ws.WeightSlot.create(layout)
+    trainer_side = ws.WeightSlot(owner.path, layout, create=False)
+    try:
+        state = {name: torch.randn(shape) for name, shape in layout}
+        assert trainer_side.can_publish()
+        assert trainer_side.publish(state) == 1 and owner.published == 1
+        # Until the scheduler applied version 1, the trainer may not touch the slot.
+        assert not trainer_side.can_publish()
+        with pytest.raises(RuntimeError, match="has not applied"):
+            trainer_side.publish(state)
+        for name, _ in layout:
+            assert torch.equal(owner.weights[name], state[name])
+        owner.set(ws.APPLIED, owner.published)
+        assert trainer_side.can_publish()
+        # A writer that dies mid-write never bumps PUBLISHED: nothing new for the scheduler to apply.
+        next(iter(trainer_side.weights.values())).fill_(float("nan"))
+        assert owner.published == owner.applied == 1
+        with pytest.raises(ValueError, match="bytes, but the draft layout needs"):
+            ws.WeightSlot(owner.path, layout[:-1], create=False)
+    finally:
+        trainer_side.close()
+        owner.close()
+    assert not owner.path.exists()
+
+
+def test_names_check_against_sglang_draft(draft_dir):
+    from sglang_ext.online.supervisor import check_draft_names
+
+    class FakeSGLangDraft(torch.nn.Module):        # the parameter names SGLang's DFlashDraftModel has
+        def __init__(self, names):
+            super().__init__()
+            self.names = names
+
+        def named_parameters(self):
+            return [(n, None) for n in self.names]
+
+    layout = ws.draft_layout(draft_dir)
+    fused = set()
+    for name, _ in layout:
+        for part, stacked in (("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),
+                              ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")):
+            name = name.replace(f".{part}.", f".{stacked}.")
+        fused.add(name)
+    check_draft_names(FakeSGLangDraft(sorted(fused)), layout)
+    with pytest.raises(ValueError, match="fc.weight"):
+        check_draft_names(FakeSGLangDraft(sorted(fused - {"fc.weight"})), layout)
+
+
+def test_fault_parsing():
+    assert parse_faults("nan_steps=3-4,worse_candidates=2;5") == {"nan_steps": (3, 4), "worse_candidates": {2, 5}}
+    assert parse_faults(None)["worse_candidates"] == set()
+    with pytest.raises(ValueError, match="unknown fault 'boom'"):
+        parse_faults("boom=1")
+
+
+def _records(n, feature_dim, vocab, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[8:] = True
+        out.append(Record(torch.randint(0, vocab - 1, (length,), generator=g),
+                          torch.randn(length, feature_dim, generator=g).to(torch.bfloat16), mask))
+    return out
+
+
+def _trainer(tiny, draft_dir, monkeypatch, faults="", **cfg):
+    monkeypatch.setenv("SGLANG_EXT_TRAINER_FAULT", faults)
+    slot = ws.WeightSlot.create(ws.draft_layout(draft_dir))
+    config = OnlineTrainConfig(enabled=True, min_records=2, batch_size=2, num_anchors=8, swap_every=2,
+                               holdout_every=3, **cfg)
+    spec = {"config": json.loads(json.dumps(config.__dict__)), "target_path": str(tiny.dense_random),
+            "draft_path": str(draft_dir), "block_size": 4, "device": "cpu", "slot": str(slot.path)}
+    return OnlineTrainer(spec), slot
+
+
+def test_nan_steps_are_skipped_and_counted(tiny, draft_dir, monkeypatch):
+    trainer, slot = _trainer(tiny, draft_dir, monkeypatch, faults="nan_steps=1-2")
+    try:
+        cfg = json.loads((draft_dir / "config.json").read_text())
+        K = len(cfg["dflash_config"]["target_layer_ids"])
+        for r in _records(6, K * cfg["hidden_size"], cfg["vocab_size"]):
+            trainer.inbox.put(decode_record(encode_record(r)))
+        trainer.drain()
+        assert slot.get(ws.HOLDOUT_RECORDS) == 2 and slot.get(ws.TRAIN_RECORDS) == 4
+        before = {k: v.clone() for k, v in trainer.draft.state_dict().items()}
+        trainer.train_step()
+        trainer.train_step()
+        assert slot.get(ws.REJECTED_NAN) == 2 and trainer.step == 0
+        assert all(torch.equal(before[k], v) for k, v in trainer.draft.state_dict().items())
+        trainer.train_step()
+        trainer.train_step()
+        assert trainer.step == 2 and slot.get(ws.STEPS) == 2 and trainer.want_publish
+        # The candidate is scored against the live draft and published only if not worse.
+        trainer.maybe_publish()
+        assert slot.get(ws.GUARD_EVALS) == 1
+        cand, live = slot.get(ws.CANDIDATE_TAU), slot.get(ws.LIVE_TAU)
+        assert (slot.published == 1) == (cand >= live)
+        assert (slot.get(ws.REJECTED_WORSE) == 1) == (cand < live)
+    finally:
+        slot.close()
+
+
+def test_nonfinite_candidate_is_rejected(tiny, draft_dir, monkeypatch):
+    trainer, slot = _trainer(tiny, draft_dir, monkeypatch)
+    try:
+        cfg = json.loads((draft_dir / "config.json").read_text())
+        K = len(cfg["dflash_config"]["target_layer_ids"])
+        for r in _records(6, K * cfg["hidden_size"], cfg["vocab_size"]):
+            trainer.inbox.put(r)
+        trainer.drain()
+        with torch.no_grad():
+            trainer.draft.fc.weight[0, 0] = float("inf")
+        trainer.want_publish = True
+        trainer.maybe_publish()
+        assert slot.published == 0 and slot.get(ws.REJECTED_NAN) == 1 and slot.get(ws.GUARD_EVALS) == 0
+    finally:
+        slot.close()
