@@ -73,7 +73,8 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
                 f"{m['heldout_accept_length']:12.2f} {row['tokens_per_s']:7.1f}")
         swaps = swaps_from_log(server.log_path.read_text())
         final_text = server.get_text("/metrics")
-    return {"rows": rows, "swaps": [{"version": v, "ms": ms, "in_flight": n} for v, ms, n in swaps],
+    return {"rows": rows, "swaps": [{"version": v, "ms": ms, "in_flight": n, "iteration_ms": it}
+                                    for v, ms, n, it in swaps],
             "final_swaps": metric_value(final_text, "sglang:online_train_swaps_total")}
 
 

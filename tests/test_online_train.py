@@ -117,11 +117,14 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
     assert "injected-worse candidate tau" in log_text and "published injected-worse" not in log_text
     swaps = swaps_from_log(log_text)
     assert len(swaps) == final["swaps_total"] >= 2
-    assert final["swaps_in_flight_total"] >= 1 and any(n > 0 for _, _, n in swaps)
-    latencies = sorted(ms for _, ms, _ in swaps)
-    print(f"{len(swaps)} swaps, {sum(n > 0 for _, _, n in swaps)} with requests in flight; copy latency ms: "
-          f"median {latencies[len(latencies) // 2]:.2f}, max {latencies[-1]:.2f}")
-    assert latencies[-1] < 1000
+    assert final["swaps_in_flight_total"] >= 1 and any(n > 0 for _, _, n, _ in swaps)
+    latencies = sorted(ms for _, ms, _, _ in swaps)
+    iteration = sorted(it for *_, it in swaps)[len(swaps) // 2]
+    print(f"{len(swaps)} swaps, {sum(n > 0 for _, _, n, _ in swaps)} with requests in flight; copy latency ms: "
+          f"median {latencies[len(latencies) // 2]:.2f}, max {latencies[-1]:.2f}; scheduler iteration "
+          f"~{iteration:.1f} ms")
+    # The only stall is the copy itself, between two iterations: well under one iteration here.
+    assert latencies[-1] < max(1000.0, 2 * iteration)
     assert "parameter storage moved" not in log_text          # in place: same storage before and after
     # the accepted versions were exported in SGLang's draft format (newest 2 kept)
     kept = sorted(p.name for p in ckpt.iterdir())

@@ -87,6 +87,8 @@ class TrainerSupervisor:
         self.swap_latencies_s: list[float] = []
         self._seen = {ws.REJECTED_WORSE: 0.0, ws.REJECTED_NAN: 0.0}
         self._last_metrics_t = 0.0
+        self._last_tick: float | None = None
+        self.iteration_s: float | None = None
         self._stopping = False
         self.thread = threading.Thread(target=self._supervise, name="sglang-ext-trainer", daemon=True)
 
@@ -181,8 +183,13 @@ class TrainerSupervisor:
     def tick(self, scheduler=None) -> None:
         """Top of a scheduler iteration: apply a published version; refresh metrics about once a second."""
         slot = self.slot
+        t = time.perf_counter()
+        if self._last_tick is not None:      # typical scheduler iteration, to compare swap latency against
+            gap = t - self._last_tick
+            self.iteration_s = gap if self.iteration_s is None else 0.95 * self.iteration_s + 0.05 * gap
         if slot.published > slot.applied:
             self._swap(scheduler)
+        self._last_tick = time.perf_counter()
         now = time.monotonic()
         if now - self._last_metrics_t >= 1.0:
             self._last_metrics_t = now
@@ -212,9 +219,10 @@ class TrainerSupervisor:
         self.last_swap_t = time.monotonic()
         self.swap_latencies_s.append(latency)
         self.metrics.swapped(version, latency, in_flight)
-        logger.info("sglang_ext: draft version %d swapped in (%.2f ms, %d requests in flight, trainer step %d, "
-                    "held-out tau %.3f vs %.3f)", version, latency * 1e3, in_flight, int(slot.get(ws.STEPS)),
-                    slot.get(ws.CANDIDATE_TAU), slot.get(ws.LIVE_TAU))
+        logger.info("sglang_ext: draft version %d swapped in (%.2f ms, %d requests in flight, scheduler iteration "
+                    "%.2f ms on average, trainer step %d, held-out tau %.3f vs %.3f)", version, latency * 1e3,
+                    in_flight, (self.iteration_s or 0.0) * 1e3, int(slot.get(ws.STEPS)), slot.get(ws.CANDIDATE_TAU),
+                    slot.get(ws.LIVE_TAU))
 
     def _update_metrics(self, now: float) -> None:
         s = self.slot

@@ -109,9 +109,10 @@ def send_traffic(server, prompts: list[tuple[str, list]], order: list[int], *, m
     return done
 
 
-SWAP_LOG = re.compile(r"draft version (\d+) swapped in \(([\d.]+) ms, (\d+) requests in flight")
+SWAP_LOG = re.compile(r"draft version (\d+) swapped in \(([\d.]+) ms, (\d+) requests in flight, "
+                      r"scheduler iteration ([\d.]+) ms")
 
 
-def swaps_from_log(log_text: str) -> list[tuple[int, float, int]]:
-    """(version, latency ms, requests in flight) of every swap the server logged."""
-    return [(int(v), float(ms), int(n)) for v, ms, n in SWAP_LOG.findall(log_text)]
+def swaps_from_log(log_text: str) -> list[tuple[int, float, int, float]]:
+    """(version, latency ms, requests in flight, average scheduler iteration ms) of every logged swap."""
+    return [(int(v), float(ms), int(n), float(it)) for v, ms, n, it in SWAP_LOG.findall(log_text)]
