@@ -209,7 +209,7 @@ def server_args(config: str, draft: Path, persist_dir: Path, gpu: bool, n_server
         args += ["--dtype", "float32", "--max-running-requests", "16",
                  "--mem-fraction-static", f"{min(0.8 / n_servers, 0.5):.2f}"]
     if config in CAPTURING:
-        args += ["--online-train"]
+        args += ["--online-train", "--online-train-capture-only"]   # the capture cost alone (no trainer)
     if config == "persist":
         args += ["--online-train-persist-dir", str(persist_dir)]
     return args

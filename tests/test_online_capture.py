@@ -68,7 +68,9 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     persist, dump_dir = tmp_path / "replay", tmp_path / "dump"
     dump_dir.mkdir()
     # Small prefill chunks: every prompt here is prefilled in several chunks (the plain server does not chunk).
-    args = dflash_args(tiny.draft_dense) + ["--online-train", "--online-train-persist-dir", str(persist),
+    # Capture only (part 1): no trainer, so the live draft keeps the weights the checks below recompute with.
+    args = dflash_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
+                                            "--online-train-persist-dir", str(persist),
                                             "--online-train-replay-budget", str(BUDGET_BYTES),
                                             "--chunked-prefill-size", "16"]
     with launch_server(tiny.dense, args, log_dir=server_log_dir, name="online-dense",
@@ -232,7 +234,8 @@ def test_online_train_moe_pre_deepstack(tiny, server_log_dir, tmp_path):
     dump_dir = tmp_path / "dump"
     dump_dir.mkdir()
     text, images = chat_prompt("What colour is the shape?", 1), [make_image(7)]
-    with launch_server(tiny.moe, dflash_args(tiny.draft_moe) + ["--online-train"], log_dir=server_log_dir,
+    with launch_server(tiny.moe, dflash_args(tiny.draft_moe) + ["--online-train", "--online-train-capture-only"],
+                       log_dir=server_log_dir,
                        name="online-moe", env={"SGLANG_EXT_DEBUG_DUMP_DIR": str(dump_dir)}) as server:
         result = server.generate(text, images, max_new_tokens=8)
     hf = HFTarget(tiny.moe, device="cpu", dtype=torch.float32)
