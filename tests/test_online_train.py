@@ -22,7 +22,7 @@ MAX_NEW = 32
 MAX_ROUNDS = 14               # the test stops as soon as a round reaches the target tau
 TARGET_TAU = 1.8
 KILL_AFTER_ROUND = 3
-FAULTS = "nan_steps=3-4,worse_candidates=6"
+FAULTS = "nan_steps=3-4,worse_once_live_tau=1.3"
 
 
 def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
@@ -116,7 +116,7 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
     assert "skipped: loss is nan" in log_text
     assert "injected-worse candidate tau" in log_text and "published injected-worse" not in log_text
     swaps = swaps_from_log(log_text)
-    assert len(swaps) == final["swaps_total"] >= 2
+    assert len(swaps) >= final["swaps_total"] >= 2      # the log was read after /metrics: maybe one more swap
     assert final["swaps_in_flight_total"] >= 1 and any(n > 0 for _, _, n, _ in swaps)
     latencies = sorted(ms for _, ms, _, _ in swaps)
     iteration = sorted(it for *_, it in swaps)[len(swaps) // 2]

@@ -68,8 +68,8 @@ def test_names_check_against_sglang_draft(draft_dir):
 
 
 def test_fault_parsing():
-    assert parse_faults("nan_steps=3-4,worse_candidates=2;5") == {"nan_steps": (3, 4), "worse_candidates": {2, 5}}
-    assert parse_faults(None)["worse_candidates"] == set()
+    assert parse_faults("nan_steps=3-4,worse_once_live_tau=1.3") == {"nan_steps": (3, 4), "worse_once_live_tau": 1.3}
+    assert parse_faults(None)["worse_once_live_tau"] is None
     with pytest.raises(ValueError, match="unknown fault 'boom'"):
         parse_faults("boom=1")
 
@@ -135,5 +135,28 @@ def test_nonfinite_candidate_is_rejected(tiny, draft_dir, monkeypatch):
         trainer.want_publish = True
         trainer.maybe_publish()
         assert slot.published == 0 and slot.get(ws.REJECTED_NAN) == 1 and slot.get(ws.GUARD_EVALS) == 0
+    finally:
+        slot.close()
+
+
+def test_injected_worse_candidate_is_refused(tiny, draft_dir, monkeypatch):
+    """The guard itself: a candidate whose logits are all flipped scores below any live draft above 1.0."""
+    trainer, slot = _trainer(tiny, draft_dir, monkeypatch, faults="worse_once_live_tau=0")
+    try:
+        cfg = json.loads((draft_dir / "config.json").read_text())
+        K = len(cfg["dflash_config"]["target_layer_ids"])
+        records = _records(6, K * cfg["hidden_size"], cfg["vocab_size"])
+        for r in records:
+            trainer.inbox.put(r)
+        trainer.drain()
+        trainer.score = lambda model: 1.5 if model is trainer.live else 1.2     # stand-in scores
+        trainer.want_publish = True
+        trainer.maybe_publish()
+        assert slot.published == 0 and slot.get(ws.REJECTED_WORSE) == 1 and trainer.injected_worse
+        # Only once: the next candidate is the real one.
+        trainer.score = lambda model: 1.5
+        trainer.want_publish = True
+        trainer.maybe_publish()
+        assert slot.published == 1
     finally:
         slot.close()

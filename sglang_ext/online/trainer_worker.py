@@ -14,8 +14,8 @@ against the live draft on the held-out slice (offline tau: the acceptance length
 give on those records, same anchors for both) and published only if it is not worse.
 
 Faults for tests ($SGLANG_EXT_TRAINER_FAULT, comma separated): `nan_steps=A-B` makes the loss NaN at
-the A-th..B-th step this process attempts; `worse_candidates=I;J` adds noise to the I-th, J-th scored
-candidates (1-based).
+the A-th..B-th step this process attempts; `worse_once_live_tau=T` replaces the first candidate scored
+while the live draft's held-out tau is >= T by a clearly worse one (final norm negated).
 """
 from __future__ import annotations
 
@@ -68,16 +68,16 @@ def _nbytes(rec: Record) -> int:
 
 
 def parse_faults(text: str | None) -> dict:
-    faults: dict = {"nan_steps": (0, -1), "worse_candidates": set()}
+    faults: dict = {"nan_steps": (0, -1), "worse_once_live_tau": None}
     for part in filter(None, (text or "").split(",")):
         key, _, value = part.partition("=")
         if key == "nan_steps":
             a, _, b = value.partition("-")
             faults["nan_steps"] = (int(a), int(b or a))
-        elif key == "worse_candidates":
-            faults["worse_candidates"] = {int(v) for v in value.split(";") if v}
+        elif key == "worse_once_live_tau":
+            faults["worse_once_live_tau"] = float(value)
         else:
-            raise ValueError(f"${FAULT_ENV}: unknown fault {key!r} (nan_steps=A-B, worse_candidates=I;J)")
+            raise ValueError(f"${FAULT_ENV}: unknown fault {key!r} (nan_steps=A-B, worse_once_live_tau=T)")
     return faults
 
 
@@ -126,6 +126,7 @@ class OnlineTrainer:
         self.step = int(self.slot.get(ws.STEPS))
         self.local_steps = 0                # attempted steps of this process (faults count these)
         self.bad_steps = 0                  # non-finite steps in a row
+        self.injected_worse = False
         self.pool: deque[Record] = deque()
         self.pool_bytes = 0
         self.holdout: deque[Record] = deque(maxlen=self.cfg.holdout_records)
@@ -250,22 +251,21 @@ class OnlineTrainer:
         self.candidates += 1
         s = self.slot
         state = {k: v.detach().float().cpu().clone() for k, v in self.draft.state_dict().items()}
-        if self.candidates in self.faults["worse_candidates"]:
-            gen = torch.Generator().manual_seed(self.candidates)
-            state = {k: v + 0.5 * v.std().nan_to_num(0.02).clamp(min=0.02) * torch.randn(v.shape, generator=gen)
-                     for k, v in state.items()}
         if not all(torch.isfinite(v).all() for v in state.values()):
             s.set(ws.REJECTED_NAN, s.get(ws.REJECTED_NAN) + 1)
             log.warning("candidate %d has non-finite weights: rejected", self.candidates)
             return
-        injected = self.candidates in self.faults["worse_candidates"]
-        if injected:
+        live_tau = self.score(self.live)
+        scorer, injected = self.draft, False
+        threshold = self.faults["worse_once_live_tau"]
+        if threshold is not None and not self.injected_worse and live_tau >= threshold:
+            # Fault: a candidate that is clearly worse (final norm negated: every logit flips sign).
+            injected = self.injected_worse = True
+            state["norm.weight"] = -state["norm.weight"]
             scorer = type(self.draft)(self.draft.cfg)
             scorer.load_state_dict(state)
             scorer.to(self.device).attach_target(self.draft.embed_tokens, self.draft.lm_head)
-        else:
-            scorer = self.draft
-        cand_tau, live_tau = self.score(scorer), self.score(self.live)
+        cand_tau = self.score(scorer)
         s.set(ws.GUARD_EVALS, s.get(ws.GUARD_EVALS) + 1)
         s.set(ws.CANDIDATE_TAU, cand_tau)
         s.set(ws.LIVE_TAU, live_tau)
