@@ -13,22 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sglang_ext.testing.online import metric_value
 from sglang_ext.testing.prompts import chat_prompt, make_image, mixed_requests
 from sglang_ext.testing.server import ServerError, dflash_args, launch_server
 
 pytestmark = pytest.mark.server
 MAX_NEW = 20
 BUDGET_BYTES = 300_000          # small, so the in-memory buffer must evict
-
-
-def _metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _dumps_by_rid(dump_dir: Path) -> dict:
@@ -104,8 +95,8 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             metrics = server.get_text("/metrics")
-            if _metric(metrics, "sglang:online_train_persisted_records_total") >= \
-                    _metric(metrics, "sglang:online_train_recorded_records_total") >= len(finished):
+            if metric_value(metrics, "sglang:online_train_persisted_records_total") >= \
+                    metric_value(metrics, "sglang:online_train_recorded_records_total") >= len(finished):
                 break
             time.sleep(0.5)
 
@@ -191,7 +182,7 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
         assert m["spec_accept_length"] == pytest.approx(m["completion_tokens"] / m["spec_verify_ct"])
 
     def delta(name, **labels):
-        return _metric(after_sequential, name, **labels) - _metric(before, name, **labels)
+        return metric_value(after_sequential, name, **labels) - metric_value(before, name, **labels)
 
     metric_steps = delta("sglang:online_train_accept_length_count")
     metric_committed = delta("sglang:online_train_accept_length_sum")
@@ -202,15 +193,15 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
         assert delta("sglang:online_train_proposed_drafts_total", position=str(position)) == metric_steps
     assert delta("sglang:online_train_accepted_tokens_total") == metric_committed - metric_steps
     # records are assembled off the hot path: count them after the flush wait, against the shards
-    assert _metric(metrics, "sglang:online_train_recorded_records_total") == len(records)
-    assert _metric(metrics, "sglang:online_train_persisted_records_total") == len(records)
-    assert _metric(metrics, "sglang:online_train_dropped_requests_total", reason="aborted") >= len(aborted_rids)
-    assert _metric(metrics, "sglang:online_train_replay_bytes") <= BUDGET_BYTES
-    assert _metric(metrics, "sglang:online_train_replay_dropped_records_total") > 0
-    assert _metric(metrics, "sglang:online_train_replay_dropped_records_total") == \
-        _metric(metrics, "sglang:online_train_recorded_records_total") - \
-        _metric(metrics, "sglang:online_train_replay_records")
-    assert _metric(metrics, "sglang:online_train_draft_version") == 0
+    assert metric_value(metrics, "sglang:online_train_recorded_records_total") == len(records)
+    assert metric_value(metrics, "sglang:online_train_persisted_records_total") == len(records)
+    assert metric_value(metrics, "sglang:online_train_dropped_requests_total", reason="aborted") >= len(aborted_rids)
+    assert metric_value(metrics, "sglang:online_train_replay_bytes") <= BUDGET_BYTES
+    assert metric_value(metrics, "sglang:online_train_replay_dropped_records_total") > 0
+    assert metric_value(metrics, "sglang:online_train_replay_dropped_records_total") == \
+        metric_value(metrics, "sglang:online_train_recorded_records_total") - \
+        metric_value(metrics, "sglang:online_train_replay_records")
+    assert metric_value(metrics, "sglang:online_train_draft_version") == 0
 
     # 5. trainer/finetune.py trains from the shards unchanged.
     out = tmp_path / "finetuned"

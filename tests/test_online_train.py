@@ -100,9 +100,11 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
                   f"heldout tau={m['heldout_accept_length']:.2f}", flush=True)
             if r > KILL_AFTER_ROUND and tau >= TARGET_TAU and m["trainer_restarts_total"] >= 1:
                 break
-        # the restarted trainer is up and went on from where the killed one was
-        final = _wait_for(lambda: (lambda m: m if m["trainer_up"] == 1 else None)(online_metrics(server)), 60,
-                          "the restarted trainer")
+        # The restarted trainer is up and went on from where the killed one was (it re-trains on the records
+        # the replay buffer re-sent it, traffic or not).
+        _wait_for(lambda: "resuming from version" in server.log_path.read_text(), 120, "the restarted trainer")
+        final = _wait_for(lambda: (lambda m: m if m["trainer_up"] == 1 and m["trainer_steps"] > killed["steps"]
+                                   else None)(online_metrics(server)), 120, "the restarted trainer's steps")
         log_text = server.log_path.read_text()
 
     assert killed is not None

@@ -141,8 +141,9 @@ class Batch:
     num_tokens: int               # real (unpadded) tokens
 
 
-def collate(reader: ReplayReader, indices: list[int], max_seq_len: int, dtype: torch.dtype) -> Batch:
-    recs = [reader.read(i, dtype=dtype) for i in indices]
+def pad_batch(recs: list, max_seq_len: int, dtype: torch.dtype) -> Batch:
+    """Records (anything with input_ids [S], features [S, K*H], loss_mask [S]) cut to max_seq_len and
+    right-padded into one Batch; padding is out of the loss."""
     lens = [min(len(r), max_seq_len) for r in recs]
     S, KH = max(lens), recs[0].features.shape[1]
     ids = torch.zeros(len(recs), S, dtype=torch.long)
@@ -151,6 +152,10 @@ def collate(reader: ReplayReader, indices: list[int], max_seq_len: int, dtype: t
     for j, (r, n) in enumerate(zip(recs, lens)):
         ids[j, :n], feats[j, :n], mask[j, :n] = r.input_ids[:n], r.features[:n], r.loss_mask[:n]
     return Batch(ids, feats, mask, sum(lens))
+
+
+def collate(reader: ReplayReader, indices: list[int], max_seq_len: int, dtype: torch.dtype) -> Batch:
+    return pad_batch([reader.read(i, dtype=dtype) for i in indices], max_seq_len, dtype)
 
 
 def prefetch(iterator, depth: int = 2):

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import asdict
 from multiprocessing.connection import Connection
 
 import torch
@@ -72,14 +73,13 @@ class TrainerSupervisor:
         check_draft_names(worker.draft_model, self.layout)
         self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
         self.slot = ws.WeightSlot.create(self.layout)
-        self.spec = {"config": _config_dict(cfg), "target_path": str(target_path), "draft_path": str(draft_path),
+        self.spec = {"config": asdict(cfg), "target_path": str(target_path), "draft_path": str(draft_path),
                      "block_size": int(block_size), "device": self.device, "slot": str(self.slot.path)}
         self.outbox: deque[bytes] = deque(maxlen=4096)
         self.cond = threading.Condition()
         self.snapshot_fn = None                     # -> records to resend after a restart
         self.proc: subprocess.Popen | None = None
         self.conn: Connection | None = None
-        self.up = False
         self.starts = 0
         self.version = 0
         self.swaps = 0
@@ -115,15 +115,13 @@ class TrainerSupervisor:
         child.close()
         self.conn = Connection(parent.detach())
         self.starts += 1
-        self.up = True
         logger.info("sglang_ext: trainer process started (pid %d, device %s, start #%d)", self.proc.pid,
                     self.device, self.starts)
         if self.starts > 1:
             self.metrics.trainer_restarted()
-        if self.starts > 1 and self.snapshot_fn is not None:
             # A fresh trainer has no records: give it everything the replay buffer still holds.
             from sglang_ext.online.trainer_worker import encode_record
-            backlog = list(self.snapshot_fn())[-self.outbox.maxlen:]
+            backlog = list(self.snapshot_fn())[-self.outbox.maxlen:] if self.snapshot_fn is not None else []
             with self.cond:
                 self.outbox.clear()
                 self.outbox.extend(encode_record(r) for r in backlog)
@@ -163,7 +161,6 @@ class TrainerSupervisor:
 
     def _on_exit(self) -> None:
         code = self.proc.returncode
-        self.up = False
         logger.error("sglang_ext: trainer process %d exited with code %s; serving goes on with draft version "
                      "%d; restarting it", self.proc.pid, code, self.version)
         try:
@@ -245,7 +242,3 @@ def _requests_in_flight(scheduler) -> int:
     n = len(getattr(running, "reqs", []) or []) if running is not None else 0
     return n + len(getattr(scheduler, "waiting_queue", []) or [])
 
-
-def _config_dict(cfg) -> dict:
-    from dataclasses import asdict
-    return asdict(cfg)

@@ -82,14 +82,10 @@ def parse_faults(text: str | None) -> dict:
 
 
 def collate(records: list[Record], max_seq_len: int, device, dtype):
-    lens = [min(len(r), max_seq_len) for r in records]
-    S, KH = max(lens), records[0].features.shape[1]
-    ids = torch.zeros(len(records), S, dtype=torch.long)
-    feats = torch.zeros(len(records), S, KH, dtype=dtype)
-    mask = torch.zeros(len(records), S, dtype=torch.bool)
-    for j, (r, n) in enumerate(zip(records, lens)):
-        ids[j, :n], feats[j, :n], mask[j, :n] = r.input_ids[:n], r.features[:n].to(dtype), r.loss_mask[:n]
-    return ids.to(device), feats.to(device), mask.to(device), sum(lens)
+    """-> (input_ids [b, S], features [b, S, K*H], loss_mask [b, S]) on `device`, and the real token count."""
+    from trainer.finetune import pad_batch
+    b = pad_batch(records, max_seq_len, dtype)
+    return b.input_ids.to(device), b.target_hidden.to(device), b.loss_mask.to(device), b.num_tokens
 
 
 class OnlineTrainer:
