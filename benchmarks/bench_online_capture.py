@@ -120,20 +120,24 @@ def workload(round_tag: str, n_requests: int, image_every: int) -> list[tuple[st
 # /proc accounting (Linux)
 # ---------------------------------------------------------------------------------------------------------
 
-def group_cpu_seconds(pgid: int) -> float:
-    """user+system CPU seconds of the live processes in process group `pgid` (a server and its children)."""
-    total = 0
+def _group_stat_fields(pgid: int):
+    """/proc/<pid>/stat fields after the command name (state ppid pgrp ...) of each live process in group
+    `pgid` (a server and its children)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            if int(fields[2]) == pgid:
+                yield fields
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[2]) == pgid:                       # fields: state ppid pgrp ... utime(11) stime(12)
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user+system CPU seconds of the live processes in process group `pgid`."""
+    return sum(int(f[11]) + int(f[12]) for f in _group_stat_fields(pgid)) / CLK_TCK     # utime, stime
 
 
 def self_cpu_seconds() -> float:
@@ -164,18 +168,7 @@ def mem_available_bytes() -> int | None:
 
 
 def group_rss_bytes(pgid: int) -> int:
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")   # rss (pages)
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    return sum(int(f[21]) for f in _group_stat_fields(pgid)) * os.sysconf("SC_PAGE_SIZE")      # rss (pages)
 
 
 # ---------------------------------------------------------------------------------------------------------
