@@ -1,6 +1,7 @@
 """Pieces of the co-located trainer without a server: the shared weight slot's handshake, the names check
 against SGLang's draft, fault parsing, and the trainer's NaN / guard handling on synthetic records."""
 import json
+import os
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ def test_slot_handshake(draft_dir):
     layout = ws.draft_layout(draft_dir)
     assert layout and all(not name.startswith("model.") for name, _ in layout)
     owner = ws.WeightSlot.create(layout)
-    trainer_side = ws.WeightSlot(owner.path, layout, create=False)
+    # Anonymous memory: no file name in /dev/shm that a crash could leave behind.
+    assert os.readlink(f"/proc/self/fd/{owner.fd}").startswith("/memfd:")
+    trainer_side = ws.WeightSlot.attach(os.dup(owner.fd), layout)      # as a child inherits the descriptor
     try:
         state = {name: torch.randn(shape) for name, shape in layout}
         assert trainer_side.can_publish()
@@ -37,11 +40,11 @@ def test_slot_handshake(draft_dir):
         next(iter(trainer_side.weights.values())).fill_(float("nan"))
         assert owner.published == owner.applied == 1
         with pytest.raises(ValueError, match="bytes, but the draft layout needs"):
-            ws.WeightSlot(owner.path, layout[:-1], create=False)
+            ws.WeightSlot.attach(owner.fd, layout[:-1])
     finally:
         trainer_side.close()
         owner.close()
-    assert not owner.path.exists()
+
 
 
 def test_names_check_against_sglang_draft(draft_dir):
@@ -91,7 +94,7 @@ def _trainer(tiny, draft_dir, monkeypatch, faults="", **cfg):
     config = OnlineTrainConfig(enabled=True, min_records=2, batch_size=2, num_anchors=8, swap_every=2,
                                holdout_every=3, **cfg)
     spec = {"config": json.loads(json.dumps(config.__dict__)), "target_path": str(tiny.dense_random),
-            "draft_path": str(draft_dir), "block_size": 4, "device": "cpu", "slot": str(slot.path)}
+            "draft_path": str(draft_dir), "block_size": 4, "device": "cpu", "slot_fd": os.dup(slot.fd)}
     return OnlineTrainer(spec), slot
 
 

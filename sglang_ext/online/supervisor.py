@@ -74,7 +74,7 @@ class TrainerSupervisor:
         self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
         self.slot = ws.WeightSlot.create(self.layout)
         self.spec = {"config": asdict(cfg), "target_path": str(target_path), "draft_path": str(draft_path),
-                     "block_size": int(block_size), "device": self.device, "slot": str(self.slot.path)}
+                     "block_size": int(block_size), "device": self.device, "slot_fd": self.slot.fd}
         self.outbox: deque[bytes] = deque(maxlen=4096)
         self.cond = threading.Condition()
         self.snapshot_fn = None                     # -> records to resend after a restart
@@ -111,7 +111,7 @@ class TrainerSupervisor:
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         self.proc = subprocess.Popen([sys.executable, "-m", "sglang_ext.online.trainer_worker", json.dumps(spec)],
-                                     pass_fds=[child.fileno()], env=env, close_fds=True)
+                                     pass_fds=[child.fileno(), self.slot.fd], env=env, close_fds=True)
         child.close()
         self.conn = Connection(parent.detach())
         self.starts += 1

@@ -100,7 +100,7 @@ class OnlineTrainer:
         self.dtype = torch.float32
         draft_cfg = DraftConfig.from_json(spec["draft_path"])
         draft_cfg.block_size = int(spec["block_size"])
-        self.slot = ws.WeightSlot(spec["slot"], ws.draft_layout(spec["draft_path"]), create=False)
+        self.slot = ws.WeightSlot.attach(int(spec["slot_fd"]), ws.draft_layout(spec["draft_path"]))
         embed, lm_head, _ = load_target_head(spec["target_path"])
 
         self.draft = DFlashDraft.from_pretrained(spec["draft_path"], draft_cfg)
@@ -142,7 +142,6 @@ class OnlineTrainer:
                     payload = conn.recv_bytes()
                 except (EOFError, OSError):
                     log.info("scheduler connection closed; trainer exits")
-                    self.slot.remove_if_orphaned()
                     os._exit(0)
                 try:
                     self.inbox.put(decode_record(payload))

@@ -13,8 +13,9 @@ So the slot is never written while it is read, and a trainer killed mid-write le
 half-written weights are never applied. The slot always ends up holding the newest accepted version, which
 is what a restarted trainer resumes from.
 
-The slot is a file under /dev/shm (a temp dir elsewhere) mapped by both processes; the scheduler owns and
-removes it.
+The slot is anonymous shared memory (`memfd_create`; an unlinked temp file where that is missing): the
+scheduler creates it and passes the descriptor to each trainer it starts (`pass_fds`), so it has no name and
+nothing is left behind however the processes end.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ HEADER_SLOTS = 32
 HEADER_BYTES = HEADER_SLOTS * 8
 # header fields (float64 each)
 PUBLISHED, APPLIED, STEPS, LOSS, TOKENS_PER_S, REJECTED_WORSE, REJECTED_NAN, HEARTBEAT, RECORDS, TOKENS, \
-    CANDIDATE_TAU, LIVE_TAU, PID, GUARD_EVALS, TRAIN_RECORDS, HOLDOUT_RECORDS, ACCURACY, OWNER_PID = range(18)
+    CANDIDATE_TAU, LIVE_TAU, PID, GUARD_EVALS, TRAIN_RECORDS, HOLDOUT_RECORDS, ACCURACY = range(17)
 
 Layout = list[tuple[str, tuple[int, ...]]]
 
@@ -52,16 +53,6 @@ def draft_layout(draft_dir: str | os.PathLike) -> Layout:
     return sorted(layout.items())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def layout_numel(layout: Layout) -> int:
     return sum(_numel(shape) for _, shape in layout)
 
@@ -74,26 +65,17 @@ def _numel(shape) -> int:
 
 
 class WeightSlot:
-    def __init__(self, path: str | os.PathLike, layout: Layout, *, create: bool):
-        self.path = Path(path)
+    def __init__(self, fd: int, layout: Layout, *, owner: bool):
+        """Map the slot behind descriptor `fd` (the owner keeps it open to hand to trainers)."""
         self.layout = [(name, tuple(shape)) for name, shape in layout]
         size = HEADER_BYTES + 4 * layout_numel(self.layout)
-        if create:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            os.ftruncate(fd, size)
-        else:
-            fd = os.open(self.path, os.O_RDWR)
-            actual = os.fstat(fd).st_size
-            if actual != size:
-                os.close(fd)
-                raise ValueError(f"weight slot {self.path}: {actual} bytes, but the draft layout needs {size}")
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ValueError(f"weight slot (fd {fd}): {actual} bytes, but the draft layout needs {size}")
+        self.fd = fd
+        self.owner = owner
         self._mmap = mmap.mmap(fd, size)
-        os.close(fd)
-        self.owner = create
         self.header = torch.frombuffer(self._mmap, dtype=torch.float64, count=HEADER_SLOTS)
-        if create:
-            self.header[OWNER_PID] = os.getpid()
-        self.owner_pid = int(self.header[OWNER_PID])
         self.weights: dict[str, torch.Tensor] = {}
         offset = HEADER_BYTES
         for name, shape in self.layout:
@@ -103,10 +85,19 @@ class WeightSlot:
             offset += 4 * n
 
     @classmethod
-    def create(cls, layout: Layout, directory: str | None = None) -> "WeightSlot":
-        directory = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-        path = Path(tempfile.mkdtemp(prefix="sglang-ext-slot-", dir=directory)) / "weights"
-        return cls(path, layout, create=True)
+    def create(cls, layout: Layout) -> "WeightSlot":
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("sglang-ext-draft-weights")
+        else:
+            with tempfile.NamedTemporaryFile(prefix="sglang-ext-slot-", delete=True) as f:
+                fd = os.dup(f.fileno())        # unlinked when the with-block closes it; the dup stays valid
+        os.ftruncate(fd, HEADER_BYTES + 4 * layout_numel(layout))
+        return cls(fd, layout, owner=True)
+
+    @classmethod
+    def attach(cls, fd: int, layout: Layout) -> "WeightSlot":
+        """Trainer side: the descriptor inherited from the scheduler."""
+        return cls(fd, layout, owner=False)
 
     # -- header ----------------------------------------------------------------------------------------
     def get(self, field: int) -> float:
@@ -143,15 +134,6 @@ class WeightSlot:
     def read_state(self) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in self.weights.items()}
 
-    def remove_if_orphaned(self) -> None:
-        """Trainer side, when the scheduler is gone: remove the slot file it can no longer remove itself."""
-        if os.getppid() == 1 or not _alive(self.owner_pid):
-            try:
-                self.path.unlink()
-                self.path.parent.rmdir()
-            except OSError:
-                pass
-
     # -- lifetime ----------------------------------------------------------------------------------------
     def close(self) -> None:
         self.header = None
@@ -160,9 +142,7 @@ class WeightSlot:
             self._mmap.close()
         except BufferError:        # a tensor view still alive somewhere; the mapping goes with the process
             pass
-        if self.owner:
-            try:
-                self.path.unlink()
-                self.path.parent.rmdir()
-            except OSError:
-                pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
