@@ -6,7 +6,7 @@
     python benchmarks/bench_block_attention.py --quick --sweep-tiles   # + time alternative tile sizes
 
 For every shape it times forward, backward and forward+backward of
-  * ours : spec_kernels.block_attention.block_attention_triton
+  * ours : spec_kernels.dflash_attention.block_attention_triton
   * flex : torch.compile(flex_attention) with the equivalent BlockMask (create_block_mask, mask_mod
            reading the anchors), enable_gqa=True
   * sdpa : F.scaled_dot_product_attention with the dense boolean mask [batch, 1, N*B, S+N*B]; K/V are
@@ -134,8 +134,7 @@ def run_case(case: Case, args, gen: torch.Generator) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from spec_kernels.block_attention import block_attention_triton
-    from trainer.attention import block_attention_mask
+    from spec_kernels.dflash_attention import block_attention_mask, block_attention_triton
 
     device, dtype = DEVICE, torch.bfloat16
     n_rows = case.n_blocks * case.block_size
@@ -225,7 +224,8 @@ def sweep_tiles(case: Case, args, gen: torch.Generator) -> list[dict]:
     """Time ours with other tiles for one kernel at a time (the others at their defaults)."""
     import dataclasses
 
-    from spec_kernels.block_attention import KernelTiles, block_attention_triton, default_tiles
+    from spec_kernels.common import KernelTiles, default_tiles
+    from spec_kernels.dflash_attention import block_attention_triton
 
     device, dtype = DEVICE, torch.bfloat16
     n_rows = case.n_blocks * case.block_size

@@ -1,10 +1,11 @@
 """Triton DFlash (and EAGLE3) block attention vs the PyTorch oracle, forward and backward.
 
-Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 is set below, before the
-kernels are imported), so shapes are tiny; with a GPU they run on it.  The interpreter uses 16x16 tiles,
-and several tests pass other tile configs explicitly, so tile edges, tiles spanning several blocks and
-blocks spanning several tiles are all exercised.  One test (in a subprocess, without the interpreter)
-compiles the kernels for an H100 (sm_90) to catch errors that only the real compiler sees.
+Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1, and
+so does this module as a fallback, before the kernels are imported), so shapes are tiny; with a GPU they run
+on it.  The interpreter uses 16x16 tiles, and several tests pass other tile configs explicitly, so tile
+edges, tiles spanning several blocks and blocks spanning several tiles are all exercised.  One test (in a
+subprocess, without the interpreter) compiles the kernels for an H100 (sm_90) to catch errors that only the
+real compiler sees.
 
 bf16 tolerances are loose on purpose: besides bf16's 8-bit mantissa, triton's interpreter truncates
 fp32 -> bf16 casts (the GPU rounds to nearest even), roughly doubling the error seen here.
@@ -18,14 +19,13 @@ import pytest
 import torch  # does not import triton
 
 if not torch.cuda.is_available():
-    # No GPU: run the kernels in Triton's interpreter. Must happen before spec_kernels.block_attention is
-    # imported (triton.jit reads it at decoration time). With a GPU the tests run on it for real.
+    # No GPU: run the kernels in Triton's interpreter. Must happen before a spec_kernels module is imported
+    # (triton.jit reads it at decoration time). With a GPU the tests run on it for real.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from spec_kernels.block_attention import (KernelTiles, TileConfig, block_attention_triton,
-                                          eagle3_ttt_attention_reference, eagle3_ttt_attention_triton,
-                                          eagle3_ttt_mask)
-from trainer.attention import block_attention, block_attention_reference
+from spec_kernels.common import KernelTiles, TileConfig
+from spec_kernels.dflash_attention import block_attention, block_attention_reference, block_attention_triton
+from spec_kernels.eagle3_attention import eagle3_ttt_attention_reference, eagle3_ttt_attention_triton, eagle3_ttt_mask
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="no GPU and TRITON_INTERPRET was explicitly set to something other than 1")
@@ -345,7 +345,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import spec_kernels.block_attention as ba
+    from spec_kernels.common import default_tiles
+    from spec_kernels.dflash_attention import (_block_attn_bwd_dkdv_kernel, _block_attn_bwd_dq_kernel,
+                                               _block_attn_fwd_kernel)
+    from spec_kernels.eagle3_attention import _eagle3_bwd_dkdv_kernel, _eagle3_bwd_dq_kernel, _eagle3_fwd_kernel
 
     def signature(kernel, dtype, constexprs):
         special = {"Lse": "*fp32", "Delta": "*fp32", "Anchor": "*i32", "TileMaxAnchor": "*i32"}
@@ -370,10 +373,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     target = GPUTarget("cuda", 90, 32)               # H100
     for head_dim, causal in [(64, False), (128, True), (256, False)]:
-        tiles, eagle3_tiles = ba.default_tiles(head_dim), ba.default_tiles(head_dim, kind="eagle3")
-        launches = [(ba._block_attn_fwd_kernel, tiles.fwd), (ba._block_attn_bwd_dkdv_kernel, tiles.dkdv),
-                    (ba._block_attn_bwd_dq_kernel, tiles.dq), (ba._eagle3_fwd_kernel, eagle3_tiles.fwd),
-                    (ba._eagle3_bwd_dkdv_kernel, eagle3_tiles.dkdv), (ba._eagle3_bwd_dq_kernel, eagle3_tiles.dq)]
+        tiles, eagle3_tiles = default_tiles(head_dim), default_tiles(head_dim, kind="eagle3")
+        launches = [(_block_attn_fwd_kernel, tiles.fwd), (_block_attn_bwd_dkdv_kernel, tiles.dkdv),
+                    (_block_attn_bwd_dq_kernel, tiles.dq), (_eagle3_fwd_kernel, eagle3_tiles.fwd),
+                    (_eagle3_bwd_dkdv_kernel, eagle3_tiles.dkdv), (_eagle3_bwd_dq_kernel, eagle3_tiles.dq)]
         for kernel, kt in launches:
             constexprs = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=kt.block_m, BLOCK_N=kt.block_n,
                               DOT_PRECISION="tf32")
