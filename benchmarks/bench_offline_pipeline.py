@@ -61,7 +61,8 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))                    # run from a checkout
 
-from sglang_ext.testing.tiny_models import MASK_TOKEN_ID, default_target_layer_ids, draft_config_dict  # noqa: E402
+from sglang_ext.demo.tiny_models import MASK_TOKEN_ID, tiny_draft_config  # noqa: E402
+from trainer.dflash_draft import default_target_layer_ids  # noqa: E402
 
 BLOCK_SIZE = 4
 TAU_GOAL = 2.0                 # served tau of the bf16-trained draft
@@ -172,22 +173,23 @@ def capture_traffic(target_dir: Path, prompts_file: Path, replay_dirs: dict[str,
 def write_draft_config(target_dir: Path, path: Path, num_layers: int, target_layers: list[int]) -> Path:
     target_config = json.loads((target_dir / "config.json").read_text())
     n_target_layers = target_config["text_config"]["num_hidden_layers"]
-    cfg = draft_config_dict(target_config, num_layers=num_layers, block_size=BLOCK_SIZE,
+    cfg = tiny_draft_config(target_config, num_layers=num_layers, block_size=BLOCK_SIZE,
                             target_layer_ids=list(target_layers))
-    assert cfg["dflash_config"]["mask_token_id"] == MASK_TOKEN_ID
+    assert cfg.mask_token_id == MASK_TOKEN_ID
     if max(target_layers) >= n_target_layers:
         raise ValueError(f"target layers {target_layers} out of range for {n_target_layers} target layers")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return path
 
 
 def export_random_draft(config_file: Path, out: Path, seed: int) -> Path:
     """The untrained draft: the trainer's from-scratch init (same seed), exported like a trained one."""
-    from trainer.dflash_draft import DFlashDraft, DraftConfig
+    from trainer.draft_kind import kind_for_draft
 
     torch.manual_seed(seed)
-    draft = DFlashDraft.from_scratch(DraftConfig.from_json(config_file), seed=seed)
+    kind = kind_for_draft(config_file)
+    draft = kind.from_scratch(kind.load_config(config_file), seed=seed)
     shutil.rmtree(out, ignore_errors=True)
     draft.export(out, dtype=torch.bfloat16)
     return out
@@ -301,7 +303,7 @@ def checkpoint_curve(run: FinetuneRun, target, target_dir: Path, prompts: list, 
 # ---- the pipeline --------------------------------------------------------------------------------------------
 
 def run_pipeline(s: Settings, progress: bool = True) -> dict:
-    from sglang_ext.testing.workload import build_workload
+    from sglang_ext.demo.workload import build_workload
     from trainer.hf_target import HFTarget, load_chat_jsonl
 
     torch.set_num_threads(s.threads)

@@ -5,7 +5,7 @@
     python benchmarks/bench_online_capture.py --variant moe --rounds 9 --out /tmp/res
     python benchmarks/bench_online_capture.py --gpu            # default (CUDA) platform instead of torch_cpu
 
-What is measured. The same tiny Qwen3-VL target (sglang_ext.testing.tiny_models, "copy" kind) and its
+What is measured. The same tiny Qwen3-VL target (sglang_ext.demo.tiny_models, "copy" kind) and its
 hand-built DFlash draft (block size 4) are served by real SGLang 0.5.23, float32, in up to three configs:
 
     plain     --speculative-algorithm DFLASH --enable-metrics
@@ -88,8 +88,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from sglang_ext.testing.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, chat_prompt, make_image  # noqa: E402
-from sglang_ext.testing.server import dflash_args, launch_server  # noqa: E402
+from sglang_ext.demo.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, chat_prompt, make_image  # noqa: E402
+from sglang_ext.launcher import draft_args, launch_server, metric_value  # noqa: E402
 
 CONFIGS = ("plain", "online", "persist")          # the default set
 EXTRA_CONFIGS = ("plain2",)                       # a second plain server: A/A control, not run by default
@@ -175,17 +175,9 @@ def group_rss_bytes(pgid: int) -> int:
 # Server side
 # ---------------------------------------------------------------------------------------------------------
 
-def metric_sum(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def online_metrics(server) -> dict:
-    text = server.get_text("/metrics")
-    return {m: metric_sum(text, "sglang:online_train_" + m) for m in METRICS}
+    text = server.metrics()
+    return {m: metric_value(text, "sglang:online_train_" + m) for m in METRICS}
 
 
 def server_env(threads: int) -> dict:
@@ -197,7 +189,7 @@ def server_env(threads: int) -> dict:
 
 def server_args(config: str, draft: Path, persist_dir: Path, gpu: bool, n_servers: int) -> list[str]:
     # --online-train turns on --enable-metrics; the baseline gets it too, so the ratio is the capture's cost.
-    args = dflash_args(draft) + ["--sleep-on-idle", "--enable-metrics"]
+    args = draft_args(draft) + ["--sleep-on-idle", "--enable-metrics"]
     if gpu:   # launch_server(cpu=False) adds nothing: pick the dtype and share the GPU between the servers
         args += ["--dtype", "float32", "--max-running-requests", "16",
                  "--mem-fraction-static", f"{min(0.8 / n_servers, 0.5):.2f}"]
@@ -408,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if n_req < 1 or max_new < 2 or n_rounds < 1:
         ap.error("--requests >= 1, --max-new-tokens >= 2 and --rounds >= 1 are needed")
 
-    from sglang_ext.testing.tiny_models import tiny_models
+    from sglang_ext.demo.tiny_models import tiny_models
 
     models = tiny_models()
     target = models.dense if args.variant == "dense" else models.moe

@@ -29,16 +29,16 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from sglang_ext.demo import BLOCK_SIZE, plot, run_online  # noqa: E402
+from sglang_ext.demo.online import BLOCK_SIZE, plot, run_online  # noqa: E402
 
 
 def run_static(target_dir: Path, draft_dir: Path, prompts: list, *, n_requests: int, max_new_tokens: int,
                concurrency: int, log_dir: Path, name: str, gpu: bool) -> dict:
     """Plain DFLASH serving (no online training): tau and decode throughput over `n_requests`."""
-    from sglang_ext.testing.online import send_traffic
-    from sglang_ext.testing.server import dflash_args, launch_server
+    from sglang_ext.demo.traffic import send_traffic
+    from sglang_ext.launcher import draft_args, launch_server
 
-    args = dflash_args(draft_dir, BLOCK_SIZE) + (["--dtype", "float32"] if gpu else [])
+    args = draft_args(draft_dir, BLOCK_SIZE) + (["--dtype", "float32"] if gpu else [])
     with launch_server(target_dir, args, log_dir=log_dir, cpu=not gpu, name=name) as server:
         send_traffic(server, prompts, list(range(concurrency)), max_new_tokens=max_new_tokens,
                      concurrency=concurrency)                                   # warm up
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true", help="serve on CUDA instead of the torch_cpu platform")
     args = ap.parse_args(argv)
 
-    from sglang_ext.testing.online import make_random_draft
-    from sglang_ext.testing.workload import build_workload, record_prompt
+    from sglang_ext.demo.traffic import make_random_draft
+    from sglang_ext.demo.workload import build_workload, record_prompt
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-online-"))

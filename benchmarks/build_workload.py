@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from sglang_ext.testing.workload import (DOMAINS, build_workload, distinct_fraction, hf_greedy, load_target,
+from sglang_ext.demo.workload import (DOMAINS, build_workload, distinct_fraction, hf_greedy, load_target,
                                          record_prompt)
 
 N_TOKENS = 48

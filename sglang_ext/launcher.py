@@ -1,8 +1,13 @@
-"""Start a real `python -m sglang.launch_server` as a subprocess and talk to it over HTTP.
+"""Start a real `python -m sglang.launch_server` as a subprocess and talk to a server over HTTP.
 
-Used by the tests, the demo and the benchmarks. On the CPU platform the server is launched with
-SGLANG_PLATFORM=torch_cpu and --device cpu; each server gets a free local port, its own process group
-(torn down with everything it spawned), and a log file that is kept when something goes wrong.
+    with launch_server(target, draft_args(draft, block_size=4), log_dir=logs) as server:   # a new server
+        server.generate("...")
+    SGLangClient("http://host:30000").post("/generate", {...})                                # a running one
+
+Used by the served evaluator (`trainer.evaluate --served`), the demo, the benchmarks and the tests. On the
+CPU platform the server is launched with SGLANG_PLATFORM=torch_cpu and --device cpu; each server gets a free
+local port, its own process group (torn down with everything it spawned), and a log file that is kept when
+something goes wrong. `metric_value` reads one metric out of SGLang's Prometheus `/metrics` text.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -31,24 +35,11 @@ class ServerError(RuntimeError):
     pass
 
 
-@dataclass
-class SGLangServer:
-    """A running server. Use `launch_server(...)` as a context manager."""
-    model_path: Path
-    port: int
-    log_path: Path
-    process: subprocess.Popen
-    args: list[str] = field(default_factory=list)
+class SGLangClient:
+    """HTTP client of one SGLang server (JSON in, JSON out; HTTP errors carry the server's detail)."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, n_chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n_chars:]
-        except OSError:
-            return "<no log>"
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
 
     def post(self, path: str, body: dict, timeout: float = 600) -> dict:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
@@ -58,11 +49,16 @@ class SGLangServer:
                 raw = resp.read()
                 return json.loads(raw) if raw.strip() else {}
         except urllib.error.HTTPError as e:
-            raise ServerError(f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from e
+            raise ServerError(f"POST {self.url}{path} -> HTTP {e.code}: "
+                              f"{e.read().decode(errors='replace')[:2000]}") from e
 
     def get_text(self, path: str, timeout: float = 60) -> str:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
             return resp.read().decode()
+
+    def metrics(self) -> str:
+        """The Prometheus text of /metrics (needs --enable-metrics; --online-train turns it on)."""
+        return self.get_text("/metrics")
 
     def generate(self, text: str, images: list | None = None, max_new_tokens: int = 32,
                  ignore_eos: bool = True, timeout: float = 600) -> dict:
@@ -73,6 +69,33 @@ class SGLangServer:
         if images:
             body["image_data"] = [image_to_data_url(im) for im in images]
         return self.post("/generate", body, timeout=timeout)
+
+
+class SGLangServer(SGLangClient):
+    """A server this process started. Use `launch_server(...)` as a context manager."""
+
+    def __init__(self, model_path: Path, port: int, log_path: Path, process: subprocess.Popen,
+                 args: list[str] | None = None):
+        super().__init__(f"http://127.0.0.1:{port}")
+        self.model_path, self.port, self.log_path, self.process = model_path, port, log_path, process
+        self.args = list(args or [])
+
+    def log_tail(self, n_chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return "<no log>"
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of metric `name` (exact name, e.g. "sglang:online_train_swaps_total") whose labels
+    include `labels`, in Prometheus exposition text; 0.0 when there is none."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def image_to_data_url(image) -> str:
@@ -89,11 +112,10 @@ def cpu_server_args(*, dtype: str = "float32", max_total_tokens: int = 16384) ->
             "--max-running-requests", "16", "--mem-fraction-static", "0.5"]
 
 
-def dflash_args(draft_path: Path, block_size: int | None = None) -> list[str]:
-    args = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(draft_path)]
-    if block_size is not None:
-        args += ["--speculative-num-draft-tokens", str(block_size)]
-    return args
+def draft_args(draft_path: str | os.PathLike, block_size: int | None = None) -> list[str]:
+    """Arguments that serve the draft at `draft_path` with speculative decoding of its kind (from its config)."""
+    from trainer.draft_kind import kind_for_draft
+    return kind_for_draft(draft_path).server_args(draft_path, block_size)
 
 
 class launch_server:

@@ -17,7 +17,7 @@ def register() -> None:
     from sglang_ext.hooks import register_general_hooks
 
     register_general_hooks()
-    from sglang_ext.online import register_online_hooks
+    from sglang_ext.online.hooks import register_online_hooks
     register_online_hooks()
     if is_selected():
         from sglang_ext.cpu.hooks import register_cpu_hooks

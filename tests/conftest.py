@@ -2,12 +2,19 @@ import os
 from pathlib import Path
 
 import pytest
+import torch  # does not import triton
+
+if not torch.cuda.is_available():
+    # No GPU: Triton kernels run in its interpreter. `triton.jit` reads TRITON_INTERPRET when a kernel is
+    # decorated, i.e. when a spec_kernels module is first imported (the draft models import them), so set it
+    # before any test module is collected. Servers started by the tests never inherit it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
 def tiny():
     """Every tiny model (built once, cached by a hash of the recipe under $SGLANG_EXT_CACHE)."""
-    from sglang_ext.testing.tiny_models import tiny_models
+    from sglang_ext.demo.tiny_models import tiny_models
     return tiny_models()
 
 
@@ -33,7 +40,7 @@ def quick_workload(workload_cache_dir):
     """The small reference workload (tiny Qwen3-VL trained ~30 s on stdlib code, prose and images)."""
     import time
 
-    from sglang_ext.testing.workload import build_workload
+    from sglang_ext.demo.workload import build_workload
     start = time.monotonic()
     built = build_workload(workload_cache_dir, minutes=QUICK_WORKLOAD_MINUTES, quick=True, progress=False)
     built.stats["test_build_seconds"] = time.monotonic() - start

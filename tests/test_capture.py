@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sglang_ext.testing.prompts import IMAGE_QUESTIONS, make_image
+from sglang_ext.demo.prompts import IMAGE_QUESTIONS, make_image
 from trainer.capture import main as capture_main
 from trainer.capture import resolve_layer_ids, run_capture
 from trainer.hf_target import ChatDataError, HFTarget

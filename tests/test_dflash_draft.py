@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from trainer.dflash_draft import DFlashDraft, DraftConfig, default_target_layer_ids
 from trainer.objective import build_blocks
-from trainer.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
+from support.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
 
 STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -25,7 +25,7 @@ STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv
 
 @pytest.fixture(scope="module")
 def sgl():
-    pytest.importorskip("sglang")
+    import sglang  # noqa: F401  (a dependency: a broken install must fail, not skip)
     from transformers import AutoConfig
     import sglang.srt.layers.rotary_embedding.base as rope_base
     from sglang.srt.models.dflash import DFlashDraftModel

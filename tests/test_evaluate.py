@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sglang_ext.testing.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, make_image
-from sglang_ext.testing.tiny_models import CONTENT, MASK_DIM
-from trainer.evaluate import _finished_len, evaluate_offline, evaluate_served, format_table
+from sglang_ext.demo.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, make_image
+from sglang_ext.demo.tiny_models import CONTENT, MASK_DIM
+from trainer.evaluate import finished_len, evaluate_offline, evaluate_served, format_table
 from trainer.evaluate import main as evaluate_main
 from trainer.hf_target import HFTarget, load_chat_jsonl
 
@@ -33,11 +33,11 @@ def prompts_file(tmp_path_factory):
 
 def test_finish_rule_mirrors_update_finish_state():
     eos = {7}
-    assert _finished_len([1, 2, 3], 2, 5, True, eos) is None
-    assert _finished_len([1, 2, 3, 4, 5, 6], 3, 5, True, eos) == 5           # run crossed the cap: truncated
-    assert _finished_len([1, 7, 3, 4], 3, 10, False, eos) == 2                # EOS inside the run, stop included
-    assert _finished_len([1, 7, 3, 4], 3, 10, True, eos) is None              # ignore_eos
-    assert _finished_len([1, 2, 3, 4, 5, 7], 3, 5, False, eos) == 5           # EOS past the cap -> length finish
+    assert finished_len([1, 2, 3], 2, 5, True, eos) is None
+    assert finished_len([1, 2, 3, 4, 5, 6], 3, 5, True, eos) == 5           # run crossed the cap: truncated
+    assert finished_len([1, 7, 3, 4], 3, 10, False, eos) == 2                # EOS inside the run, stop included
+    assert finished_len([1, 7, 3, 4], 3, 10, True, eos) is None              # ignore_eos
+    assert finished_len([1, 2, 3, 4, 5, 7], 3, 5, False, eos) == 5           # EOS past the cap -> length finish
 
 
 def feature_sensitive_draft(copy_draft: Path, out: Path, gain: float = 1.0, channels: int = 32,

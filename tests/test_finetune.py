@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import trainer.finetune as finetune
+import trainer.dflash_kind as dflash_kind
 from trainer.dflash_draft import DFlashDraft
 from trainer.finetune import build_parser, lr_factor, main, plan_batches
 from trainer.replay import ReplaySpec, write_replay
-from trainer.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
+from support.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
 from trainer.target import TargetIdentity, load_target_head, target_identity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_resume_continues_exactly(setup_dir, monkeypatch):
     assert straight.steps == 8
 
     calls = {"n": 0}
-    real = finetune.dflash_loss
+    real = dflash_kind.dflash_loss          # the objective every step of finetune goes through
 
     def crash_on_sixth(*a, **k):
         calls["n"] += 1
@@ -193,10 +193,10 @@ def test_resume_continues_exactly(setup_dir, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **k)
 
-    monkeypatch.setattr(finetune, "dflash_loss", crash_on_sixth)
+    monkeypatch.setattr(dflash_kind, "dflash_loss", crash_on_sixth)
     with pytest.raises(KeyboardInterrupt):
         main(argv(d, "--max-steps", "8", "--checkpoint-every", "4", "--seed", "3", output="b"))
-    monkeypatch.setattr(finetune, "dflash_loss", real)
+    monkeypatch.setattr(dflash_kind, "dflash_loss", real)
     assert [p.name for p in (d / "b" / "checkpoints").iterdir()] == ["step-00000004"]
     resumed = main(argv(d, "--max-steps", "8", "--checkpoint-every", "4", "--seed", "3", "--resume", output="b"))
     assert resumed.resumed_from.endswith("step-00000004") and resumed.steps == 8

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import trainer.dflash_draft as dflash_draft_module
-from trainer.attention import block_attention_mask
+from spec_kernels.dflash_attention import block_attention_mask
 from trainer.dflash_draft import DFlashDraft
 from trainer.objective import IGNORE, build_blocks, dflash_loss, sample_anchors, valid_anchor_mask
-from trainer.synthetic import tiny_draft_config
+from support.synthetic import tiny_draft_config
 
 GAMMA = 7.0
 
@@ -334,10 +334,9 @@ def test_accept_len_counts_leading_matches_only():
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
-                    reason="needs a GPU or TRITON_INTERPRET=1 (set by tests/test_block_attention.py in a full run)")
+                    reason="needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
 def test_triton_backend_gives_the_same_loss_and_gradients():
     """The draft through spec_kernels' Triton block attention == through the dense reference."""
-    pytest.importorskip("spec_kernels.block_attention")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, draft, embed, lm_head, th, ids, mask, lengths = make_case(8)
     draft.to(device)

@@ -2,10 +2,8 @@
 features are HF's pre-deepstack features and the very tensors the live draft consumed, the persisted shards
 hold exactly the finished requests, /metrics agrees with meta_info, and trainer/finetune.py trains on them."""
 import json
-import re
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_ext.testing.online import metric_value
-from sglang_ext.testing.prompts import chat_prompt, make_image, mixed_requests
-from sglang_ext.testing.server import ServerError, dflash_args, launch_server
+from sglang_ext.demo.prompts import chat_prompt, make_image, mixed_requests
+from sglang_ext.launcher import ServerError, draft_args, launch_server, metric_value
+from support.plugin import plugin_env
 
 pytestmark = pytest.mark.server
 MAX_NEW = 20
@@ -60,15 +58,15 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     dump_dir.mkdir()
     # Small prefill chunks: every prompt here is prefilled in several chunks (the plain server does not chunk).
     # Capture only (part 1): no trainer, so the live draft keeps the weights the checks below recompute with.
-    args = dflash_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
+    args = draft_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
                                             "--online-train-persist-dir", str(persist),
                                             "--online-train-replay-budget", str(BUDGET_BYTES),
                                             "--chunked-prefill-size", "16"]
     with launch_server(tiny.dense, args, log_dir=server_log_dir, name="online-dense",
-                       env={"SGLANG_EXT_DEBUG_DUMP_DIR": str(dump_dir)}) as server:
-        before = server.get_text("/metrics")
+                       env=plugin_env(dump_dir=dump_dir)) as server:
+        before = server.metrics()
         sequential = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
-        after_sequential = server.get_text("/metrics")
+        after_sequential = server.metrics()
 
         # Concurrent traffic: mixed text/image requests, two long ones aborted while running.
         concurrent_reqs = mixed_requests(n_text=4, n_image=2)
@@ -94,7 +92,7 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
         finished = sequential + concurrent
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            metrics = server.get_text("/metrics")
+            metrics = server.metrics()
             if metric_value(metrics, "sglang:online_train_persisted_records_total") >= \
                     metric_value(metrics, "sglang:online_train_recorded_records_total") >= len(finished):
                 break
@@ -212,7 +210,7 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     # ... and stock SGLang serves the exported draft: capture -> shards -> finetune -> serve, greedy unchanged.
-    with launch_server(tiny.dense, dflash_args(out), log_dir=server_log_dir, name="serve-finetuned") as served:
+    with launch_server(tiny.dense, draft_args(out), log_dir=server_log_dir, name="serve-finetuned") as served:
         text, images = requests[-1]
         again = served.generate(text, images, max_new_tokens=MAX_NEW)
     assert again["output_ids"] == expected[-1]
@@ -225,9 +223,9 @@ def test_online_train_moe_pre_deepstack(tiny, server_log_dir, tmp_path):
     dump_dir = tmp_path / "dump"
     dump_dir.mkdir()
     text, images = chat_prompt("What colour is the shape?", 1), [make_image(7)]
-    with launch_server(tiny.moe, dflash_args(tiny.draft_moe) + ["--online-train", "--online-train-capture-only"],
+    with launch_server(tiny.moe, draft_args(tiny.draft_moe) + ["--online-train", "--online-train-capture-only"],
                        log_dir=server_log_dir,
-                       name="online-moe", env={"SGLANG_EXT_DEBUG_DUMP_DIR": str(dump_dir)}) as server:
+                       name="online-moe", env=plugin_env(dump_dir=dump_dir)) as server:
         result = server.generate(text, images, max_new_tokens=8)
     hf = HFTarget(tiny.moe, device="cpu", dtype=torch.float32)
     prompt = hf.encode(text, images)

@@ -1,15 +1,23 @@
 """Pieces of the co-located trainer without a server: the shared weight slot's handshake, the names check
-against SGLang's draft, fault parsing, and the trainer's NaN / guard handling on synthetic records."""
+against SGLang's draft, the trainer spec and record messages, fault parsing, and the trainer's NaN / guard
+handling on synthetic records (through the test-only fault-injecting subclass)."""
 import json
 import os
+import sys
 
 import pytest
 import torch
 
+from sglang_ext.demo.traffic import make_random_draft
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.config import OnlineTrainConfig
-from sglang_ext.online.trainer_worker import OnlineTrainer, Record, decode_record, encode_record, parse_faults
-from sglang_ext.testing.online import make_random_draft
+from sglang_ext.online.protocol import TrainerSpec, decode_record, encode_record
+from support.plugin import PLUGIN_DIR
+from trainer.draft_kind import get_kind
+from trainer.replay import ReplayRecord
+
+sys.path.insert(0, str(PLUGIN_DIR))
+from sglang_ext_test_trainer import FaultyTrainer, parse_faults  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +42,7 @@ def test_slot_handshake(draft_dir):
             trainer_side.publish(state)
         for name, _ in layout:
             assert torch.equal(owner.weights[name], state[name])
-        owner.set(ws.APPLIED, owner.published)
+        owner.acknowledge(owner.published)
         assert trainer_side.can_publish()
         # A writer that dies mid-write never bumps PUBLISHED: nothing new for the scheduler to apply.
         next(iter(trainer_side.weights.values())).fill_(float("nan"))
@@ -49,6 +57,7 @@ def test_slot_handshake(draft_dir):
 
 def test_names_check_against_sglang_draft(draft_dir):
     from sglang_ext.online.supervisor import check_draft_names
+    kind = get_kind("dflash")
 
     class FakeSGLangDraft(torch.nn.Module):        # the parameter names SGLang's DFlashDraftModel has
         def __init__(self, names):
@@ -65,9 +74,34 @@ def test_names_check_against_sglang_draft(draft_dir):
                               ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")):
             name = name.replace(f".{part}.", f".{stacked}.")
         fused.add(name)
-    check_draft_names(FakeSGLangDraft(sorted(fused)), layout)
+    check_draft_names(kind, FakeSGLangDraft(sorted(fused)), layout)
     with pytest.raises(ValueError, match="fc.weight"):
-        check_draft_names(FakeSGLangDraft(sorted(fused - {"fc.weight"})), layout)
+        check_draft_names(kind, FakeSGLangDraft(sorted(fused - {"fc.weight"})), layout)
+
+
+def test_trainer_spec_round_trip_and_type_checks(draft_dir):
+    cfg = OnlineTrainConfig(enabled=True, checkpoint_dir="/tmp/ckpt")
+    spec = TrainerSpec(settings=cfg.trainer_settings(), target_path="t", draft_path=str(draft_dir),
+                       draft_kind="dflash", block_size=4, device="cpu", slot_fd=7, records_fd=8)
+    assert TrainerSpec.from_json(spec.to_json()) == spec
+    assert spec.settings.pool_budget_bytes == cfg.replay_budget_bytes and spec.settings.lr == cfg.lr
+    text = spec.to_json()
+    for bad, field in ((text.replace('"block_size": 4', '"block_size": 4.5'), "block_size"),
+                       (text.replace('"slot_fd": 7', '"slot_fd": true'), "slot_fd"),
+                       (text.replace('"lr": 0.0006', '"lr": "fast"'), "settings.lr"),
+                       (text.replace('"draft_kind": "dflash"', '"draft_kind": null'), "draft_kind")):
+        with pytest.raises(ValueError, match=f"trainer spec.{field}"):
+            TrainerSpec.from_json(bad)
+
+
+def test_record_message_round_trip():
+    rec = ReplayRecord(input_ids=torch.arange(5), features=torch.randn(5, 8).to(torch.bfloat16),
+                       positions=torch.arange(5).expand(3, 5).clone(), loss_mask=torch.tensor([0, 0, 1, 1, 1]).bool(),
+                       meta={"rid": "r1", "prompt_len": 2})
+    back = decode_record(encode_record(rec))
+    for name in ("input_ids", "features", "positions", "loss_mask"):
+        assert torch.equal(getattr(back, name), getattr(rec, name)), name
+    assert back.meta == {"rid": "r1"}
 
 
 def test_fault_parsing():
@@ -83,50 +117,51 @@ def _records(n, feature_dim, vocab, length=40, seed=0):
     for _ in range(n):
         mask = torch.zeros(length, dtype=torch.bool)
         mask[8:] = True
-        out.append(Record(torch.randint(0, vocab - 1, (length,), generator=g),
-                          torch.randn(length, feature_dim, generator=g).to(torch.bfloat16), mask))
+        out.append(ReplayRecord(torch.randint(0, vocab - 1, (length,), generator=g),
+                                torch.randn(length, feature_dim, generator=g).to(torch.bfloat16),
+                                torch.arange(length).expand(3, length).clone(), mask))
     return out
 
 
-def _trainer(tiny, draft_dir, monkeypatch, faults="", **cfg):
-    monkeypatch.setenv("SGLANG_EXT_TRAINER_FAULT", faults)
+def _trainer(tiny, draft_dir, faults="", **cfg):
     slot = ws.WeightSlot.create(ws.draft_layout(draft_dir))
     config = OnlineTrainConfig(enabled=True, min_records=2, batch_size=2, num_anchors=8, swap_every=2,
                                holdout_every=3, **cfg)
-    spec = {"config": json.loads(json.dumps(config.__dict__)), "target_path": str(tiny.dense_random),
-            "draft_path": str(draft_dir), "block_size": 4, "device": "cpu", "slot_fd": os.dup(slot.fd)}
-    return OnlineTrainer(spec), slot
+    spec = TrainerSpec(settings=config.trainer_settings(), target_path=str(tiny.dense_random),
+                       draft_path=str(draft_dir), draft_kind="dflash", block_size=4, device="cpu",
+                       slot_fd=os.dup(slot.fd))
+    return FaultyTrainer(TrainerSpec.from_json(spec.to_json()), parse_faults(faults)), slot
 
 
-def test_nan_steps_are_skipped_and_counted(tiny, draft_dir, monkeypatch):
-    trainer, slot = _trainer(tiny, draft_dir, monkeypatch, faults="nan_steps=1-2")
+def test_nan_steps_are_skipped_and_counted(tiny, draft_dir):
+    trainer, slot = _trainer(tiny, draft_dir, faults="nan_steps=1-2")
     try:
         cfg = json.loads((draft_dir / "config.json").read_text())
         K = len(cfg["dflash_config"]["target_layer_ids"])
         for r in _records(6, K * cfg["hidden_size"], cfg["vocab_size"]):
             trainer.inbox.put(decode_record(encode_record(r)))
         trainer.drain()
-        assert slot.get(ws.HOLDOUT_RECORDS) == 2 and slot.get(ws.TRAIN_RECORDS) == 4
+        h = slot.header
+        assert h.holdout_records == 2 and h.train_records == 4
         before = {k: v.clone() for k, v in trainer.draft.state_dict().items()}
-        trainer.train_step()
-        trainer.train_step()
-        assert slot.get(ws.REJECTED_NAN) == 2 and trainer.step == 0
+        assert trainer.train_once().skipped == "loss is nan"
+        assert trainer.train_once().skipped == "loss is nan"
+        assert h.rejected_nan == 2 and trainer.step == 0
         assert all(torch.equal(before[k], v) for k, v in trainer.draft.state_dict().items())
-        trainer.train_step()
-        trainer.train_step()
-        assert trainer.step == 2 and slot.get(ws.STEPS) == 2 and trainer.want_publish
+        assert trainer.train_once().applied and trainer.train_once().applied
+        assert trainer.step == 2 and h.steps == 2 and trainer.want_publish
         # The candidate is scored against the live draft and published only if not worse.
         trainer.maybe_publish()
-        assert slot.get(ws.GUARD_EVALS) == 1
-        cand, live = slot.get(ws.CANDIDATE_TAU), slot.get(ws.LIVE_TAU)
+        assert h.guard_evals == 1
+        cand, live = h.candidate_tau, h.live_tau
         assert (slot.published == 1) == (cand >= live)
-        assert (slot.get(ws.REJECTED_WORSE) == 1) == (cand < live)
+        assert (h.rejected_worse == 1) == (cand < live)
     finally:
         slot.close()
 
 
-def test_nonfinite_candidate_is_rejected(tiny, draft_dir, monkeypatch):
-    trainer, slot = _trainer(tiny, draft_dir, monkeypatch)
+def test_nonfinite_candidate_is_rejected(tiny, draft_dir):
+    trainer, slot = _trainer(tiny, draft_dir)
     try:
         cfg = json.loads((draft_dir / "config.json").read_text())
         K = len(cfg["dflash_config"]["target_layer_ids"])
@@ -137,14 +172,14 @@ def test_nonfinite_candidate_is_rejected(tiny, draft_dir, monkeypatch):
             trainer.draft.fc.weight[0, 0] = float("inf")
         trainer.want_publish = True
         trainer.maybe_publish()
-        assert slot.published == 0 and slot.get(ws.REJECTED_NAN) == 1 and slot.get(ws.GUARD_EVALS) == 0
+        assert slot.published == 0 and slot.header.rejected_nan == 1 and slot.header.guard_evals == 0
     finally:
         slot.close()
 
 
-def test_injected_worse_candidate_is_refused(tiny, draft_dir, monkeypatch):
+def test_injected_worse_candidate_is_refused(tiny, draft_dir):
     """The guard itself: a candidate whose logits are all flipped scores below any live draft above 1.0."""
-    trainer, slot = _trainer(tiny, draft_dir, monkeypatch, faults="worse_once_live_tau=0")
+    trainer, slot = _trainer(tiny, draft_dir, faults="worse_once_live_tau=0")
     try:
         cfg = json.loads((draft_dir / "config.json").read_text())
         K = len(cfg["dflash_config"]["target_layer_ids"])
@@ -155,7 +190,7 @@ def test_injected_worse_candidate_is_refused(tiny, draft_dir, monkeypatch):
         trainer.score = lambda model: 1.5 if model is trainer.live else 1.2     # stand-in scores
         trainer.want_publish = True
         trainer.maybe_publish()
-        assert slot.published == 0 and slot.get(ws.REJECTED_WORSE) == 1 and trainer.injected_worse
+        assert slot.published == 0 and slot.header.rejected_worse == 1 and trainer.injected_worse
         # Only once: the next candidate is the real one.
         trainer.score = lambda model: 1.5
         trainer.want_publish = True

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 GENERAL_TARGETS = {
     "sglang.srt.models.qwen3_vl.Qwen3VLForConditionalGeneration.set_dflash_layers_to_capture",

@@ -378,7 +378,7 @@ def test_writer_rejects_bad_records(tmp_path):
 def test_corrupt_shard_is_skipped_and_the_rest_trains(tmp_path):
     """End to end: one corrupt shard among several; finetune warns, skips it, trains on the others."""
     from trainer.finetune import main
-    from trainer.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
+    from support.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
     from trainer.target import target_identity
 
     target = write_tiny_target(tmp_path / "target", hidden_size=64, num_layers=4)

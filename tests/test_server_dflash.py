@@ -4,8 +4,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sglang_ext.testing.prompts import mixed_requests
-from sglang_ext.testing.server import dflash_args, launch_server
+from sglang_ext.demo.prompts import mixed_requests
+from sglang_ext.launcher import draft_args, launch_server
 
 pytestmark = pytest.mark.server
 MAX_NEW_TOKENS = 24
@@ -29,7 +29,7 @@ def test_dflash_greedy_equals_plain_and_accepts_drafts(tiny, server_log_dir, var
 
     with launch_server(target, log_dir=server_log_dir, name=f"plain-{variant}") as plain:
         expected = [r["output_ids"] for r in _generate_all(plain, requests)]
-    with launch_server(target, dflash_args(draft), log_dir=server_log_dir, name=f"dflash-{variant}") as spec:
+    with launch_server(target, draft_args(draft), log_dir=server_log_dir, name=f"dflash-{variant}") as spec:
         results = _generate_all(spec, requests)
         concurrent = _generate_all(spec, requests, concurrent=True)
 

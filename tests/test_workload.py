@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sglang_ext.testing.server import launch_server
-from sglang_ext.testing.tiny_models import VOCAB_SIZE
-from sglang_ext.testing.workload import (DOMAINS, EVAL_IMAGE_SEED_OFFSET, IMAGE_QUESTION, IMAGE_SIZE, SPLITS,
-                                         SampleMaker, WorkloadConfig, build_workload, hf_greedy, load_target,
-                                         record_prompt, render_image, workload_hash)
+from sglang_ext.demo.tiny_models import VOCAB_SIZE
+from sglang_ext.demo.workload import (DOMAINS, SPLITS, WorkloadConfig, build_workload, hf_greedy, load_target,
+                                      record_prompt, render_image, workload_hash)
+from sglang_ext.demo.workload.images import EVAL_IMAGE_SEED_OFFSET, IMAGE_SIZE
+from sglang_ext.demo.workload.sources import IMAGE_QUESTION, SampleMaker
+from sglang_ext.launcher import launch_server
 
 QUICK_MINUTES = 0.5
 

@@ -45,7 +45,8 @@ from typing import Callable
 
 import torch
 
-from trainer.dflash_draft import DraftConfig, default_target_layer_ids
+from trainer.dflash_draft import default_target_layer_ids
+from trainer.draft_kind import kind_for_draft
 from trainer.hf_target import ChatDataError, ChatExample, EncodedPrompt, HFTarget, load_chat_jsonl, load_images
 from trainer.replay import ReplayRecord, ReplaySpec, ShardWriter
 from trainer.target import target_identity, target_info
@@ -60,14 +61,16 @@ DEFAULT_NUM_FEATURES = 5      # published DFlash drafts read 5 target layers (on
 
 def resolve_layer_ids(num_target_layers: int, layers: list[int] | None = None, draft_model_path: str | None = None,
                       num_features: int | None = None) -> list[int]:
-    """Explicit --layers, else the draft's target_layer_ids, else evenly spaced in [1, L-3]."""
+    """Explicit --layers, else the layers the draft's kind reads (DFlash: target_layer_ids), else evenly
+    spaced in [1, L-3] (SGLang's DFlash default)."""
     draft_ids = None
     if draft_model_path is not None:
-        cfg = DraftConfig.from_json(draft_model_path)
+        kind = kind_for_draft(draft_model_path)
+        cfg = kind.load_config(draft_model_path)
         if cfg.num_target_layers != num_target_layers:
             raise ValueError(f"draft {draft_model_path} was built for {cfg.num_target_layers} target layers, the "
                              f"target has {num_target_layers}")
-        draft_ids = list(cfg.target_layer_ids)
+        draft_ids = kind.feature_layers(cfg)
     if layers is not None:
         ids = [int(k) for k in layers]
         if draft_ids is not None and ids != draft_ids:

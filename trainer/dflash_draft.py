@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.attention import block_attention
+from spec_kernels.dflash_attention import block_attention
+from trainer.draft_kind import read_draft_config
+from trainer.fsutil import atomic_write_bytes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -160,16 +161,32 @@ class DraftConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "DraftConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"draft config not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from e
-        return cls.from_dict(d, source=str(path))
+        """A draft directory or its config.json."""
+        d, where = read_draft_config(path)
+        return cls.from_dict(d, source=where)
+
+    @classmethod
+    def for_target(cls, target_config: dict, *, num_layers: int, block_size: int, mask_token_id: int,
+                   target_layer_ids: list[int] | None = None, num_heads: int | None = None,
+                   num_kv_heads: int | None = None, head_dim: int | None = None,
+                   intermediate_size: int | None = None, rope_theta: float | None = None) -> "DraftConfig":
+        """A new draft for a target (its config.json dict; text_config read when nested). Dimensions default
+        to the target's; target layers to SGLang's `build_target_layer_ids`. mask_token_id must be an id the
+        target never produces (a spare vocabulary row)."""
+        text = target_config.get("text_config", target_config)
+        L = int(text["num_hidden_layers"])
+        n_heads = int(num_heads or text["num_attention_heads"])
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        return cls(
+            hidden_size=int(text["hidden_size"]), num_hidden_layers=num_layers, num_attention_heads=n_heads,
+            num_key_value_heads=int(num_kv_heads or text.get("num_key_value_heads") or n_heads),
+            head_dim=int(head_dim or text.get("head_dim") or text["hidden_size"] // n_heads),
+            intermediate_size=int(intermediate_size or text["intermediate_size"]), vocab_size=int(text["vocab_size"]),
+            target_layer_ids=list(target_layer_ids or default_target_layer_ids(L, num_layers)),
+            num_target_layers=L, mask_token_id=int(mask_token_id), block_size=int(block_size),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta or rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
+            max_position_embeddings=int(text.get("max_position_embeddings", 40960)))
 
     def to_dict(self) -> dict:
         """config.json in the layout SGLang's DFlash worker / DFlashDraftModel parse."""
@@ -479,29 +496,10 @@ class DFlashDraft(nn.Module):
         cfg = self.cfg.to_dict()
         cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")   # not kept in DraftConfig
         blob = save(self.export_state_dict(dtype), metadata={"format": "pt"})
-        _atomic_write(out_dir / WEIGHTS_NAME, blob)
-        _atomic_write(out_dir / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(out_dir / WEIGHTS_NAME, blob, mode=0o644)
+        atomic_write_bytes(out_dir / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
+                           mode=0o644)
         return out_dir
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def param_count(model: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""Acceptance of a DFlash draft against its target: tau = tokens committed per verify step, two ways.
+"""Acceptance of a draft against its target: tau = tokens committed per verify step, two ways.
 
     python -m trainer.evaluate --target-model-path TARGET --draft-model-path DRAFT --prompts FILE.jsonl \\
         --block-size 4 --max-new-tokens N [--offline] [--served] [--output report.json]
@@ -6,9 +6,12 @@
 Same prompts (chat JSONL as in trainer.capture; a trailing assistant turn is dropped, the rest rendered with
 the generation prompt), same block size, greedy, in both ways:
 
+The draft's kind (trainer.draft_kind, from its config.json) supplies the model and SGLang's verify rule for it.
+
 (a) offline (`evaluate_offline`): HF transformers target (trainer.hf_target, the capture code) + the trainer's
-    DFlashDraft, replaying SGLang 0.5.23's DFLASH loop (`srt/speculative/dflash_worker_v2.py`
-    `DFlashWorkerV2.forward_batch_generation`) for one request at a time:
+    draft, replaying SGLang 0.5.23's speculative loop for one request at a time (`DraftKind.simulate_prompt`).
+    For DFlash (`trainer/dflash_kind.py`) that is `srt/speculative/dflash_worker_v2.py`
+    `DFlashWorkerV2.forward_batch_generation`:
       prefill     the target runs the prompt; its greedy token is the first output token and the first
                   "bonus"; its features at positions 0..S-1 become the draft context
                   (`_append_target_hidden_to_draft_kv_by_loc` with extend lens).
@@ -33,8 +36,9 @@ the generation prompt), same block size, greedy, in both ways:
                   completion_tokens = len(output_ids_through_stop) INCLUDES the first token from prefill and
                   is capped at max_new_tokens. (Not (completion_tokens - 1) / steps.) The per-step accept
                   counts (untruncated) are SGLang's spec_correct_drafts_histogram.
-(b) served (`evaluate_served`): real SGLang (CPU platform in tests: launch_server + dflash_args) with
-    --speculative-num-draft-tokens B, one request at a time, temperature 0, reading meta_info.
+(b) served (`evaluate_served`): real SGLang (sglang_ext.launcher; the CPU platform by default) with the draft's
+    --speculative-algorithm and --speculative-num-draft-tokens B, one request at a time, temperature 0,
+    reading meta_info.
 
 Context features: "pre" (default) feeds the draft the same pre-deepstack features trainer.capture records,
 which is also what a server started with this plugin's --online-train feeds its draft
@@ -60,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.dflash_draft import DFlashDraft
+from trainer.draft_kind import kind_for_draft
 from trainer.hf_target import FEATURE_MODES, ChatExample, HFTarget, load_chat_jsonl, load_images
 
 
@@ -115,7 +119,8 @@ class TauReport:
         return d
 
 
-def _histogram(accepts: list[int], block_size: int) -> list[int]:
+def accept_histogram(accepts: list[int], block_size: int) -> list[int]:
+    """[n] = verify steps that accepted n draft tokens (SGLang's spec_correct_drafts_histogram)."""
     hist = [0] * block_size
     for a in accepts:
         hist[a] += 1
@@ -132,70 +137,7 @@ def _resolve_prompts(prompts: str | Path | list[ChatExample]) -> list[ChatExampl
 
 # ---- (a) offline ---------------------------------------------------------------------------------------------
 
-def load_draft_for(target: HFTarget, draft_dir: str | Path) -> DFlashDraft:
-    """The trainer's DFlashDraft with the target's embedding and lm_head, as SGLang's worker uses them; a
-    mask_embedding.pt next to the draft replaces the mask row (`_maybe_merge_trained_mask_embedding`)."""
-    draft_dir = Path(draft_dir)
-    draft = DFlashDraft.from_pretrained(draft_dir).to(target.device, target.dtype).eval()
-    if draft.cfg.num_target_layers != target.num_layers or draft.cfg.hidden_size != target.hidden_size:
-        raise ValueError(f"draft {draft_dir} expects a target with {draft.cfg.num_target_layers} layers and hidden "
-                         f"size {draft.cfg.hidden_size}; {target.path} has {target.num_layers} and "
-                         f"{target.hidden_size}")
-    embed = target.model.get_input_embeddings().weight.detach()
-    mask_file = draft_dir / "mask_embedding.pt"
-    if mask_file.is_file():
-        saved = torch.load(mask_file, map_location="cpu", weights_only=True)
-        if int(saved["mask_token_id"]) != draft.cfg.mask_token_id:
-            raise ValueError(f"{mask_file}: mask_token_id {saved['mask_token_id']} != draft config's "
-                             f"{draft.cfg.mask_token_id}")
-        embed = embed.clone()
-        embed[draft.cfg.mask_token_id] = saved["embedding"].to(embed)
-    draft.attach_target(embed, target.model.get_output_embeddings().weight.detach())
-    return draft
-
-
-@torch.no_grad()
-def simulate_prompt(target: HFTarget, draft: DFlashDraft, text: str, images: list, *, block_size: int,
-                    max_new_tokens: int, ignore_eos: bool = True, context_features: str = "pre",
-                    name: str = "") -> PromptTau:
-    """One request through SGLang's DFLASH greedy loop (see the module docstring), offline."""
-    layer_ids = draft.cfg.target_layer_ids
-    mask_id = draft.cfg.mask_token_id
-    prompt = target.encode(text, images)
-    cache = target.new_cache()
-    out = target.forward(prompt.input_ids, prompt.positions, layer_ids, cache=cache, vision=prompt.vision,
-                         mode=context_features)
-    context = out.features                                            # [p, K*H], features of positions < p
-    bonus = int(out.logits[-1].argmax())
-    output = [bonus]
-    finished_len = _finished_len(output, 1, max_new_tokens, ignore_eos, target.eos_token_ids)
-    accepts = []
-    while finished_len is None:
-        p = len(prompt) + len(output) - 1                            # committed length = the bonus's position
-        block_ids = torch.full((1, block_size), mask_id, dtype=torch.long, device=target.device)
-        block_ids[0, 0] = bonus
-        hidden = draft(context[None].to(target.dtype), block_ids, torch.tensor([[p]], device=target.device))
-        proposals = draft.logits(hidden[0, 1:]).argmax(-1)             # [B-1]
-        candidates = torch.cat([block_ids[0, :1], proposals])          # [B] = bonus, d1 .. d_{B-1}
-        verify = target.forward(candidates, target.continuation_positions(prompt, p, block_size), layer_ids,
-                                cache=cache, mode=context_features)
-        target_predict = verify.logits.argmax(-1)                       # [B]
-        matches = (candidates[1:] == target_predict[:-1]).int()
-        accept = int(matches.cumprod(0).sum())
-        commit = accept + 1
-        bonus = int(target_predict[accept])
-        new_tokens = candidates[1:accept + 1].tolist() + [bonus]
-        output += new_tokens
-        accepts.append(accept)
-        context = torch.cat([context, verify.features[:commit]])
-        target.crop_cache(cache, p + commit)
-        finished_len = _finished_len(output, commit, max_new_tokens, ignore_eos, target.eos_token_ids)
-    return PromptTau(name=name, completion_tokens=finished_len, verify_steps=len(accepts),
-                     accept_histogram=_histogram(accepts, block_size), committed_per_step=[a + 1 for a in accepts],
-                     output_ids=output[:finished_len], prompt_tokens=len(prompt))
-
-
-def _finished_len(output: list[int], new: int, max_new_tokens: int, ignore_eos: bool, eos_ids: set[int]) -> int | None:
+def finished_len(output: list[int], new: int, max_new_tokens: int, ignore_eos: bool, eos_ids: set[int]) -> int | None:
     """`Req.update_finish_state` after `new` tokens were appended: EOS in the new run (unless ignore_eos) or
     the length cap; returns finished_len (output_ids_through_stop length) or None while running."""
     if not ignore_eos:
@@ -220,15 +162,16 @@ def evaluate_offline(target_dir: str | Path, draft_dir: str | Path, prompts: str
         raise ValueError(f"context_features {context_features!r} not in {FEATURE_MODES}")
     t0 = time.monotonic()
     examples = _resolve_prompts(prompts)
+    kind = kind_for_draft(draft_dir)
     target = target or HFTarget(target_dir, device=device, dtype=dtype)
-    draft = load_draft_for(target, draft_dir)
+    draft = kind.load_for_hf_target(target, draft_dir)
     report = TauReport(mode="offline", target=str(target_dir), draft=str(draft_dir), block_size=block_size,
                        max_new_tokens=max_new_tokens, context_features=context_features)
     for ex in tqdm(examples, desc="offline tau", unit="prompt", disable=not progress):
         text = target.render(ex.prompt_messages(), add_generation_prompt=True)
-        report.prompts.append(simulate_prompt(target, draft, text, load_images(ex), block_size=block_size,
-                                              max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                                              context_features=context_features, name=_short_name(ex)))
+        report.prompts.append(kind.simulate_prompt(target, draft, text, load_images(ex), block_size=block_size,
+                                                   max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                                                   context_features=context_features, name=_short_name(ex)))
     report.wall_s = time.monotonic() - t0
     return report
 
@@ -258,13 +201,13 @@ def evaluate_served(target_dir: str | Path, draft_dir: str | Path, prompts: str 
                     block_size: int, max_new_tokens: int, *, ignore_eos: bool = True, url: str | None = None,
                     log_dir: str | Path | None = None, cpu: bool = True, extra_args: list[str] | None = None,
                     progress: bool = True) -> TauReport:
-    """Real SGLang: start one (CPU platform by default) with DFLASH and block size B, or use `url` (a server the
-    caller started with the same target, draft and --speculative-num-draft-tokens B)."""
+    """Real SGLang: start one (CPU platform by default) with the draft's algorithm and block size B, or use `url`
+    (a server the caller started with the same target, draft and --speculative-num-draft-tokens B)."""
     import tempfile
 
     from tqdm import tqdm
 
-    from sglang_ext.testing.server import dflash_args, image_to_data_url, launch_server
+    from sglang_ext.launcher import SGLangClient, draft_args, image_to_data_url, launch_server
     t0 = time.monotonic()
     examples = _resolve_prompts(prompts)
     from transformers import AutoProcessor
@@ -284,32 +227,14 @@ def evaluate_served(target_dir: str | Path, draft_dir: str | Path, prompts: str 
             report.prompts.append(served_prompt_tau(name, server.post("/generate", body), block_size))
 
     if url is not None:
-        run(_Client(url.rstrip("/")))
+        run(SGLangClient(url))
     else:
         log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="sglang-eval-"))
-        args = dflash_args(Path(draft_dir), block_size) + list(extra_args or [])
+        args = draft_args(Path(draft_dir), block_size) + list(extra_args or [])
         with launch_server(Path(target_dir), args, log_dir=log_dir, cpu=cpu, name="evaluate") as server:
             run(server)
     report.wall_s = time.monotonic() - t0
     return report
-
-
-@dataclass
-class _Client:
-    """POST JSON to an already running server (same error reporting as SGLangServer.post)."""
-    url: str
-
-    def post(self, path: str, body: dict, timeout: float = 600) -> dict:
-        import urllib.error
-        import urllib.request
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:2000]
-            raise RuntimeError(f"POST {self.url}{path} -> HTTP {e.code}: {detail}") from e
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------
@@ -336,14 +261,15 @@ def format_table(reports: list[TauReport]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate",
-                                description="Acceptance length (tau) of a DFlash draft against its target: offline "
-                                            "simulation of SGLang's DFLASH verify rule and/or a real SGLang server.",
+                                description="Acceptance length (tau) of a speculative draft (DFlash) against its "
+                                            "target: offline simulation of SGLang's verify rule for the draft's "
+                                            "kind and/or a real SGLang server.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target-model-path", required=True, metavar="PATH")
     p.add_argument("--draft-model-path", required=True, metavar="PATH")
     p.add_argument("--prompts", required=True, metavar="FILE", help='chat JSONL: {"messages": [...]} per line')
     p.add_argument("--block-size", type=int, required=True,
-                   help="DFlash block size B (= --speculative-num-draft-tokens)")
+                   help="tokens per verify step B (= --speculative-num-draft-tokens; DFlash: the block size)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--offline", action="store_true", help="simulate with HF transformers (default when neither given)")
     p.add_argument("--served", action="store_true", help="measure on a real SGLang server")

@@ -1,11 +1,13 @@
-"""Fine-tune (or train from scratch) a DFlash draft on replay shards, then export it for SGLang.
+"""Fine-tune (or train from scratch) a speculative draft on replay shards, then export it for SGLang.
 
     python -m trainer.finetune --replay DIR [DIR ...] --target-model-path TARGET \\
         (--draft-model-path DRAFT_DIR | --draft-config CONFIG.json) --output OUT_DIR
 
 OUT_DIR receives config.json + model.safetensors (load with --speculative-draft-model-path OUT_DIR),
 train_log.jsonl, training_summary.json and checkpoints/step-N/ (weights + optimizer state) for --resume.
-Runs on CPU or CUDA. Everything is checked before the first step: target checkpoint, draft config,
+The draft's kind (DFlash today) comes from its config.json `architectures` (trainer.draft_kind); each step
+is `trainer.train_step.TrainStep`, the same step the online trainer runs. Runs on CPU (fp32) or CUDA (bf16
+autocast, fp32 master weights). Everything is checked before the first step: target checkpoint, draft config,
 replay layer ids / hidden size / target identity.
 """
 from __future__ import annotations
@@ -21,27 +23,26 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.dflash_draft import DFlashDraft, DraftConfig
-from trainer.objective import dflash_loss
+from trainer.draft_kind import kind_for_draft
 from trainer.replay import ReplayReader
 from trainer.target import load_target_head, target_info
+from trainer.train_step import DTYPES, Batch, Precision, TrainStep, pad_batch, resolve_device
 
 log = logging.getLogger("trainer.finetune")
 STATE_FILE = "trainer_state.pt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m trainer.finetune",
-        description="Train a DFlash block-diffusion draft on replay shards (target hidden states captured "
-                    "from live or offline traffic) and export it in the format SGLang's DFlashDraftModel loads.",
+        description="Train a speculative draft (DFlash block diffusion; the kind comes from the draft config's "
+                    "architectures) on replay shards (target hidden states captured from live or offline traffic) "
+                    "and export it in the format SGLang loads.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--replay", nargs="+", required=True, metavar="DIR",
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--draft-model-path", metavar="PATH",
                      help="existing draft directory (config.json + *.safetensors) to fine-tune")
     src.add_argument("--draft-config", metavar="FILE",
-                     help="draft config.json (SGLang DFlash layout) to train from scratch")
+                     help="draft config.json (SGLang's layout for the draft kind) to train from scratch")
     io.add_argument("--output", required=True, metavar="DIR",
                     help="where the exported draft, logs and checkpoints go")
 
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     obj = p.add_argument_group("objective")
     obj.add_argument("--block-size", type=int, default=None,
                      help="draft block size B (default: the draft config's block_size; exported with the draft)")
-    obj.add_argument("--num-anchors", type=int, default=512, help="max blocks (anchors) sampled per sequence")
-    obj.add_argument("--gamma", type=float, default=7.0, help="slot k loss weight is exp(-(k-1)/gamma)")
+    obj.add_argument("--num-anchors", type=int, default=512, help="DFlash: max blocks (anchors) sampled per sequence")
+    obj.add_argument("--gamma", type=float, default=7.0, help="DFlash: slot k loss weight is exp(-(k-1)/gamma)")
 
     data = p.add_argument_group("data and length")
     data.add_argument("--batch-size", type=int, default=8, help="max sequences per micro-batch")
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute dtype (autocast; master weights stay fp32). Default: bfloat16 on CUDA, "
                           "float32 on CPU")
     run.add_argument("--attention-backend", choices=("auto", "reference", "triton"), default="auto",
-                     help="block attention implementation (trainer.attention); auto = Triton on CUDA if present")
+                     help="block attention implementation (spec_kernels.dflash_attention); auto = the Triton "
+                          "kernel on CUDA, the PyTorch reference on CPU")
     run.add_argument("--ce-chunk-rows", type=int, default=2048,
                      help="rows of logits materialised at once in the loss (memory vs. speed)")
     run.add_argument("--checkpoint-every", type=int, default=0,
@@ -133,28 +135,8 @@ def plan_batches(lengths: list[int], *, batch_size: int, max_tokens: int, genera
     return batches
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor       # [b, S] long
-    target_hidden: torch.Tensor   # [b, S, K*H]
-    loss_mask: torch.Tensor       # [b, S] bool, False on padding
-    num_tokens: int               # real (unpadded) tokens
-
-
-def pad_batch(recs: list, max_seq_len: int, dtype: torch.dtype) -> Batch:
-    """Records (anything with input_ids [S], features [S, K*H], loss_mask [S]) cut to max_seq_len and
-    right-padded into one Batch; padding is out of the loss."""
-    lens = [min(len(r), max_seq_len) for r in recs]
-    S, KH = max(lens), recs[0].features.shape[1]
-    ids = torch.zeros(len(recs), S, dtype=torch.long)
-    feats = torch.zeros(len(recs), S, KH, dtype=dtype)
-    mask = torch.zeros(len(recs), S, dtype=torch.bool)
-    for j, (r, n) in enumerate(zip(recs, lens)):
-        ids[j, :n], feats[j, :n], mask[j, :n] = r.input_ids[:n], r.features[:n], r.loss_mask[:n]
-    return Batch(ids, feats, mask, sum(lens))
-
-
 def collate(reader: ReplayReader, indices: list[int], max_seq_len: int, dtype: torch.dtype) -> Batch:
+    """Read records from the replay and pad them into one Batch (trainer.train_step.pad_batch)."""
     return pad_batch([reader.read(i, dtype=dtype) for i in indices], max_seq_len, dtype)
 
 
@@ -197,7 +179,7 @@ def latest_checkpoint(output: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(output: Path, draft: DFlashDraft, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(output: Path, draft, optimizer, scheduler, state: dict, keep: int) -> Path:
     root = output / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:08d}"
@@ -230,36 +212,17 @@ class TrainResult:
     resumed_from: str | None
 
 
-def resolve_device(arg: str) -> torch.device:
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(arg)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {arg}: CUDA is not available on this machine")
-    return dev
-
-
 def setup(args) -> tuple:
     """Load and cross-check everything; raises ValueError/FileNotFoundError with a clear message."""
     target = Path(args.target_model_path)
     tinfo = target_info(target)                      # cheap checks first; the big tensors are read last
-    if args.draft_model_path:
-        cfg = DraftConfig.from_json(args.draft_model_path)
-    else:
-        cfg = DraftConfig.from_json(args.draft_config)
+    draft_source = args.draft_model_path or args.draft_config
+    kind = kind_for_draft(draft_source)
+    cfg = kind.load_config(draft_source)
     if args.block_size:
-        cfg.block_size = args.block_size
-    if cfg.hidden_size != tinfo.hidden_size:
-        raise ValueError(f"draft hidden_size {cfg.hidden_size} != target hidden_size {tinfo.hidden_size} "
-                         f"({target}/config.json); DFlash drafts share the target's width")
-    bad = [i for i in cfg.target_layer_ids if i >= tinfo.num_hidden_layers]
-    if bad:
-        raise ValueError(f"draft target_layer_ids {cfg.target_layer_ids}: {bad} out of range for the target's "
-                         f"{tinfo.num_hidden_layers} layers")
-    if cfg.num_target_layers != tinfo.num_hidden_layers:
-        raise ValueError(f"draft num_target_layers {cfg.num_target_layers} != target num_hidden_layers "
-                         f"{tinfo.num_hidden_layers}: the draft config was made for another target")
-    reader = ReplayReader(args.replay, layer_ids=cfg.target_layer_ids, hidden_size=tinfo.hidden_size,
+        kind.set_block_size(cfg, args.block_size)
+    kind.check_target(cfg, tinfo, f"{target}/config.json")
+    reader = ReplayReader(args.replay, layer_ids=kind.feature_layers(cfg), hidden_size=tinfo.hidden_size,
                           target_config_hash=None if args.ignore_target_hash else tinfo.identity.config_hash,
                           strict=args.strict_replay, verify_checksums=not args.no_verify_checksums)
     embed, lm_head, _ = load_target_head(target)
@@ -267,24 +230,21 @@ def setup(args) -> tuple:
         log.warning("draft vocab_size %d != target embedding rows %d; using the target's", cfg.vocab_size,
                     embed.shape[0])
         cfg.vocab_size = int(embed.shape[0])
-    if cfg.mask_token_id >= embed.shape[0]:
-        raise ValueError(f"draft mask_token_id {cfg.mask_token_id} is outside the target vocabulary "
-                         f"({embed.shape[0]} embedding rows in {target})")
-    return cfg, embed, lm_head, tinfo, reader
+    kind.check_head(cfg, embed.shape[0], str(target))
+    return kind, cfg, embed, lm_head, tinfo, reader
 
 
 def train(args) -> TrainResult:
     output = Path(args.output)
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    precision = Precision.for_device(resolve_device(args.device), args.dtype, args.attention_backend)
+    device = precision.device
     for name in ("lr", "batch_size", "max_tokens_per_batch", "max_seq_len", "num_anchors", "grad_accum"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
-    cfg, embed, lm_head, tinfo, reader = setup(args)
-    if cfg.block_size < 2:
-        raise ValueError(f"block size must be >= 2, got {cfg.block_size}")
+    kind, cfg, embed, lm_head, tinfo, reader = setup(args)
+    kind.set_block_size(cfg, cfg.block_size)          # validates a block size that came from the config
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -292,13 +252,13 @@ def train(args) -> TrainResult:
     if args.resume and resume_dir is None:
         log.warning("--resume: no checkpoint under %s/checkpoints; starting fresh", output)
     if resume_dir is not None:
-        draft = DFlashDraft.from_pretrained(resume_dir, cfg)
+        draft = kind.from_pretrained(resume_dir, cfg)
     elif args.draft_model_path:
-        draft = DFlashDraft.from_pretrained(args.draft_model_path, cfg)
+        draft = kind.from_pretrained(args.draft_model_path, cfg)
     else:
-        draft = DFlashDraft.from_scratch(cfg, seed=args.seed)
+        draft = kind.from_scratch(cfg, seed=args.seed)
     draft.to(device)
-    draft.attach_target(embed.to(device, dtype), lm_head.to(device, dtype))
+    draft.attach_target(embed.to(device, precision.dtype), lm_head.to(device, precision.dtype))
     del embed, lm_head
 
     lengths = [min(r.length, args.max_seq_len) for r in reader.records]
@@ -310,10 +270,11 @@ def train(args) -> TrainResult:
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
     warmup = max(1, math.ceil(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0
 
-    params = [p for p in draft.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay,
-                                  fused=fused)
+    step_fn = TrainStep(kind, draft, precision, lr=args.lr, betas=tuple(args.adam_betas),
+                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                        objective={"num_anchors": args.num_anchors, "gamma": args.gamma,
+                                   "chunk_rows": args.ce_chunk_rows})
+    optimizer = step_fn.optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.min_lr_ratio))
 
@@ -331,7 +292,6 @@ def train(args) -> TrainResult:
 
     output.mkdir(parents=True, exist_ok=True)
     log_file = open(output / "train_log.jsonl", "a")
-    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     start = time.monotonic()
     deadline = start + args.max_minutes * 60 if args.max_minutes else None
     window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0, "t": start}
@@ -343,65 +303,56 @@ def train(args) -> TrainResult:
         while True:
             batches = epoch_batches(ep)
             for i in range(pos, len(batches)):
-                yield ep, i + 1, collate(reader, batches[i], args.max_seq_len, dtype)
+                yield ep, i + 1, collate(reader, batches[i], args.max_seq_len, precision.dtype)
             ep, pos = ep + 1, 0
 
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc="dflash", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total_steps, initial=step, desc=kind.name, dynamic_ncols=True, file=sys.stderr)
     stream = prefetch(micro_batches(epoch, batch_pos))
-    draft.train()
     try:
         while step < total_steps:
-            optimizer.zero_grad(set_to_none=True)
+            batches, generators = [], []
             for _ in range(args.grad_accum):
                 epoch, batch_pos, batch = next(stream)
-                anchor_gen = torch.Generator().manual_seed(args.seed * 7919 + step * 131 + batch_pos)
-                with autocast:
-                    out = dflash_loss(draft, batch.target_hidden.to(device, non_blocking=True),
-                                      batch.input_ids.to(device, non_blocking=True),
-                                      batch.loss_mask.to(device, non_blocking=True),
-                                      num_anchors=args.num_anchors, gamma=args.gamma, generator=anchor_gen,
-                                      backend=args.attention_backend, chunk_rows=args.ce_chunk_rows)
-                (out.loss / args.grad_accum).backward()
-                loss_val = float(out.loss.detach())
-                if not math.isfinite(loss_val):
-                    raise FloatingPointError(f"loss is {loss_val} at step {step} (epoch {epoch}, batch {batch_pos})")
-                first_loss = loss_val if first_loss is None else first_loss
-                window["loss"] += loss_val
-                window["n"] += 1
-                window["correct"] += int(out.slot_correct.sum())
-                window["count"] += int(out.slot_count.sum())
-                window["accept"] += float(out.accept_sum)
-                window["blocks"] += int(out.full_blocks)
-                window["tokens"] += batch.num_tokens
-                tokens_seen += batch.num_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            optimizer.step()
+                batches.append(batch)
+                generators.append(torch.Generator().manual_seed(args.seed * 7919 + step * 131 + batch_pos))
+            stats = step_fn.run(batches, generators=generators)
+            if not stats.applied:              # offline, a non-finite loss or gradient stops the run
+                raise FloatingPointError(f"{stats.skipped} at step {step} (epoch {epoch}, batch {batch_pos})")
             sched.step()
             step += 1
+            first_loss = stats.micro_losses[0] if first_loss is None else first_loss
+            window["loss"] += sum(stats.micro_losses)
+            window["n"] += len(stats.micro_losses)
+            window["correct"] += stats.correct
+            window["count"] += stats.labelled
+            window["accept"] += stats.accept_sum
+            window["blocks"] += stats.full_blocks
+            window["tokens"] += stats.tokens
+            tokens_seen += stats.tokens
 
             now = time.monotonic()
             if step % args.log_every == 0 or step == total_steps or (deadline and now >= deadline):
-                stats = {
+                row = {
                     "step": step, "epoch": epoch, "loss": window["loss"] / max(1, window["n"]),
                     "accuracy": window["correct"] / window["count"] if window["count"] else None,
                     "accept_len": window["accept"] / window["blocks"] if window["blocks"] else None,
-                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                    "lr": stats.lr, "grad_norm": stats.grad_norm,
                     "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "tokens_seen": tokens_seen,
                     "elapsed_s": now - start,
                 }
-                log_file.write(json.dumps(stats) + "\n")
+                log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
-                last = {"loss": stats["loss"], "acc": stats["accuracy"], "accept": stats["accept_len"]}
+                last = {"loss": row["loss"], "acc": row["accuracy"], "accept": row["accept_len"]}
                 window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0,
                           "t": now}
                 if bar is not None:
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}",
-                                    acc=f"{stats['accuracy']:.3f}" if stats["accuracy"] is not None else "-",
-                                    tau=f"{stats['accept_len']:.2f}" if stats["accept_len"] is not None else "-",
-                                    tok_s=f"{stats['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}",
+                                    acc=f"{row['accuracy']:.3f}" if row["accuracy"] is not None else "-",
+                                    tau=f"{row['accept_len']:.2f}" if row["accept_len"] is not None else "-",
+                                    tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
             if bar is not None:
                 bar.update(1)
             state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
@@ -426,8 +377,9 @@ def train(args) -> TrainResult:
                          final_loss=last["loss"], final_accuracy=last["acc"], final_accept_len=last["accept"],
                          tokens=tokens_seen, stopped=stopped, resumed_from=str(resume_dir) if resume_dir else None)
     (output / "training_summary.json").write_text(json.dumps(
-        {**asdict(result), "target": tinfo.identity.to_dict(), "replay": [str(d) for d in args.replay],
-         "replay_records": len(reader), "skipped_shards": [str(s.path) for s in reader.skipped]}, indent=2) + "\n")
+        {**asdict(result), "draft_kind": kind.name, "target": tinfo.identity.to_dict(),
+         "replay": [str(d) for d in args.replay], "replay_records": len(reader),
+         "skipped_shards": [str(s.path) for s in reader.skipped]}, indent=2) + "\n")
     return result
 
 

@@ -13,7 +13,7 @@ of B slots at positions anchor .. anchor+B-1:
 
 and block j attends to target context positions < anchor_j (strict: the feature at anchor_j has
 already seen token anchor_j+1's prediction) plus every slot of block j, nothing of other blocks
-(the `trainer.attention` contract). loss = sum(w * CE) / sum(w) over labelled slots.
+(the `spec_kernels.dflash_attention` contract). loss = sum(w * CE) / sum(w) over labelled slots.
 
 The two published pitfalls that leave tau ~1.3 are shifted labels and `<=` in the context mask;
 tests/test_objective.py checks both against a plain per-block computation.
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from trainer.draft_kind import ObjectiveOutput
 
 IGNORE = -100
 
@@ -40,32 +42,6 @@ class Blocks:
     @property
     def block_size(self) -> int:
         return self.block_ids.shape[1] // self.anchors.shape[1]
-
-
-@dataclass
-class ObjectiveOutput:
-    loss: torch.Tensor            # scalar, weighted mean cross-entropy
-    slot_correct: torch.Tensor    # [B] long: argmax == label, per block slot
-    slot_count: torch.Tensor      # [B] long: labelled tokens per slot (slot 0 always 0)
-    accept_sum: torch.Tensor      # scalar: sum over fully labelled blocks of 1 + leading correct slots
-    full_blocks: torch.Tensor     # scalar long: number of fully labelled blocks
-    weight_sum: torch.Tensor      # scalar: sum of loss weights (the loss denominator)
-
-    @property
-    def accuracy(self) -> float:
-        n = int(self.slot_count.sum())
-        return float(self.slot_correct.sum()) / n if n else float("nan")
-
-    @property
-    def slot_accuracy(self) -> list[float]:
-        return [c / n if n else float("nan") for c, n in zip(self.slot_correct.tolist(), self.slot_count.tolist())]
-
-    @property
-    def accept_len(self) -> float:
-        """Greedy acceptance length a block would get if verified against these labels (1 + leading
-        matches), over blocks whose B-1 labels all exist: a training-time proxy for tau."""
-        n = int(self.full_blocks)
-        return float(self.accept_sum) / n if n else float("nan")
 
 
 def valid_anchor_mask(loss_mask: torch.Tensor) -> torch.Tensor:

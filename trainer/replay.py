@@ -46,6 +46,7 @@ from typing import Any, Iterable
 
 import torch
 
+from trainer.fsutil import atomic_write_bytes
 from trainer.target import TargetIdentity
 
 FORMAT = "sglang-ext-dflash-replay"
@@ -138,35 +139,6 @@ def quantize_fp8(features: torch.Tensor, num_layers: int) -> tuple[torch.Tensor,
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     T, K = scale.shape
     return (q.float().view(T, K, -1) * scale[..., None]).view(T, -1)
-
-
-# ---- atomic file helpers ----------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file (created with `mode`, same directory) -> write -> fsync -> rename -> fsync dir."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 # ---- manifest -----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The main job on an embedded default: a live SGLang server teaches its own speculative draft.
 
-    python -m sglang_ext.demo [--minutes 5] [--out DIR] [--gpu]
+    python -m sglang_ext.demo [--minutes 5] [--out DIR] [--gpu]         (this module is its __main__)
 
 1. Builds (once, cached by a hash of its config) the reference workload: a tiny Qwen3-VL target trained on
    this machine from the Python standard library, pydoc prose and synthetic images, with prompt sets.
@@ -25,7 +25,7 @@ BLOCK_SIZE = 4
 
 
 def _histogram(text: str, name: str) -> tuple[float, float]:
-    from sglang_ext.testing.online import metric_value
+    from sglang_ext.launcher import metric_value
     return metric_value(text, name + "_sum"), metric_value(text, name + "_count")
 
 
@@ -33,10 +33,10 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
                window: int, concurrency: int, log_dir: Path, gpu: bool = False, extra_args: list | None = None,
                out=print) -> dict:
     """Serve `prompts` (cycled) for `minutes` with --online-train; one row per `window` requests."""
-    from sglang_ext.testing.online import metric_value, online_metrics, send_traffic, swaps_from_log
-    from sglang_ext.testing.server import dflash_args, launch_server
+    from sglang_ext.demo.traffic import online_metrics, send_traffic, swaps_from_log
+    from sglang_ext.launcher import draft_args, launch_server, metric_value
 
-    args = dflash_args(draft_dir, BLOCK_SIZE) + ["--online-train", "--online-train-lr", "1e-3",
+    args = draft_args(draft_dir, BLOCK_SIZE) + ["--online-train", "--online-train-lr", "1e-3",
                                                  "--online-train-swap-every", "10",
                                                  "--online-train-min-records", "8"] + list(extra_args or [])
     if gpu:
@@ -51,7 +51,7 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
         out(head + "\n" + "-" * len(head))
         t0 = time.monotonic()
         served = 0
-        prev_sum, prev_count = _histogram(server.get_text("/metrics"), "sglang:online_train_accept_length")
+        prev_sum, prev_count = _histogram(server.metrics(), "sglang:online_train_accept_length")
         i = 0
         while time.monotonic() - t0 < minutes * 60:
             order = [(i + k) % len(prompts) for k in range(window)]
@@ -59,7 +59,7 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
             t_w = time.monotonic()
             done = send_traffic(server, prompts, order, max_new_tokens=max_new_tokens, concurrency=concurrency)
             served += len(done)
-            text = server.get_text("/metrics")
+            text = server.metrics()
             acc_sum, acc_count = _histogram(text, "sglang:online_train_accept_length")
             tau = (acc_sum - prev_sum) / max(1.0, acc_count - prev_count)
             prev_sum, prev_count = acc_sum, acc_count
@@ -72,7 +72,7 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
                 f"{m['rejected_worse'] + m['rejected_nan']:8.0f} {m['trainer_steps']:6.0f} {m['trainer_loss']:7.3f} "
                 f"{m['heldout_accept_length']:12.2f} {row['tokens_per_s']:7.1f}")
         swaps = swaps_from_log(server.log_path.read_text())
-        final_text = server.get_text("/metrics")
+        final_text = server.metrics()
     return {"rows": rows, "swaps": [{"version": v, "ms": ms, "in_flight": n, "iteration_ms": it}
                                     for v, ms, n, it in swaps],
             "final_swaps": metric_value(final_text, "sglang:online_train_swaps_total")}
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
 
-    from sglang_ext.testing.online import make_random_draft
-    from sglang_ext.testing.workload import build_workload, record_prompt
+    from sglang_ext.demo.traffic import make_random_draft
+    from sglang_ext.demo.workload import build_workload, record_prompt
 
     t0 = time.monotonic()
     print("1. reference workload (built once, then cached) ...", flush=True)

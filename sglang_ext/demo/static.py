@@ -1,6 +1,6 @@
-"""The main job on an embedded default: real SGLang serving a tiny Qwen3-VL with DFLASH.
+"""A static demo: real SGLang serving a tiny Qwen3-VL with a hand-built DFlash draft (no training).
 
-    python -m sglang_ext.demo_static [--variant dense|moe] [--max-new-tokens N] [--gpu]
+    python -m sglang_ext.demo.static [--variant dense|moe] [--max-new-tokens N] [--gpu]
 
 Builds (once, cached) the tiny offline Qwen3-VL target and its hand-built DFlash draft, launches
 `python -m sglang.launch_server ... --speculative-algorithm DFLASH` (on the torch_cpu platform unless
@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sglang_ext.demo_static", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sglang_ext.demo.static", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=["dense", "moe"], default="dense",
                     help="tiny Qwen3-VL target: dense (Qwen3VLForConditionalGeneration) or MoE")
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="where tiny models are built (default $SGLANG_EXT_CACHE or ~/.cache/sglang_ext)")
     args = ap.parse_args(argv)
 
-    from sglang_ext.testing.prompts import mixed_requests
-    from sglang_ext.testing.server import dflash_args, launch_server
-    from sglang_ext.testing.tiny_models import tiny_models
+    from sglang_ext.demo.prompts import mixed_requests
+    from sglang_ext.demo.tiny_models import tiny_models
+    from sglang_ext.launcher import draft_args, launch_server
 
     print("building tiny models (cached after the first run) ...", flush=True)
     models = tiny_models(args.cache_dir)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"launching SGLang + DFLASH: target {target}\n                           draft  {draft}", flush=True)
     t0 = time.monotonic()
-    with launch_server(target, dflash_args(draft) + extra, log_dir=log_dir, cpu=not args.gpu,
+    with launch_server(target, draft_args(draft) + extra, log_dir=log_dir, cpu=not args.gpu,
                        name="demo-dflash") as server:
         print(f"server ready in {time.monotonic() - t0:.0f}s at {server.url}\n", flush=True)
         results = []

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.dflash_draft import default_target_layer_ids
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 N_TEXT_TOKENS = 512          # BPE vocabulary incl. the 256-byte alphabet
@@ -227,41 +229,17 @@ def build_tiny_qwen3_vl(out: Path, tokenizer_dir: Path, variant: str = "dense", 
     return out
 
 
-def draft_config_dict(target_config: dict, *, num_layers: int, block_size: int, target_layer_ids: list[int],
-                      num_heads: int = 4, num_kv_heads: int = 4, head_dim: int = 64,
-                      intermediate_size: int = 512, rope_theta: float = 1_000_000.0) -> dict:
-    """SGLang DFlashDraftModel config.json for a draft of the given target (text config dict)."""
+def tiny_draft_config(target_config: dict, *, num_layers: int, block_size: int,
+                      target_layer_ids: list[int] | None = None):
+    """The DraftConfig of a tiny DFlash draft for a tiny target (its config.json dict): 4 heads of 64, 3 target
+    layers by default, the spare MASK_TOKEN_ID."""
+    from trainer.dflash_draft import DraftConfig
+
     text = target_config.get("text_config", target_config)
-    return {
-        "architectures": ["DFlashDraftModel"],
-        "model_type": "qwen3",
-        "hidden_size": text["hidden_size"],
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": text.get("rms_norm_eps", 1e-6),
-        "max_position_embeddings": text.get("max_position_embeddings", 4096),
-        "rope_theta": rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "vocab_size": text["vocab_size"],
-        "tie_word_embeddings": False,
-        "block_size": block_size,
-        "num_target_layers": text["num_hidden_layers"],
-        "dflash_config": {"target_layer_ids": list(target_layer_ids), "mask_token_id": MASK_TOKEN_ID},
-        "torch_dtype": "float32",
-    }
-
-
-def default_target_layer_ids(num_target_layers: int, num_features: int) -> list[int]:
-    """Evenly spaced in [1, L-3] (the DFlash default)."""
-    lo, hi = 1, max(1, num_target_layers - 3)
-    if num_features == 1:
-        return [lo]
-    return [round(lo + i * (hi - lo) / (num_features - 1)) for i in range(num_features)]
+    layers = target_layer_ids or default_target_layer_ids(text["num_hidden_layers"], 3)
+    return DraftConfig.for_target(target_config, num_layers=num_layers, block_size=block_size,
+                                  mask_token_id=MASK_TOKEN_ID, target_layer_ids=list(layers), num_heads=4,
+                                  num_kv_heads=4, head_dim=64, intermediate_size=512, rope_theta=1_000_000.0)
 
 
 @torch.no_grad()
@@ -276,9 +254,8 @@ def _copy_draft_weights(cfg: dict) -> dict[str, torch.Tensor]:
     depend on the target features, so tests can check which features fed the draft, without changing any
     proposal.
     """
-    hidden, n_heads, n_kv, head_dim = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], \
-        cfg["head_dim"]
-    inter, k_feats = cfg["intermediate_size"], len(cfg["dflash_config"]["target_layer_ids"])
+    hidden, n_heads, n_kv, head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    inter, k_feats = cfg.intermediate_size, cfg.num_context_features
     n_content = CONTENT.stop - CONTENT.start
     assert n_content <= head_dim and n_kv >= 1
     route = head_dim // 2 - 1          # neox-style pair (route, route + head_dim/2) has the lowest frequency
@@ -313,16 +290,15 @@ def _copy_draft_weights(cfg: dict) -> dict[str, torch.Tensor]:
 
 def _random_draft_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    hidden, n_heads, n_kv, head_dim = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], \
-        cfg["head_dim"]
-    inter, k_feats = cfg["intermediate_size"], len(cfg["dflash_config"]["target_layer_ids"])
+    hidden, n_heads, n_kv, head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    inter, k_feats = cfg.intermediate_size, cfg.num_context_features
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen) * 0.02
 
     weights = {"norm.weight": torch.ones(hidden), "fc.weight": rnd(hidden, k_feats * hidden),
                "hidden_norm.weight": torch.ones(hidden)}
-    for i in range(cfg["num_hidden_layers"]):
+    for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
         weights.update({
             p + "self_attn.q_proj.weight": rnd(n_heads * head_dim, hidden),
@@ -340,23 +316,20 @@ def _random_draft_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
 def build_tiny_dflash_draft(target_dir: Path, out: Path, kind: str = "copy", block_size: int = 4,
                             num_layers: int | None = None, target_layer_ids: list[int] | None = None,
                             seed: int = 0) -> Path:
-    """Write a DFlash draft checkpoint (config.json + model.safetensors) for the target at `target_dir`."""
-    from safetensors.torch import save_file
+    """Write a DFlash draft checkpoint (config.json + model.safetensors, float32) for the target at `target_dir`."""
+    from trainer.dflash_draft import DFlashDraft
 
     target_config = json.loads((Path(target_dir) / "config.json").read_text())
-    n_target_layers = target_config["text_config"]["num_hidden_layers"]
     if kind == "copy":
         num_layers = 1
     elif kind != "random":
         raise ValueError(f"unknown tiny draft kind {kind!r}; expected 'copy' or 'random'")
-    num_layers = num_layers or 2
-    layer_ids = target_layer_ids or default_target_layer_ids(n_target_layers, 3)
-    cfg = draft_config_dict(target_config, num_layers=num_layers, block_size=block_size, target_layer_ids=layer_ids)
+    cfg = tiny_draft_config(target_config, num_layers=num_layers or 2, block_size=block_size,
+                            target_layer_ids=target_layer_ids)
     weights = _copy_draft_weights(cfg) if kind == "copy" else _random_draft_weights(cfg, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
-    return out
+    draft = DFlashDraft(cfg)
+    draft.load_state_dict(weights, strict=True)
+    return draft.export(out, dtype=torch.float32)
 
 
 @dataclass(frozen=True)

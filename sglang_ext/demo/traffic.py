@@ -1,5 +1,5 @@
-"""Shared by the online-training test, the demo and the benchmark: a random DFlash draft for a workload
-target, traffic from a workload prompt set, /metrics parsing, and finding the trainer process."""
+"""Traffic for the online demo (and the online-training test and benchmark): a random draft for a workload
+target, prompts sent with requests in flight, the online-training numbers of /metrics, the trainer process."""
 from __future__ import annotations
 
 import json
@@ -13,42 +13,29 @@ from pathlib import Path
 
 import torch
 
-from sglang_ext.testing.tiny_models import default_target_layer_ids, draft_config_dict
+from sglang_ext.demo.tiny_models import tiny_draft_config
+from sglang_ext.launcher import metric_value
 
 TRAINER_MODULE = "sglang_ext.online.trainer_worker"
 
 
 def make_random_draft(target_dir: Path, out: Path, *, block_size: int = 4, num_layers: int = 1,
                       target_layers: list[int] | None = None, seed: int = 0) -> Path:
-    """An untrained DFlash draft for `target_dir` (from-scratch init, exported in SGLang's format)."""
-    from trainer.dflash_draft import DFlashDraft, DraftConfig
+    """An untrained (tiny) DFlash draft for `target_dir` (from-scratch init, exported in SGLang's format)."""
+    from trainer.draft_kind import get_kind
 
+    kind = get_kind("dflash")
     target_config = json.loads((Path(target_dir) / "config.json").read_text())
-    n_layers = target_config.get("text_config", target_config)["num_hidden_layers"]
-    layers = list(target_layers or default_target_layer_ids(n_layers, 3))
-    cfg = draft_config_dict(target_config, num_layers=num_layers, block_size=block_size, target_layer_ids=layers)
+    cfg = tiny_draft_config(target_config, num_layers=num_layers, block_size=block_size,
+                            target_layer_ids=target_layers)
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    draft = DFlashDraft.from_scratch(DraftConfig.from_json(out), seed=seed)
-    draft.export(out, dtype=torch.bfloat16)
-    return out
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    """Sum of the samples of `name` (exact metric name) whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return kind.from_scratch(cfg, seed=seed).export(out, dtype=torch.bfloat16)
 
 
 def online_metrics(server) -> dict:
     """The online-training numbers of /metrics, by short name."""
-    text = server.get_text("/metrics")
+    text = server.metrics()
     p = "sglang:online_train_"
     names = ["draft_version", "trainer_up", "trainer_steps", "trainer_loss", "trainer_tokens_per_second",
              "trainer_records", "heldout_accept_length", "swaps_total", "swaps_in_flight_total",
@@ -60,8 +47,8 @@ def online_metrics(server) -> dict:
     return out
 
 
-def trainer_pids(server) -> list[int]:
-    """Trainer processes under the server's process tree."""
+def trainer_pids(server, module: str = TRAINER_MODULE) -> list[int]:
+    """Trainer processes (`python -m <module>`) under the server's process tree."""
     import psutil
     try:
         children = psutil.Process(server.process.pid).children(recursive=True)
@@ -70,7 +57,7 @@ def trainer_pids(server) -> list[int]:
     pids = []
     for child in children:
         try:
-            if TRAINER_MODULE in " ".join(child.cmdline()):
+            if module in child.cmdline():
                 pids.append(child.pid)
         except psutil.Error:
             pass

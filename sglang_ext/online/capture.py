@@ -1,14 +1,11 @@
-"""Capture of live traffic in the scheduler process: pre-deepstack target features -> per-request records.
+"""Capture of live traffic in the scheduler process: target features -> per-request records.
 
-One source for training and serving: the features are recorded inside
-`DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`, the single function through which SGLang feeds
-target hidden states to the live draft (prefill rows and the committed rows of every verify step), so the
-replay holds exactly the tensors the draft saw. Those features are made pre-deepstack one step earlier, in
-the Qwen3-VL text model's forward (`pre_deepstack_aux_hidden_states`).
-
-Per request (keyed by rid) we keep the rows by position; when SGLang releases the request's KV cache
-(`release_kv_cache`: finish, abort, retraction) a finished request's rows are handed, with its token ids,
-to the replay buffer's thread, which assembles the `trainer.replay.ReplayRecord` off the hot path.
+One source for training and serving: the hooks (sglang_ext/online/hooks.py) hand the `Recorder` exactly the
+feature rows SGLang feeds the live draft (prefill rows and the committed rows of every verify step; made
+pre-deepstack one step earlier). Per request (keyed by rid) a `CapturedRequest` keeps the rows by position;
+when SGLang releases the request's KV cache (finish, abort, retraction) a finished request gets its token ids
+and is handed to the replay buffer's thread, which turns it into a `trainer.replay.ReplayRecord`
+(`assemble_record`) off the hot path.
 """
 from __future__ import annotations
 
@@ -24,52 +21,19 @@ from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 logger = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Pre-deepstack features
-# ---------------------------------------------------------------------------------------------------------
-
-# srt/models/qwen3_vl.py `Qwen3LLMModel.forward` (and qwen3_vl_moe.py `Qwen3MoeLLMModel.forward`): the aux
-# hidden state for target layer k is captured at the start of layer k+1, after layer k's deepstack visual
-# embedding was added (image/video rows of extend batches, k < 3). Subtract it again so the draft's
-# features are the residual stream after layer k and before deepstack, as the HF capture records them.
-# Exact up to one fp rounding of (h + d) - d: |error| <= ulp(|h + d|).
-def pre_deepstack_aux_hidden_states(original, self, *args, **kwargs):
-    out = original(self, *args, **kwargs)
-    deepstack = kwargs.get("input_deepstack_embeds", args[5] if len(args) > 5 else None)
-    if deepstack is None or not isinstance(out, tuple) or getattr(self, "use_hf_deepstack_order", False):
-        return out
-    _, aux = out
-    hidden_size = self.hidden_size
-    for i, captured_layer in enumerate(sorted(self.layers_to_capture)):
-        k = captured_layer - 1                       # the target layer whose output this capture is
-        if i < len(aux) and k in self.deepstack_embed_to_decoder_layer:
-            aux[i] = aux[i] - deepstack[:, k * hidden_size:(k + 1) * hidden_size].to(aux[i].dtype)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Per-request records
-# ---------------------------------------------------------------------------------------------------------
-
 @dataclass
-class PendingRequest:
-    """Rows captured so far for one request: start position -> features [n, K*H] (CPU copies)."""
+class CapturedRequest:
+    """One request's capture: its feature rows while it runs, plus what it finished with (set at release)."""
     rid: str
-    chunks: dict[int, torch.Tensor] = field(default_factory=dict)
+    chunks: dict[int, torch.Tensor] = field(default_factory=dict)   # start position -> rows [n, K*H] (CPU)
     rows: int = 0
-
-
-@dataclass
-class FinishedRequest:
-    """What leaves the scheduler's hot path when a request finishes (assembled by the buffer thread)."""
-    rid: str
-    token_ids: list[int]              # prompt + generated, as SGLang finished them
-    prompt_len: int
-    chunks: dict[int, torch.Tensor]
-    mrope_prompt: torch.Tensor | None  # [3, prompt_len] or None for text-only
-    mrope_delta: int
-    has_image: bool
-    finish_reason: str
+    # set when the request finished (the replay buffer's thread assembles the record from these)
+    token_ids: list[int] = field(default_factory=list)   # prompt + generated, as SGLang finished them
+    prompt_len: int = 0
+    mrope_prompt: torch.Tensor | None = None             # [3, prompt_len], None for text-only
+    mrope_delta: int = 0
+    has_image: bool = False
+    finish_reason: str = ""
 
 
 class Recorder:
@@ -77,9 +41,9 @@ class Recorder:
 
     def __init__(self, cfg, sink, metrics):
         self.cfg = cfg
-        self.sink = sink                               # ReplayBuffer.submit(FinishedRequest)
+        self.sink = sink                               # ReplayBuffer.submit(CapturedRequest)
         self.metrics = metrics
-        self.pending: dict[str, PendingRequest] = {}
+        self.pending: dict[str, CapturedRequest] = {}
         self.done: OrderedDict[str, None] = OrderedDict()   # recently released rids: ignore late rows
         self.feature_dim: int | None = None
         self.lock = threading.Lock()
@@ -91,7 +55,7 @@ class Recorder:
             return
         p = self.pending.get(rid)
         if p is None:
-            p = self.pending[rid] = PendingRequest(rid)
+            p = self.pending[rid] = CapturedRequest(rid)
         # SGLang reuses these buffers in the next forward: copy (asynchronously where the device allows).
         host = torch.empty(rows.shape, dtype=rows.dtype, device="cpu",
                            pin_memory=rows.is_cuda and torch.cuda.is_available())
@@ -133,11 +97,11 @@ class Recorder:
         mm = getattr(req, "multimodal_inputs", None)
         mrope = getattr(mm, "mrope_positions", None) if mm is not None else None
         delta = getattr(mm, "mrope_position_delta", None) if mm is not None else None
-        self.sink(FinishedRequest(
-            rid=rid, token_ids=token_ids, prompt_len=len(req.origin_input_ids), chunks=p.chunks,
-            mrope_prompt=None if mrope is None else mrope.detach().to("cpu", copy=True),
-            mrope_delta=int(delta.reshape(-1)[0]) if delta is not None else 0,
-            has_image=_has_image(req), finish_reason=reason))
+        p.token_ids, p.prompt_len, p.finish_reason = token_ids, len(req.origin_input_ids), reason
+        p.mrope_prompt = None if mrope is None else mrope.detach().to("cpu", copy=True)
+        p.mrope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
+        p.has_image = _has_image(req)
+        self.sink(p)
 
     def _eligible(self, req) -> bool:
         cfg = self.cfg
@@ -190,8 +154,8 @@ def split_rows(batch, *, positions=None, commit_lens=None, block_size: int | Non
             for i, req in enumerate(batch.reqs[:len(commit)])]
 
 
-def assemble_record(fin: FinishedRequest, include_prompt_loss: bool):
-    """FinishedRequest -> trainer.replay.ReplayRecord, or None when no row was captured.
+def assemble_record(fin: CapturedRequest, include_prompt_loss: bool):
+    """A finished CapturedRequest -> trainer.replay.ReplayRecord, or None when no row was captured.
 
     Covers positions [0, S) where S = end of the last captured row (capped at the finished length): the very
     last generated token never has target features. Positions the target did not recompute (a radix-cache

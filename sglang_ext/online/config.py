@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 ENV_VAR = "SGLANG_EXT_ONLINE_TRAIN"
-SUPPORTED_ALGORITHMS = ("DFLASH",)       # EAGLE3 comes later
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -72,6 +71,19 @@ class OnlineTrainConfig:
     guard_tolerance: float = 0.0                 # swap if candidate tau >= live tau - tolerance
     checkpoint_dir: str | None = None            # export each accepted version here (SGLang draft format)
     keep_checkpoints: int = 3                    # accepted versions kept in checkpoint_dir
+    # -- set at startup, not a setting: the draft's kind (trainer.draft_kind), from its config.json --
+    draft_kind: str = ""
+
+    def trainer_settings(self):
+        """The part of this config the trainer process needs (sglang_ext.online.protocol.TrainerSettings)."""
+        from sglang_ext.online.protocol import TrainerSettings
+        return TrainerSettings(
+            lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+            batch_size=self.batch_size, num_anchors=self.num_anchors, gamma=self.gamma, max_seq_len=self.max_seq_len,
+            pool_budget_bytes=self.replay_budget_bytes, min_records=self.min_records, swap_every=self.swap_every,
+            holdout_every=self.holdout_every, holdout_records=self.holdout_records,
+            guard_tolerance=self.guard_tolerance, threads=self.trainer_threads, checkpoint_dir=self.checkpoint_dir,
+            keep_checkpoints=self.keep_checkpoints)
 
     def validate(self) -> "OnlineTrainConfig":
         if self.storage_dtype not in ("bf16", "fp8"):
@@ -133,7 +145,7 @@ class OnlineTrainConfig:
             raise OnlineTrainConfigError(f"--online-train-config {p}: invalid JSON ({e})") from None
         if not isinstance(data, dict):
             raise OnlineTrainConfigError(f"--online-train-config {p}: expected a JSON object")
-        known = {f.name for f in fields(cls)} - {"enabled"}
+        known = {f.name for f in fields(cls)} - {"enabled", "draft_kind"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise OnlineTrainConfigError(f"--online-train-config {p}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -233,12 +245,34 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
     return OnlineTrainConfig(enabled=True, **values).validate()
 
 
+def supported_algorithms() -> list[str]:
+    """--speculative-algorithm values whose drafts --online-train can train: one per draft kind."""
+    from trainer.draft_kind import kinds
+    return sorted({kind.serving.algorithm for kind in kinds().values()})
+
+
 def check_server_args(cfg: OnlineTrainConfig, server_args) -> None:
     """Fail at startup, not at the first request."""
     algo = getattr(server_args, "speculative_algorithm", None)
-    if algo is None or str(algo).upper() not in SUPPORTED_ALGORITHMS:
+    supported = supported_algorithms()
+    if algo is None or str(algo).upper() not in supported:
         raise OnlineTrainConfigError(
-            f"--online-train needs --speculative-algorithm {' or '.join(SUPPORTED_ALGORITHMS)} "
+            f"--online-train needs --speculative-algorithm {' or '.join(supported)} "
             f"(got {algo!r}): it trains the speculative draft")
     if not getattr(server_args, "speculative_draft_model_path", None):
         raise OnlineTrainConfigError("--online-train needs --speculative-draft-model-path (the draft to train)")
+
+
+def resolve_draft_kind(server_args) -> str:
+    """The kind of the served draft (from its config.json), checked against --speculative-algorithm."""
+    from trainer.draft_kind import kind_for_draft
+    path = server_args.speculative_draft_model_path
+    try:
+        kind = kind_for_draft(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path}: {e}") from None
+    algo = str(server_args.speculative_algorithm).upper()
+    if kind.serving.algorithm != algo:
+        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft, served with "
+                                     f"--speculative-algorithm {kind.serving.algorithm}, not {algo}")
+    return kind.name

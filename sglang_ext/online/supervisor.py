@@ -1,5 +1,6 @@
 """Scheduler side of the co-located trainer: start / watch / restart the trainer process, feed it records,
-and hot-swap the weights it publishes into the live draft.
+and hot-swap the weights it publishes into the live draft. What is specific to the draft's kind (SGLang's
+parameter names, what to rebuild after a swap) comes from its `trainer.draft_kind.DraftKind`.
 
 Two threads of the scheduler process touch this:
   * the supervisor thread (ours): (re)starts `python -m sglang_ext.online.trainer_worker` with a fresh
@@ -8,12 +9,13 @@ Two threads of the scheduler process touch this:
   * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
     trainer published a version the scheduler has not applied, it copies the slot's weights into
     `draft_model` in place (`load_weights` -> `param.data.copy_`, storage addresses kept, so CUDA graphs
-    stay valid), rebuilds the DFlash worker's fused KV helper (it holds stacked copies of k/v weights), and
-    acknowledges. No forward runs during the copy, so none sees two versions.
+    stay valid), lets the kind rebuild what the worker derived from the weights (DFlash: the fused KV helper,
+    which holds stacked copies of k/v weights), and acknowledges. No forward runs during the copy, so none
+    sees two versions.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import socket
@@ -22,30 +24,22 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
 from multiprocessing.connection import Connection
 
 import torch
 
 from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.protocol import TrainerSpec, encode_record
 
 logger = logging.getLogger(__name__)
-_STACKED = (("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"), ("gate_proj", "gate_up_proj"),
-            ("up_proj", "gate_up_proj"))
+TRAINER_MODULE = "sglang_ext.online.trainer_worker"
 
 
-def check_draft_names(draft_model, layout: ws.Layout) -> None:
+def check_draft_names(kind, draft_model, layout: ws.Layout) -> None:
     """Every trained weight must land on a parameter of SGLang's draft (its load_weights skips unknown names
     silently): fail at startup if one would not."""
     params = {n.removeprefix("model.") for n, _ in draft_model.named_parameters()}
-    missing = []
-    for name, _ in layout:
-        for part, stacked in _STACKED:
-            if f".{part}." in name:
-                name = name.replace(part, stacked)
-                break
-        if name not in params:
-            missing.append(name)
+    missing = [kind.sglang_param_name(name) for name, _ in layout if kind.sglang_param_name(name) not in params]
     if missing:
         raise ValueError(f"--online-train: trained draft weights {missing[:6]} have no parameter in SGLang's "
                          f"{type(draft_model).__name__}; cannot hot-swap into it")
@@ -65,16 +59,19 @@ def resolve_trainer_device(cfg, serving_device) -> str:
 class TrainerSupervisor:
     RESTART_BACKOFF_S = (1.0, 30.0)
 
-    def __init__(self, cfg, worker, metrics, *, target_path: str, draft_path: str, block_size: int):
+    def __init__(self, cfg, kind, worker, metrics, *, target_path: str, draft_path: str, block_size: int):
         self.cfg = cfg
-        self.worker = worker                        # DFlashWorkerV2 (draft_model, _init_fused_kv_helper)
+        self.kind = kind                            # trainer.draft_kind.DraftKind of the served draft
+        self.worker = worker                        # SGLang's speculative worker (the kind's serving.worker_class)
+        self.draft_model = getattr(worker, kind.serving.draft_attr)
         self.metrics = metrics
         self.layout = ws.draft_layout(draft_path)
-        check_draft_names(worker.draft_model, self.layout)
+        check_draft_names(kind, self.draft_model, self.layout)
         self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
         self.slot = ws.WeightSlot.create(self.layout)
-        self.spec = {"config": asdict(cfg), "target_path": str(target_path), "draft_path": str(draft_path),
-                     "block_size": int(block_size), "device": self.device, "slot_fd": self.slot.fd}
+        self.spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
+                                draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size),
+                                device=self.device, slot_fd=self.slot.fd)
         self.outbox: deque[bytes] = deque(maxlen=4096)
         self.cond = threading.Condition()
         self.snapshot_fn = None                     # -> records to resend after a restart
@@ -85,7 +82,7 @@ class TrainerSupervisor:
         self.swaps = 0
         self.last_swap_t: float | None = None
         self.swap_latencies_s: list[float] = []
-        self._seen = {ws.REJECTED_WORSE: 0.0, ws.REJECTED_NAN: 0.0}
+        self._seen = {"rejected_worse": 0, "rejected_nan": 0}
         self._last_metrics_t = 0.0
         self._last_tick: float | None = None
         self.iteration_s: float | None = None
@@ -99,19 +96,22 @@ class TrainerSupervisor:
     # -- supervisor thread ---------------------------------------------------------------------------------
     def offer(self, record) -> None:
         """A finished replay record (called by the replay buffer's thread)."""
-        from sglang_ext.online.trainer_worker import encode_record
         with self.cond:
             self.outbox.append(encode_record(record))
             self.cond.notify()
 
+    def trainer_command(self, spec: TrainerSpec) -> list[str]:
+        """argv of the trainer process."""
+        return [sys.executable, "-m", TRAINER_MODULE, spec.to_json()]
+
     def _launch(self) -> None:
         parent, child = socket.socketpair()
-        spec = dict(self.spec, fd=child.fileno())
+        spec = dataclasses.replace(self.spec, records_fd=child.fileno())
         env = dict(os.environ)
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
-        self.proc = subprocess.Popen([sys.executable, "-m", "sglang_ext.online.trainer_worker", json.dumps(spec)],
-                                     pass_fds=[child.fileno(), self.slot.fd], env=env, close_fds=True)
+        self.proc = subprocess.Popen(self.trainer_command(spec), pass_fds=[child.fileno(), self.slot.fd], env=env,
+                                     close_fds=True)
         child.close()
         self.conn = Connection(parent.detach())
         self.starts += 1
@@ -120,7 +120,6 @@ class TrainerSupervisor:
         if self.starts > 1:
             self.metrics.trainer_restarted()
             # A fresh trainer has no records: give it everything the replay buffer still holds.
-            from sglang_ext.online.trainer_worker import encode_record
             backlog = list(self.snapshot_fn())[-self.outbox.maxlen:] if self.snapshot_fn is not None else []
             with self.cond:
                 self.outbox.clear()
@@ -194,23 +193,22 @@ class TrainerSupervisor:
 
     @torch.no_grad()
     def _swap(self, scheduler) -> None:
-        slot, worker = self.slot, self.worker
+        slot, draft = self.slot, self.draft_model
         version = slot.published
         in_flight = _requests_in_flight(scheduler)
         t0 = time.perf_counter()
-        cuda = next(worker.draft_model.parameters()).is_cuda
+        cuda = next(draft.parameters()).is_cuda
         if cuda:
             torch.cuda.synchronize()           # the overlap scheduler may still run the previous forward
-        storage = [p.data_ptr() for p in worker.draft_model.parameters()]
-        worker.draft_model.load_weights(list(slot.weights.items()))
-        if storage != [p.data_ptr() for p in worker.draft_model.parameters()]:
+        storage = [p.data_ptr() for p in draft.parameters()]
+        draft.load_weights(list(slot.weights.items()))
+        if storage != [p.data_ptr() for p in draft.parameters()]:
             logger.error("sglang_ext: draft parameter storage moved during the swap (CUDA graphs would be stale)")
-        if getattr(worker, "_use_fused_kv_materialize", False):
-            worker._init_fused_kv_helper()     # it keeps stacked copies of the k/v weights
+        self.kind.after_swap(self.worker)
         if cuda:
             torch.cuda.synchronize()
         latency = time.perf_counter() - t0
-        slot.set(ws.APPLIED, version)
+        slot.acknowledge(version)
         self.version = version
         self.swaps += 1
         self.last_swap_t = time.monotonic()
@@ -218,21 +216,21 @@ class TrainerSupervisor:
         self.metrics.swapped(version, latency, in_flight)
         logger.info("sglang_ext: draft version %d swapped in (%.2f ms, %d requests in flight, scheduler iteration "
                     "%.2f ms on average, trainer step %d, held-out tau %.3f vs %.3f)", version, latency * 1e3,
-                    in_flight, (self.iteration_s or 0.0) * 1e3, int(slot.get(ws.STEPS)), slot.get(ws.CANDIDATE_TAU),
-                    slot.get(ws.LIVE_TAU))
+                    in_flight, (self.iteration_s or 0.0) * 1e3, slot.header.steps, slot.header.candidate_tau,
+                    slot.header.live_tau)
 
     def _update_metrics(self, now: float) -> None:
-        s = self.slot
+        h = self.slot.header
         alive = self.proc is not None and self.proc.poll() is None
-        for field, reason in ((ws.REJECTED_WORSE, "worse"), (ws.REJECTED_NAN, "nan")):
-            value = s.get(field)
+        for field, reason in (("rejected_worse", "worse"), ("rejected_nan", "nan")):
+            value = getattr(h, field)
             if value > self._seen[field]:
-                self.metrics.rejected(reason, int(value - self._seen[field]))
+                self.metrics.rejected(reason, value - self._seen[field])
             self._seen[field] = max(value, self._seen[field])
         self.metrics.trainer_status(
-            up=alive, steps=s.get(ws.STEPS), loss=s.get(ws.LOSS), tokens_per_s=s.get(ws.TOKENS_PER_S),
-            tokens=s.get(ws.TOKENS), since_swap=None if self.last_swap_t is None else now - self.last_swap_t,
-            records=s.get(ws.RECORDS), heldout_tau=s.get(ws.LIVE_TAU))
+            up=alive, steps=h.steps, loss=h.loss, tokens_per_s=h.tokens_per_s, tokens=h.tokens,
+            since_swap=None if self.last_swap_t is None else now - self.last_swap_t, records=h.records,
+            heldout_tau=h.live_tau)
 
 
 def _requests_in_flight(scheduler) -> int:

@@ -1,14 +1,15 @@
 """The one shared-memory slot between the scheduler and the trainer process: a small status header plus one
-float32 copy of every draft weight.
+float32 copy of every draft weight. Plain torch + the standard library: it imports without SGLang.
 
-    header (float64 x 32)   trainer -> scheduler: published version, steps, loss, ...; scheduler -> trainer:
-                            applied version
-    weights (float32)       the newest accepted candidate, laid out by `layout` (name, shape) in name order
+    header (`SlotHeader`, 256 bytes reserved)   trainer -> scheduler: published version, steps, loss, ...;
+                                                scheduler -> trainer: applied version
+    weights (float32)                           the newest accepted candidate, laid out by `layout`
+                                                (name, shape) in name order
 
 Publication is a two-counter handshake, no lock (a killed trainer can never leave one held):
-  trainer:   writes weights only while APPLIED == PUBLISHED (the scheduler has finished reading the last
-             version), then sets PUBLISHED += 1;
-  scheduler: when PUBLISHED > APPLIED, copies the weights into the live draft, then sets APPLIED = PUBLISHED.
+  trainer:   writes weights only while applied == published (the scheduler has finished reading the last
+             version), then sets published += 1;
+  scheduler: when published > applied, copies the weights into the live draft, then sets applied = published.
 So the slot is never written while it is read, and a trainer killed mid-write leaves PUBLISHED unchanged: the
 half-written weights are never applied. The slot always ends up holding the newest accepted version, which
 is what a restarted trainer resumes from.
@@ -19,6 +20,7 @@ nothing is left behind however the processes end.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -28,13 +30,37 @@ from pathlib import Path
 
 import torch
 
-HEADER_SLOTS = 32
-HEADER_BYTES = HEADER_SLOTS * 8
-# header fields (float64 each)
-PUBLISHED, APPLIED, STEPS, LOSS, TOKENS_PER_S, REJECTED_WORSE, REJECTED_NAN, HEARTBEAT, RECORDS, TOKENS, \
-    CANDIDATE_TAU, LIVE_TAU, PID, GUARD_EVALS, TRAIN_RECORDS, HOLDOUT_RECORDS, ACCURACY = range(17)
-
+HEADER_BYTES = 256          # reserved for the header, so fields can be added without moving the weights
 Layout = list[tuple[str, tuple[int, ...]]]
+
+
+class SlotHeader(ctypes.Structure):
+    """The slot's status header, read and written in place in the shared mapping (8-byte aligned fields, so
+    each store is atomic for the other process)."""
+    _fields_ = [
+        # handshake
+        ("published", ctypes.c_int64),        # trainer: versions written so far (the newest is in the slot)
+        ("applied", ctypes.c_int64),          # scheduler: the version it copied into the live draft
+        # trainer status, shown on /metrics
+        ("steps", ctypes.c_int64),            # optimizer steps applied (kept across trainer restarts)
+        ("loss", ctypes.c_double),            # loss of the latest step
+        ("accuracy", ctypes.c_double),        # draft-position accuracy of the latest step
+        ("tokens", ctypes.c_int64),           # tokens trained on
+        ("tokens_per_s", ctypes.c_double),    # training throughput (EMA)
+        ("records", ctypes.c_int64),          # records received
+        ("train_records", ctypes.c_int64),    # ... in the training pool now
+        ("holdout_records", ctypes.c_int64),  # ... in the guard's held-out slice now
+        ("guard_evals", ctypes.c_int64),      # candidates scored by the guard
+        ("candidate_tau", ctypes.c_double),   # held-out tau of the latest candidate
+        ("live_tau", ctypes.c_double),        # held-out tau of the live draft
+        ("rejected_worse", ctypes.c_int64),   # candidates refused by the guard
+        ("rejected_nan", ctypes.c_int64),     # non-finite steps skipped + non-finite candidates refused
+        ("heartbeat", ctypes.c_double),       # time.time() of the trainer's latest loop iteration
+        ("pid", ctypes.c_int64),              # the trainer process
+    ]
+
+
+assert ctypes.sizeof(SlotHeader) <= HEADER_BYTES
 
 
 def draft_layout(draft_dir: str | os.PathLike) -> Layout:
@@ -75,7 +101,7 @@ class WeightSlot:
         self.fd = fd
         self.owner = owner
         self._mmap = mmap.mmap(fd, size)
-        self.header = torch.frombuffer(self._mmap, dtype=torch.float64, count=HEADER_SLOTS)
+        self.header = SlotHeader.from_buffer(self._mmap)
         self.weights: dict[str, torch.Tensor] = {}
         offset = HEADER_BYTES
         for name, shape in self.layout:
@@ -100,19 +126,17 @@ class WeightSlot:
         return cls(fd, layout, owner=False)
 
     # -- header ----------------------------------------------------------------------------------------
-    def get(self, field: int) -> float:
-        return float(self.header[field])
-
-    def set(self, field: int, value: float) -> None:
-        self.header[field] = float(value)
-
     @property
     def published(self) -> int:
-        return int(self.header[PUBLISHED])
+        return self.header.published
 
     @property
     def applied(self) -> int:
-        return int(self.header[APPLIED])
+        return self.header.applied
+
+    def acknowledge(self, version: int) -> None:
+        """Scheduler side: `version` is now live; the trainer may write the slot again."""
+        self.header.applied = version
 
     # -- trainer side ----------------------------------------------------------------------------------
     def can_publish(self) -> bool:
@@ -128,7 +152,7 @@ class WeightSlot:
         for name, dst in self.weights.items():
             dst.copy_(state[name].detach().to("cpu", torch.float32).view(dst.shape))
         version = self.published + 1
-        self.header[PUBLISHED] = version
+        self.header.published = version
         return version
 
     def read_state(self) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Tiny local stand-ins for tests and smoke runs: a target checkpoint holding only what the trainer
+"""Test-only stand-ins: a target checkpoint holding only what the trainer
 reads (config.json + embed_tokens / lm_head), a matching draft config, and replay records with a
 learnable structure. Nothing here is a real model.
 """

@@ -1,0 +1,172 @@
+"""Every SGLang hook of `--online-train`, registered in one place (`register_online_hooks`).
+
+The flag hooks are always on (they only add our flags to SGLang's parser and read them back); the others only
+in processes where --online-train was given (the launcher passes the parsed settings to its children in
+$SGLANG_EXT_ONLINE_TRAIN). Which worker class and feed method they hook comes from the served draft's kind
+(`trainer.draft_kind.ServingFacts`). Between the hooks and the pipeline's objects there is one typed handle,
+`_pipeline` (sglang_ext/online/pipeline.py builds it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from sglang_ext.online.config import (ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, add_arguments,
+                                      check_server_args, parse_argv, resolve_draft_kind)
+
+logger = logging.getLogger(__name__)
+_pipeline = None            # sglang_ext.online.pipeline.OnlinePipeline of this scheduler process, once built
+
+
+def pipeline():
+    """The OnlinePipeline of this process (None before the speculative worker started, or without the flag)."""
+    return _pipeline
+
+
+# ---- flags (always on) -------------------------------------------------------------------------------------
+
+# srt/server_args.py `ServerArgs.add_cli_args`: add our argument group to SGLang's parser, so
+# `python -m sglang.launch_server --help` lists it and argparse (and `--config` files) accept our flags.
+def add_online_train_cli_args(original, parser, *args, **kwargs):
+    out = original(parser, *args, **kwargs)
+    if not any(a.dest == "online_train" for a in parser._actions):
+        add_arguments(parser)
+    return out
+
+
+# srt/server_args.py `prepare_server_args`: `ServerArgs.from_cli_args` drops fields it does not declare, so
+# read our flags back from argv, validate them against the parsed server args and the draft's kind (fail fast
+# at startup), and hand them to the scheduler processes through the environment (and as a private attribute).
+def prepare_server_args_with_online_train(original, argv, *args, **kwargs):
+    try:
+        cfg = parse_argv(list(argv))
+    except OnlineTrainConfigError as e:
+        sys.stderr.write(f"sglang serve: error: {e}\n")
+        raise SystemExit(2) from None
+    server_args = original(argv, *args, **kwargs)
+    if cfg is None:
+        os.environ.pop(ENV_VAR, None)
+        return server_args
+    try:
+        check_server_args(cfg, server_args)
+        cfg.draft_kind = resolve_draft_kind(server_args)
+    except OnlineTrainConfigError as e:
+        sys.stderr.write(f"sglang serve: error: {e}\n")
+        raise SystemExit(2) from None
+    os.environ[ENV_VAR] = cfg.to_env()
+    server_args._online_train = cfg.to_env()
+    server_args.enable_metrics = True          # our metrics live on SGLang's /metrics
+    logger.info("sglang_ext: online training enabled: %s", cfg)
+    return server_args
+
+
+# ---- capture ----------------------------------------------------------------------------------------------
+
+# srt/models/qwen3_vl.py `Qwen3LLMModel.forward` (and qwen3_vl_moe.py `Qwen3MoeLLMModel.forward`): the aux
+# hidden state for target layer k is captured at the start of layer k+1, after layer k's deepstack visual
+# embedding was added (image/video rows of extend batches, k < 3). Subtract it again so the draft's features
+# are the residual stream after layer k and before deepstack, as the HF capture records them.
+# Exact up to one fp rounding of (h + d) - d: |error| <= ulp(|h + d|).
+def pre_deepstack_aux_hidden_states(original, self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    deepstack = kwargs.get("input_deepstack_embeds", args[5] if len(args) > 5 else None)
+    if deepstack is None or not isinstance(out, tuple) or getattr(self, "use_hf_deepstack_order", False):
+        return out
+    _, aux = out
+    hidden_size = self.hidden_size
+    for i, captured_layer in enumerate(sorted(self.layers_to_capture)):
+        k = captured_layer - 1                       # the target layer whose output this capture is
+        if i < len(aux) and k in self.deepstack_embed_to_decoder_layer:
+            aux[i] = aux[i] - deepstack[:, k * hidden_size:(k + 1) * hidden_size].to(aux[i].dtype)
+    return out
+
+
+# <worker>.__init__ (DFlash: srt/speculative/dflash_worker_v2.py `DFlashWorkerV2.__init__`): build the online
+# pipeline when the speculative worker starts, so a bad persist directory or draft fails the server at startup.
+def start_online_pipeline(result, self, *args, **kwargs):
+    global _pipeline
+    from sglang_ext.online.pipeline import build_pipeline
+    _pipeline = build_pipeline(OnlineTrainConfig.from_env(), self, self.server_args)
+
+
+# <worker>.forward_batch_generation: remember the batch being run, so the capture below can map feature rows
+# to requests.
+def remember_batch(original, self, batch, *args, **kwargs):
+    self._sglang_ext_batch = batch
+    try:
+        return original(self, batch, *args, **kwargs)
+    finally:
+        self._sglang_ext_batch = None
+
+
+def row_layout(worker, kwargs) -> dict:
+    """How the rows of one feed call map to requests (sglang_ext.online.capture.split_rows): prefill rows
+    follow the batch's extend lengths; verify rows come in blocks of block_size, a committed prefix each."""
+    if kwargs.get("commit_lens") is None:
+        return {}
+    return {"positions": kwargs["positions"], "commit_lens": kwargs["commit_lens"],
+            "block_size": int(worker.block_size)}
+
+
+# <worker>.<feed method> (DFlash: `DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`): the one place
+# target features enter the live draft (prefill rows; committed rows of each verify step). Record those tensors.
+def capture_draft_context(original, self, *args, **kwargs):
+    batch = getattr(self, "_sglang_ext_batch", None)
+    target_hidden = kwargs.get("target_hidden")
+    if _pipeline is not None and batch is not None and target_hidden is not None and target_hidden.numel():
+        try:
+            _pipeline.recorder.observe(batch, target_hidden, **row_layout(self, kwargs))
+        except Exception:                   # capture must never take serving down
+            logger.exception("sglang_ext: capture failed; serving continues")
+    return original(self, *args, **kwargs)
+
+
+# srt/mem_cache/common.py `release_kv_cache`: called once a request finishes, is aborted or retracted.
+def finish_request(original, req, *args, **kwargs):
+    out = original(req, *args, **kwargs)
+    if _pipeline is not None:
+        try:
+            _pipeline.recorder.release(req)
+        except Exception:
+            logger.exception("sglang_ext: could not finish the record of request %s", getattr(req, "rid", "?"))
+    return out
+
+
+# ---- hot swap ---------------------------------------------------------------------------------------------
+
+# srt/managers/scheduler.py `Scheduler.ingest_requests`: called at the top of every scheduler iteration, when
+# no forward is running: the one point where the live draft's weights may change.
+def swap_between_iterations(scheduler, *args, **kwargs):
+    supervisor = _pipeline.supervisor if _pipeline is not None else None
+    if supervisor is not None:
+        try:
+            supervisor.tick(scheduler)
+        except Exception:                   # a failed swap must not take serving down
+            logger.exception("sglang_ext: hot swap / trainer bookkeeping failed; serving goes on")
+    return None
+
+
+# ---- registration -----------------------------------------------------------------------------------------
+
+def register_online_hooks() -> None:
+    from trainer.draft_kind import get_kind
+
+    reg = HookRegistry.register
+    reg("sglang.srt.server_args.ServerArgs.add_cli_args", add_online_train_cli_args, HookType.AROUND)
+    reg("sglang.srt.server_args.prepare_server_args", prepare_server_args_with_online_train, HookType.AROUND)
+    cfg = OnlineTrainConfig.from_env()
+    if cfg is None or not cfg.enabled:
+        return
+    serving = get_kind(cfg.draft_kind or "dflash").serving
+    worker = serving.worker_class
+    reg("sglang.srt.models.qwen3_vl.Qwen3LLMModel.forward", pre_deepstack_aux_hidden_states, HookType.AROUND)
+    reg("sglang.srt.models.qwen3_vl_moe.Qwen3MoeLLMModel.forward", pre_deepstack_aux_hidden_states, HookType.AROUND)
+    reg(f"{worker}.__init__", start_online_pipeline, HookType.AFTER)
+    reg(f"{worker}.forward_batch_generation", remember_batch, HookType.AROUND)
+    reg(f"{worker}.{serving.feed_method}", capture_draft_context, HookType.AROUND)
+    reg("sglang.srt.mem_cache.common.release_kv_cache", finish_request, HookType.AROUND)
+    if cfg.trainer:
+        reg("sglang.srt.managers.scheduler.Scheduler.ingest_requests", swap_between_iterations, HookType.BEFORE)

@@ -1,0 +1,64 @@
+"""The online path of one scheduler process, wired in one place:
+
+    capture (Recorder) -> replay buffer (ReplayBuffer, + shards) -> supervisor (TrainerSupervisor)
+        -> trainer process (trainer_worker) -> weight slot -> hot swap (TrainerSupervisor.tick) -> metrics
+
+`build_pipeline` is called once, when SGLang's speculative worker of the draft's kind has started
+(sglang_ext/online/hooks.py); the hooks then only ever talk to the `OnlinePipeline` it returns.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+from dataclasses import dataclass
+
+from sglang_ext.online.buffer import STORAGE, ReplayBuffer
+from sglang_ext.online.capture import Recorder
+from sglang_ext.online.config import OnlineTrainConfig
+from sglang_ext.online.metrics import OnlineMetrics
+from sglang_ext.online.supervisor import TrainerSupervisor
+from trainer.draft_kind import DraftKind, get_kind
+from trainer.replay import ReplaySpec
+from trainer.target import target_identity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlinePipeline:
+    cfg: OnlineTrainConfig
+    kind: DraftKind                        # the served draft's kind
+    block_size: int                        # tokens per verify step the worker runs with
+    spec: ReplaySpec                       # what the records hold (target, layers, hidden size, storage dtype)
+    metrics: OnlineMetrics
+    recorder: Recorder                     # scheduler thread: rows of running requests
+    buffer: ReplayBuffer                   # its own thread: records, budget, shards
+    supervisor: TrainerSupervisor | None   # its own thread + the trainer process; None with capture only
+
+
+def build_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipeline:
+    """Everything --online-train runs in the scheduler process, for `worker` (SGLang's speculative worker).
+    Raises on a bad setting (persist directory, draft names), so the server fails at startup."""
+    kind = get_kind(cfg.draft_kind or "dflash")
+    draft_path = server_args.speculative_draft_model_path
+    draft_cfg = kind.load_config(draft_path)
+    # The target captures its layers in layer order, so the feature columns follow the sorted ids.
+    layer_ids = sorted(kind.feature_layers(draft_cfg))
+    spec = ReplaySpec(target_identity(server_args.model_path), layer_ids, int(draft_cfg.hidden_size),
+                      STORAGE[cfg.storage_dtype])
+    metrics = OnlineMetrics({"model_name": str(server_args.served_model_name or server_args.model_path)})
+    buffer = ReplayBuffer(cfg, spec, metrics)
+    recorder = Recorder(cfg, buffer.submit, metrics)            # capture -> buffer
+    block_size = int(worker.block_size)
+    supervisor = None
+    if cfg.trainer:
+        supervisor = TrainerSupervisor(cfg, kind, worker, metrics, target_path=server_args.model_path,
+                                       draft_path=draft_path, block_size=block_size)
+        buffer.on_record = supervisor.offer                     # buffer -> trainer
+        supervisor.start(lambda: [record for record, _ in buffer.snapshot()])   # restarts get the backlog
+        atexit.register(supervisor.stop)
+    logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
+                "persist %s, trainer %s", kind.name, layer_ids, spec.hidden_size, cfg.replay_budget_bytes,
+                cfg.persist_dir, supervisor.device if supervisor else "off (capture only)")
+    return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, recorder=recorder,
+                          buffer=buffer, supervisor=supervisor)

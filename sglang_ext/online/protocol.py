@@ -1,0 +1,123 @@
+"""What crosses the process boundary between the scheduler and the trainer process (no SGLang here):
+
+    TrainerSpec     argv[1] of `python -m sglang_ext.online.trainer_worker`: the trainer's settings, the target
+                    and draft, the devices and the inherited file descriptors (JSON, type-checked both ways)
+    records         one `ReplayRecord` per message on the socket (`encode_record` / `decode_record`)
+    weights+status  the shared `WeightSlot` (sglang_ext/online/weight_slot.py)
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import typing
+from dataclasses import dataclass
+
+import torch
+
+from trainer.replay import ReplayRecord
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How the online trainer trains, guards and publishes (from OnlineTrainConfig.trainer_settings())."""
+    lr: float = 6e-4                      # AdamW, constant after warmup
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 8                   # records per step
+    num_anchors: int = 64                 # DFlash blocks sampled per record
+    gamma: float = 7.0                    # DFlash slot-weight decay
+    max_seq_len: int = 4096               # records are cut to this many tokens
+    pool_budget_bytes: int = 2 << 30      # feature bytes of the training pool (oldest records go first)
+    min_records: int = 8                  # training starts once this many records arrived
+    swap_every: int = 25                  # steps between candidates
+    holdout_every: int = 5                # every n-th record goes to the guard's held-out slice
+    holdout_records: int = 32             # size of that slice (most recent)
+    guard_tolerance: float = 0.0          # publish if candidate tau >= live tau - tolerance
+    threads: int = 1                      # torch CPU threads
+    checkpoint_dir: str | None = None     # export each accepted version here
+    keep_checkpoints: int = 3
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    settings: TrainerSettings
+    target_path: str                      # local HF target checkpoint (embed_tokens / lm_head are read)
+    draft_path: str                       # the draft SGLang loaded (initial weights and config)
+    draft_kind: str                       # trainer.draft_kind name, e.g. "dflash"
+    block_size: int                       # tokens per verify step the server runs with
+    device: str                           # "cpu", "cuda:N"
+    slot_fd: int                          # the WeightSlot's memfd, inherited
+    records_fd: int = -1                  # our end of the records socket, inherited
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"trainer spec: invalid JSON ({e})") from None
+        return _from_dict(cls, data, "trainer spec")
+
+
+def _from_dict(cls, data, where: str):
+    """Build dataclass `cls` from a JSON dict, checking every field's type (no bool for int, no float for int,
+    finite floats); errors name the field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}.{f.name}: missing")
+            continue
+        values[f.name] = _check(hints[f.name], data[f.name], f"{where}.{f.name}")
+    return cls(**values)
+
+
+def _check(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    args = typing.get_args(tp)
+    if args and type(None) in args:                      # X | None
+        if value is None:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          str: isinstance(value, str), bool: isinstance(value, bool)}.get(tp)
+    if not ok:
+        raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+# ---- records ------------------------------------------------------------------------------------------------
+
+def encode_record(record: ReplayRecord) -> bytes:
+    """A finished replay record -> one message to the trainer (what training needs, and the request id)."""
+    buf = io.BytesIO()
+    torch.save({"input_ids": record.input_ids, "features": record.features, "positions": record.positions,
+                "loss_mask": record.loss_mask, "rid": str(record.meta.get("rid", ""))}, buf)
+    return buf.getvalue()
+
+
+def decode_record(payload: bytes) -> ReplayRecord:
+    d = torch.load(io.BytesIO(payload), weights_only=True)
+    return ReplayRecord(input_ids=d["input_ids"].long(), features=d["features"], positions=d["positions"],
+                        loss_mask=d["loss_mask"].bool(), meta={"rid": d["rid"]})
+
+
+def record_nbytes(record: ReplayRecord) -> int:
+    return record.features.numel() * record.features.element_size()
+
+
+__all__ = ["TrainerSettings", "TrainerSpec", "encode_record", "decode_record", "record_nbytes"]

@@ -1,0 +1,58 @@
+"""A test-only SGLang plugin, loaded by SGLang's own plugin mechanism in the servers the tests start.
+
+It is "installed" only for a server whose environment puts tests/sglang_plugin on PYTHONPATH (see
+tests/support/plugin.py): importlib.metadata then finds the dist-info beside this file and SGLang runs
+`register()` in every process it starts. What it does is chosen by environment variables the test sets:
+
+  SGLANG_EXT_TEST_DUMP_DIR=DIR       after each feed of target features into the live draft, save them with
+                                     the layer-0 keys the draft wrote into its KV cache for them (so a test can
+                                     prove the recorded features are the ones the live draft consumed)
+  SGLANG_EXT_TEST_TRAINER_FAULTS=..  run the online trainer as `sglang_ext_test_trainer` (a subclass of the
+                                     production trainer with faults injected; see that module)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DUMP_ENV = "SGLANG_EXT_TEST_DUMP_DIR"
+FAULTS_ENV = "SGLANG_EXT_TEST_TRAINER_FAULTS"
+_calls = [0]
+
+
+# DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc (AFTER, so the draft's KV cache holds the keys).
+def dump_draft_context(result, worker, *args, **kwargs):
+    import torch
+
+    from sglang_ext.online.capture import split_rows
+    from sglang_ext.online.hooks import row_layout
+
+    batch = getattr(worker, "_sglang_ext_batch", None)
+    target_hidden, cache_loc = kwargs.get("target_hidden"), kwargs.get("cache_loc")
+    if batch is None or target_hidden is None or not target_hidden.numel():
+        return result
+    k_cache = worker.draft_model_runner.token_to_kv_pool.get_key_buffer(0)
+    parts = split_rows(batch, **row_layout(worker, kwargs))
+    dump = {"rids": [req.rid for req, _, _ in parts], "starts": [start for _, start, _ in parts],
+            "features": [target_hidden[rows].detach().float().cpu() for _, _, rows in parts],
+            "draft_k_layer0": [k_cache[cache_loc[rows].long()].detach().float().cpu() for _, _, rows in parts]}
+    _calls[0] += 1
+    torch.save(dump, Path(os.environ[DUMP_ENV]) / f"call-{os.getpid()}-{_calls[0]:06d}.pt")
+    return result
+
+
+# sglang_ext.online.supervisor.TrainerSupervisor.trainer_command: start the fault-injecting trainer instead.
+def faulty_trainer_command(original, self, spec):
+    argv = original(self, spec)
+    return [a if a != "sglang_ext.online.trainer_worker" else "sglang_ext_test_trainer" for a in argv]
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if os.environ.get(DUMP_ENV):
+        HookRegistry.register("sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2."
+                              "_append_target_hidden_to_draft_kv_by_loc", dump_draft_context, HookType.AFTER)
+    if os.environ.get(FAULTS_ENV):
+        HookRegistry.register("sglang_ext.online.supervisor.TrainerSupervisor.trainer_command",
+                              faulty_trainer_command, HookType.AROUND)

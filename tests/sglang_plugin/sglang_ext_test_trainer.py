@@ -1,0 +1,72 @@
+"""The production online trainer with faults injected, for tests (run by the test plugin as the trainer process,
+or imported by unit tests). Faults, comma separated in $SGLANG_EXT_TEST_TRAINER_FAULTS:
+
+  nan_steps=A-B            the A-th..B-th step this process attempts gets NaN features (so a NaN loss)
+  worse_once_live_tau=T    the first candidate offered while the live draft's held-out tau is >= T is replaced
+                           by a clearly worse one (final norm negated: every logit flips sign)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from sglang_ext.online.trainer_worker import OnlineTrainer, main
+
+FAULTS_ENV = "SGLANG_EXT_TEST_TRAINER_FAULTS"
+log = logging.getLogger("sglang_ext.trainer")
+
+
+def parse_faults(text: str | None) -> dict:
+    faults: dict = {"nan_steps": (0, -1), "worse_once_live_tau": None}
+    for part in filter(None, (text or "").split(",")):
+        key, _, value = part.partition("=")
+        if key == "nan_steps":
+            a, _, b = value.partition("-")
+            faults["nan_steps"] = (int(a), int(b or a))
+        elif key == "worse_once_live_tau":
+            faults["worse_once_live_tau"] = float(value)
+        else:
+            raise ValueError(f"${FAULTS_ENV}: unknown fault {key!r} (nan_steps=A-B, worse_once_live_tau=T)")
+    return faults
+
+
+class FaultyTrainer(OnlineTrainer):
+    def __init__(self, spec, faults: dict | None = None):
+        super().__init__(spec)
+        self.faults = faults if faults is not None else parse_faults(os.environ.get(FAULTS_ENV))
+        self.injected_worse = False
+        self._injecting = False
+
+    def sample_batch(self):
+        batch = super().sample_batch()
+        a, b = self.faults["nan_steps"]
+        if a <= self.local_steps + 1 <= b:
+            batch.target_hidden.fill_(float("nan"))
+        return batch
+
+    def candidate(self):
+        model, state = super().candidate()
+        threshold = self.faults["worse_once_live_tau"]
+        self._injecting = False
+        if threshold is None or self.injected_worse or self.score(self.live) < threshold:
+            return model, state
+        self.injected_worse = self._injecting = True
+        state["norm.weight"] = -state["norm.weight"]
+        worse = self.kind.from_scratch(self.draft.cfg)
+        worse.load_state_dict(state)
+        worse.to(self.step_fn.precision.device).attach_target(self.draft.embed_tokens, self.draft.lm_head)
+        return worse, state
+
+    def maybe_publish(self):
+        before = self.slot.published
+        super().maybe_publish()
+        if self._injecting:
+            self._injecting = False
+            outcome = "was PUBLISHED" if self.slot.published > before else "was refused"
+            log.info("fault: the injected-worse candidate %s (guard: candidate tau %.3f, live %.3f)", outcome,
+                     self.slot.header.candidate_tau, self.slot.header.live_tau)
+
+
+if __name__ == "__main__":
+    sys.exit(main(trainer_cls=FaultyTrainer))

@@ -1,0 +1,96 @@
+"""The layout rules the code base keeps: shipped code apart from demo and test code, the pipeline behind the
+draft-kind seam, the trainer process without SGLang, and the draft-kind registry."""
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.draft_kind import get_kind, kind_for_architectures, kind_for_draft, kinds
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = [p for root in ("sglang_ext", "trainer", "spec_kernels") for p in (REPO / root).rglob("*.py")
+           if "demo" not in p.relative_to(REPO).parts]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def test_shipped_code_never_imports_demo_or_test_code():
+    assert len(SHIPPED) > 20
+    test_modules = {p.stem for p in (REPO / "tests").rglob("*.py")} | {"tests", "support"}
+    bad = {}
+    for path in SHIPPED:
+        for mod in _imported_modules(path):
+            top = mod.split(".")[0]
+            if mod == "sglang_ext.demo" or mod.startswith("sglang_ext.demo.") or top in test_modules:
+                bad.setdefault(str(path.relative_to(REPO)), []).append(mod)
+    assert not bad, bad
+
+
+def test_pipeline_names_no_draft_kind():
+    """finetune, the evaluator and the online path go through trainer.draft_kind, never DFlash by name."""
+    files = [REPO / "trainer" / "finetune.py", REPO / "trainer" / "evaluate.py",
+             *sorted((REPO / "sglang_ext" / "online").rglob("*.py"))]
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"DFlashDraft|dflash_loss", line)]
+    assert not hits, hits
+
+
+BLOCK_SGLANG = r"""
+import importlib.abc, sys
+class NoSGLang(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "sglang" or name.startswith("sglang."):
+            raise ImportError(f"blocked for this test: {name}")
+sys.meta_path.insert(0, NoSGLang())
+import sglang_ext.online.weight_slot, sglang_ext.online.protocol, sglang_ext.online.trainer_worker
+import trainer.finetune, trainer.train_step
+assert not any(m == "sglang" or m.startswith("sglang.") for m in sys.modules), sorted(sys.modules)
+print("OK")
+"""
+
+
+def test_trainer_process_and_weight_slot_import_without_sglang():
+    proc = subprocess.run([sys.executable, "-c", BLOCK_SGLANG], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_registry_finds_the_kind_from_the_config(tmp_path):
+    dflash = get_kind("dflash")
+    assert "dflash" in kinds() and kind_for_architectures(["DFlashDraftModel"]) is dflash
+    cfg = dflash.config_for_target({"text_config": {"hidden_size": 64, "num_hidden_layers": 6, "vocab_size": 100,
+                                                    "num_attention_heads": 4, "intermediate_size": 128}},
+                                   num_layers=2, block_size=4, mask_token_id=99)
+    assert cfg.target_layer_ids == [1, 3] and dflash.feature_layers(cfg) == [1, 3]
+    draft_dir = dflash.from_scratch(cfg, seed=0).export(tmp_path / "draft", dtype=torch.float32)
+    assert kind_for_draft(draft_dir) is dflash
+    assert dflash.server_args(draft_dir, 4) == ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path",
+                                                str(draft_dir), "--speculative-num-draft-tokens", "4"]
+    assert dflash.sglang_param_name("layers.0.self_attn.k_proj.weight") == "layers.0.self_attn.qkv_proj.weight"
+    assert dflash.sglang_param_name("fc.weight") == "fc.weight"
+
+    bad = tmp_path / "other"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["MedusaModel"]}))
+    with pytest.raises(ValueError, match=r"other/config.json: architectures \['MedusaModel'\] is not a draft kind"):
+        kind_for_draft(bad)
+    (bad / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(ValueError, match="no 'architectures' list"):
+        kind_for_draft(bad)
+    with pytest.raises(FileNotFoundError, match="draft config not found"):
+        kind_for_draft(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown draft kind 'medusa'"):
+        get_kind("medusa")
