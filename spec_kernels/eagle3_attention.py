@@ -267,3 +267,15 @@ def eagle3_ttt_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     tiles = tiles if tiles is not None else default_tiles(q.shape[-1], q.dtype, kind="eagle3")
     q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
     return Eagle3TTTAttentionFunction.apply(q, k, v, n_steps, scale, tiles)
+
+
+def eagle3_ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """backend: "reference", "triton", or "auto" (the Triton kernel for CUDA tensors, the reference otherwise)."""
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"unknown attention backend {backend!r}; expected auto, reference or triton")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "reference"
+    if backend == "triton":
+        return eagle3_ttt_attention_triton(q, k, v, scale=scale)
+    return eagle3_ttt_attention_reference(q, k, v, scale=scale)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from trainer.dflash_draft import DFlashDraft, DraftConfig, default_target_layer_ids
 from trainer.objective import build_blocks
+from support.sglang_cpu import sglang_cpu
 from support.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
 
 STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -35,28 +35,12 @@ def sgl():
                            get_parallel=get_parallel, AttentionType=AttentionType)
 
 
-@contextmanager
-def sglang_cpu(sgl):
-    """What SGLang needs to build the draft on a CPU-only box without a server: a TP world of one
-    (group stand-ins, as SGLang's own unit tests use) and RoPE's native path (on a non-CUDA build
-    RotaryEmbedding.__init__ otherwise tries to import vllm's kernel)."""
-    group = SimpleNamespace(rank_in_group=0, world_size=1)
-    saved = sgl.rope_base._is_cpu
-    sgl.rope_base._is_cpu = True
-    try:
-        with sgl.get_parallel().override(tp_size=1, tp_rank=0, attn_tp_size=1, attn_tp_rank=0,
-                                         tp_group=group, attn_tp_group=group):
-            yield
-    finally:
-        sgl.rope_base._is_cpu = saved
-
-
 def load_into_sglang(sgl, export_dir):
     """Build SGLang's DFlashDraftModel from the exported config.json, load the exported tensors with its
     own load_weights, and check every parameter was written with exactly our values."""
     hf_config = sgl.AutoConfig.from_pretrained(str(export_dir))
     exported = load_file(str(export_dir / "model.safetensors"))
-    with sglang_cpu(sgl):
+    with sglang_cpu():
         model = sgl.DFlashDraftModel(hf_config).float()
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -99,7 +83,7 @@ class DenseBlockAttention(torch.nn.Module):
 def sglang_block_hidden(sgl, model, target_hidden, block_ids, anchor, embed):
     """SGLang's path for one block: project_target_hidden -> per layer kv_proj_only / apply_k_norm /
     apply_k_rope (as dflash_worker_v2._append_target_hidden_sequential) -> DFlashDraftModel.forward."""
-    with torch.no_grad(), sglang_cpu(sgl):
+    with torch.no_grad(), sglang_cpu():
         ctx = model.project_target_hidden(target_hidden[:anchor])
         ctx_pos = torch.arange(anchor)
         for layer in model.layers:

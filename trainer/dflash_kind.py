@@ -24,6 +24,7 @@ class DFlashKind(DraftKind):
         stacked_params=(("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),
                         ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")),
     )
+    objective_knobs = ("num_anchors", "gamma", "chunk_rows", "anchors")
 
     # -- config and model --
     def load_config(self, source: str | os.PathLike | dict) -> DraftConfig:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from trainer.train_step import Batch
 
 # kind name -> module that defines and registers it (imported lazily, on the first lookup)
-BUILTIN_KINDS = {"dflash": "trainer.dflash_kind"}
+BUILTIN_KINDS = {"dflash": "trainer.dflash_kind", "eagle3": "trainer.eagle3_kind"}
 
 
 # ---- what every kind's objective returns ------------------------------------------------------------------
@@ -91,8 +91,9 @@ class ServingFacts:
     """Where SGLang 0.5.23 serves this kind: what the online path hooks and what a hot swap must respect."""
     algorithm: str                                  # --speculative-algorithm
     worker_class: str                               # dotted path of SGLang's speculative worker
-    feed_method: str                                # the worker method through which target features enter
-                                                    # the live draft (capture hooks it)
+    feed_method: str | None                         # the worker method through which target features enter
+                                                    # the live draft (capture hooks it); None: --online-train
+                                                    # cannot capture this kind yet
     stacked_params: tuple[tuple[str, str], ...]     # (our weight name part, SGLang's fused parameter part)
     draft_attr: str = "draft_model"                 # the worker attribute holding SGLang's draft module
 
@@ -103,6 +104,7 @@ class DraftKind(ABC):
     name: str                                       # "dflash"
     architectures: tuple[str, ...]                  # config.json architectures this kind loads
     serving: ServingFacts
+    objective_knobs: tuple[str, ...] = ()           # the keyword settings `loss` takes
 
     # -- config and model --
     @abstractmethod
@@ -146,11 +148,24 @@ class DraftKind(ABC):
     def check_head(self, cfg, embed_rows: int, where: str) -> None:
         """Checks of the draft against the target's vocabulary (ValueError naming `where`)."""
 
+    def attach_target(self, model, embed_tokens: torch.Tensor, lm_head: torch.Tensor,
+                      target_path: str | os.PathLike) -> None:
+        """Give the model the frozen target parts it needs (embedding and lm_head, in the model's device and
+        the compute dtype; a kind that needs more reads it from `target_path`)."""
+        model.attach_target(embed_tokens, lm_head)
+
+    def init_from_replay(self, model, reader) -> None:
+        """A from-scratch draft may take data-dependent state from the replay (e.g. a draft vocabulary)."""
+
     # -- training --
     @abstractmethod
     def loss(self, model, batch: "Batch", *, generator: torch.Generator | None = None, backend: str = "auto",
              **settings) -> ObjectiveOutput:
         """The kind's objective on one padded batch; `settings` are the kind's objective knobs."""
+
+    def objective_settings(self, **knobs) -> dict:
+        """The knobs (finetune flags, online settings) this kind's objective takes; the others are dropped."""
+        return {k: v for k, v in knobs.items() if k in self.objective_knobs and v is not None}
 
     # -- offline evaluation: SGLang's verify rule replayed with an HF target --
     @abstractmethod

@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.served:
             reports.append(evaluate_served(args.target_model_path, args.draft_model_path, examples, url=args.url,
                                            cpu=not args.gpu, extra_args=args.server_arg, **common))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(reports))

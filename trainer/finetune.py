@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draft block size B (default: the draft config's block_size; exported with the draft)")
     obj.add_argument("--num-anchors", type=int, default=512, help="DFlash: max blocks (anchors) sampled per sequence")
     obj.add_argument("--gamma", type=float, default=7.0, help="DFlash: slot k loss weight is exp(-(k-1)/gamma)")
+    obj.add_argument("--ttt-steps", type=int, default=7,
+                     help="EAGLE3: training-time-test steps unrolled per position (step s weighted 0.8^s)")
 
     data = p.add_argument_group("data and length")
     data.add_argument("--batch-size", type=int, default=8, help="max sequences per micro-batch")
@@ -258,8 +260,11 @@ def train(args) -> TrainResult:
     else:
         draft = kind.from_scratch(cfg, seed=args.seed)
     draft.to(device)
-    draft.attach_target(embed.to(device, precision.dtype), lm_head.to(device, precision.dtype))
+    kind.attach_target(draft, embed.to(device, precision.dtype), lm_head.to(device, precision.dtype),
+                       args.target_model_path)
     del embed, lm_head
+    if resume_dir is None and not args.draft_model_path:
+        kind.init_from_replay(draft, reader)
 
     lengths = [min(r.length, args.max_seq_len) for r in reader.records]
     max_tokens = max(args.max_tokens_per_batch, 1)
@@ -272,8 +277,8 @@ def train(args) -> TrainResult:
 
     step_fn = TrainStep(kind, draft, precision, lr=args.lr, betas=tuple(args.adam_betas),
                         weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                        objective={"num_anchors": args.num_anchors, "gamma": args.gamma,
-                                   "chunk_rows": args.ce_chunk_rows})
+                        objective=kind.objective_settings(num_anchors=args.num_anchors, gamma=args.gamma,
+                                                          chunk_rows=args.ce_chunk_rows, ttt_steps=args.ttt_steps))
     optimizer = step_fn.optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.min_lr_ratio))

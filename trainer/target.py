@@ -20,6 +20,7 @@ EMBED_NAMES = (
     "language_model.model.embed_tokens.weight",     # older VL layouts
 )
 LM_HEAD_NAMES = ("lm_head.weight", "model.lm_head.weight", "language_model.lm_head.weight")
+FINAL_NORM_NAMES = ("model.language_model.norm.weight", "model.norm.weight", "language_model.model.norm.weight")
 
 
 @dataclass(frozen=True)
@@ -97,24 +98,40 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return out
 
 
+def _read_first(names: dict[str, Path], candidates: tuple[str, ...], dtype: torch.dtype | None) -> torch.Tensor | None:
+    """The first of `candidates` the checkpoint has (names: tensor name -> file), or None."""
+    from safetensors import safe_open
+    for name in candidates:
+        if name in names:
+            f = names[name]
+            if not f.is_file():
+                raise FileNotFoundError(f"target weight {name} is mapped to missing file {f}")
+            with safe_open(str(f), framework="pt") as sf:
+                t = sf.get_tensor(name)
+            return t.to(dtype) if dtype is not None else t
+    return None
+
+
+def load_target_final_norm(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
+    """-> (the text model's final RMSNorm weight [H], its eps): with lm_head, the target's next-token head."""
+    path = Path(path)
+    cfg = read_target_config(path)
+    text = cfg.get("text_config") or cfg
+    norm = _read_first(_weight_files(path), FINAL_NORM_NAMES, dtype)
+    if norm is None:
+        raise ValueError(f"target checkpoint {path}: no final norm among {list(FINAL_NORM_NAMES)}")
+    return norm, float(text.get("rms_norm_eps", 1e-6))
+
+
 def load_target_head(path: str | os.PathLike, dtype: torch.dtype | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, TargetInfo]:
     """-> (embed_tokens [V, H], lm_head [V, H], info). Tied checkpoints return the same tensor twice."""
-    from safetensors import safe_open
     path = Path(path)
     info = target_info(path)
     names = _weight_files(path)
 
     def read(candidates: tuple[str, ...]) -> torch.Tensor | None:
-        for name in candidates:
-            if name in names:
-                f = names[name]
-                if not f.is_file():
-                    raise FileNotFoundError(f"target weight {name} is mapped to missing file {f}")
-                with safe_open(str(f), framework="pt") as sf:
-                    t = sf.get_tensor(name)
-                return t.to(dtype) if dtype is not None else t
-        return None
+        return _read_first(names, candidates, dtype)
 
     embed = read(EMBED_NAMES)
     if embed is None:

@@ -246,9 +246,10 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
 
 
 def supported_algorithms() -> list[str]:
-    """--speculative-algorithm values whose drafts --online-train can train: one per draft kind."""
+    """--speculative-algorithm values whose drafts --online-train can train: one per draft kind whose live
+    features the online path can capture."""
     from trainer.draft_kind import kinds
-    return sorted({kind.serving.algorithm for kind in kinds().values()})
+    return sorted({kind.serving.algorithm for kind in kinds().values() if kind.serving.feed_method})
 
 
 def check_server_args(cfg: OnlineTrainConfig, server_args) -> None:
@@ -272,6 +273,9 @@ def resolve_draft_kind(server_args) -> str:
     except (ValueError, FileNotFoundError) as e:
         raise OnlineTrainConfigError(f"--speculative-draft-model-path {path}: {e}") from None
     algo = str(server_args.speculative_algorithm).upper()
+    if not kind.serving.feed_method:
+        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft; --online-train "
+                                     f"cannot capture {kind.serving.algorithm} traffic yet")
     if kind.serving.algorithm != algo:
         raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft, served with "
                                      f"--speculative-algorithm {kind.serving.algorithm}, not {algo}")

@@ -63,10 +63,12 @@ class OnlineTrainer:
         self.live.load_state_dict(self.draft.state_dict())
         for model in (self.draft, self.live):
             model.to(precision.device)
-            model.attach_target(embed.to(precision.device), lm_head.to(precision.device))
+            self.kind.attach_target(model, embed.to(precision.device), lm_head.to(precision.device),
+                                    spec.target_path)
         self.live.eval()
         self.step_fn = TrainStep(self.kind, self.draft, precision, lr=s.lr, weight_decay=s.weight_decay,
-                                 grad_clip=s.grad_clip, objective={"num_anchors": s.num_anchors, "gamma": s.gamma})
+                                 grad_clip=s.grad_clip,
+                                 objective=self.kind.objective_settings(num_anchors=s.num_anchors, gamma=s.gamma))
         self.step = self.slot.header.steps  # optimizer steps applied, across restarts
         self.local_steps = 0                # attempted steps of this process
         self.bad_steps = 0                  # non-finite steps in a row
@@ -158,7 +160,7 @@ class OnlineTrainer:
         size = self.settings.batch_size
         batches = [pad_batch(held[i:i + size], self.settings.max_seq_len, self.step_fn.precision.dtype)
                    for i in range(0, len(held), size)]
-        return self.step_fn.acceptance(model, batches, num_anchors=GUARD_ANCHORS)
+        return self.step_fn.acceptance(model, batches, **self.kind.objective_settings(num_anchors=GUARD_ANCHORS))
 
     def candidate(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """The model to score and the state dict to publish if it passes: the draft being trained."""
