@@ -14,6 +14,15 @@ CPU_TARGETS = {
     "sglang.srt.mem_cache.allocation.assign_req_to_token_pool_func",
     "torch.Tensor.record_stream",
     "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
+    # EAGLE3
+    "sglang.kernels.ops.speculative.cache_locs.assign_draft_cache_locs_contiguous_func",
+    "sglang.kernels.ops.speculative.cache_locs.fill_front_out_cache_loc_func",
+    "sglang.kernels.ops.speculative.spec_tree.build_tree_kernel_efficient_func",
+    "sglang.kernels.ops.speculative.spec_tree.verify_tree_greedy_func",
+    "sglang.kernels.ops.speculative.eagle.fill_bonus_tokens_func",
+    "sglang.kernels.ops.speculative.eagle.fill_accept_out_cache_loc_func",
+    "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend",
+    "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend",
 }
 
 PROBE = r"""

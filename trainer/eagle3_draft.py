@@ -405,6 +405,42 @@ class Eagle3Draft(nn.Module):
             outs.append(normed)
         return outs
 
+    # ---- serving-order inference (the offline evaluator): a draft extend, then decode steps ----
+    @torch.no_grad()
+    def extend(self, target_hidden: torch.Tensor, token_ids: torch.Tensor) -> tuple:
+        """SGLang's draft extend over positions 0..S-1: target_hidden [S, K*Ht], token_ids [S] (already rotated:
+        index i holds x_{i+1}). -> (aux [S, H], normed [S, H], keys [Hkv, S, D], values) for later decode steps."""
+        S = token_ids.shape[0]
+        cache: list = []
+        aux, normed = self.step(self.project(target_hidden[None]), token_ids[None], torch.arange(S)[None].to(
+            token_ids.device), cache, backend="reference")
+        k, v = cache[0]
+        return aux[0], normed[0], k[0], v[0]
+
+    @torch.no_grad()
+    def decode(self, h: torch.Tensor, token: int, position: int, keys: torch.Tensor, values: torch.Tensor):
+        """One draft decode step for one position: h [H] (the previous step's aux), attending to `keys` /
+        `values` [Hkv, n, D] (the extend's keys of the committed positions, then earlier decode steps' keys).
+        -> (aux [H], normed [H], keys, values with this step's appended)."""
+        layer, attn = self.midlayer, self.midlayer.self_attn
+        pos = torch.tensor([[position]], device=h.device)
+        cos, sin = rope_cos_sin(pos, self.cfg)
+        tok = torch.tensor([[token]], device=h.device)
+        x = torch.cat([layer.input_layernorm(F.embedding(tok, self.embed_tokens).to(h.dtype)),
+                       layer.hidden_norm(h[None, None])], dim=-1)
+        q, k, v = attn.qkv(x, cos, sin)                                          # [1, H*, 1, D]
+        keys, values = torch.cat([keys, k[0]], dim=1), torch.cat([values, v[0]], dim=1)
+        out = F.scaled_dot_product_attention(q, keys[None].to(q.dtype), values[None].to(q.dtype),
+                                             scale=attn.head_dim ** -0.5,
+                                             enable_gqa=attn.n_heads != attn.n_kv_heads)     # [1, Hq, 1, D]
+        r = attn.o_proj(out.reshape(1, -1))[0] + h
+        aux = layer.mlp(layer.post_attention_layernorm(r)) + r
+        return aux, self.norm(aux), keys, values
+
+    def propose(self, normed: torch.Tensor) -> int:
+        """Greedy proposal (a target token id) from a normed hidden [H]."""
+        return int(self.draft_to_target[self.logits(normed).argmax(-1)])
+
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """[..., H] -> draft-vocabulary logits [..., Vd]."""
         return F.linear(normed, self.lm_head.weight.to(normed.dtype))

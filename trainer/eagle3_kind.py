@@ -1,9 +1,8 @@
 """EAGLE3 as a draft kind: `trainer.eagle3_draft` (model, draft vocabulary), `trainer.eagle3_objective` (the
-training-time-test loss), and where SGLang serves it.
+training-time-test loss), SGLang's EAGLE3 chain verify rule (offline evaluator) and where SGLang serves it.
 
-Not there yet (issue "EAGLE3 end to end"): the offline evaluator's EAGLE3 verify rule, serving on the CPU
-platform, and live capture for --online-train (`ServingFacts.feed_method` is None, so --online-train refuses
-an EAGLE3 draft at startup).
+Not there yet: the offline evaluator for trees (topk > 1) and live capture for --online-train
+(`ServingFacts.feed_method` is None, so --online-train refuses an EAGLE3 draft at startup).
 """
 from __future__ import annotations
 
@@ -77,14 +76,82 @@ class Eagle3Kind(DraftKind):
         return eagle3_loss(model, batch.target_hidden, batch.input_ids, batch.loss_mask, ttt_steps=ttt_steps,
                            step_decay=step_decay, backend=backend, chunk_rows=chunk_rows)
 
-    # -- offline evaluation: not yet --
-    def load_for_hf_target(self, target, path):
-        raise NotImplementedError("offline tau for EAGLE3 drafts (SGLang's EAGLE3 verify rule) is not implemented "
-                                  "yet; use --served")
+    # -- serving --
+    def server_args(self, draft_path, block_size: int | None = None) -> list[str]:
+        """A chain: topk 1, B - 1 draft steps, B tokens per verify."""
+        args = ["--speculative-algorithm", self.serving.algorithm, "--speculative-draft-model-path", str(draft_path)]
+        if block_size is not None:
+            args += ["--speculative-num-steps", str(block_size - 1), "--speculative-eagle-topk", "1",
+                     "--speculative-num-draft-tokens", str(block_size)]
+        return args
 
-    def simulate_prompt(self, target, draft, text, images, **kwargs):
-        raise NotImplementedError("offline tau for EAGLE3 drafts (SGLang's EAGLE3 verify rule) is not implemented "
-                                  "yet; use --served")
+    # -- offline evaluation: SGLang's EAGLE worker (eagle_worker_v2.py), chain (topk 1), greedy --
+    def load_for_hf_target(self, target, path: str | os.PathLike) -> Eagle3Draft:
+        draft = Eagle3Draft.from_pretrained(path).to(target.device, target.dtype).eval()
+        if draft.cfg.hidden_size != target.hidden_size or draft.cfg.num_target_layers != target.num_layers:
+            raise ValueError(f"draft {path} expects a target with {draft.cfg.num_target_layers} layers and hidden "
+                             f"size {draft.cfg.hidden_size}; {target.path} has {target.num_layers} and "
+                             f"{target.hidden_size}")
+        embed = target.model.get_input_embeddings().weight.detach()
+        draft.attach_target(embed, target.model.get_output_embeddings().weight.detach())
+        return draft
+
+    @torch.no_grad()
+    def simulate_prompt(self, target, draft: Eagle3Draft, text: str, images: list, *, block_size: int,
+                        max_new_tokens: int, ignore_eos: bool = True, context_features: str = "pre",
+                        name: str = ""):
+        """One request through SGLang's EAGLE3 chain (speculative_num_steps = B-1, topk 1, B draft tokens):
+          prefill     the target runs the prompt (0..p-1); its greedy token is the bonus x_p;
+          extend      the draft runs positions 0..p-1 with the aux features of the target and the NEXT tokens
+                      (ids rotated left, the bonus last); its proposal at p-1 is d_1
+                      (`_draft_extend_for_prefill` / `_draft_extend_for_decode`);
+          decode      steps s = 1..B-2: token d_s at position p-1+s, hidden = the previous step's aux, attending
+                      to the extend's keys and its own earlier steps' (`draft_forward`): d_{s+1};
+          verify      the target runs [bonus, d_1..d_{B-1}] at positions p..p+B-1; accept the leading d_i equal
+                      to the target's greedy prediction at i-1, commit accept + 1 tokens (the new bonus last);
+          the aux features of the committed verify rows join the extend context, and the loop goes on.
+        The finish rule and tau are the DFlash evaluator's (trainer/evaluate.py)."""
+        from trainer.evaluate import PromptTau, accept_histogram, finished_len
+
+        K = len(draft.cfg.aux_layer_ids)
+        layers = list(draft.cfg.aux_layer_ids)
+        prompt = target.encode(text, images)
+        cache = target.new_cache()
+        out = target.forward(prompt.input_ids, prompt.positions, layers, cache=cache, vision=prompt.vision,
+                             mode=context_features)
+        ids = prompt.input_ids.tolist()
+        aux_feats = out.features[:, :K * draft.cfg.target_width]                 # [p, K*Ht]
+        bonus = int(out.logits[-1].argmax())
+        output = [bonus]
+        done = finished_len(output, 1, max_new_tokens, ignore_eos, target.eos_token_ids)
+        accepts = []
+        while done is None:
+            p = len(prompt) + len(output) - 1                                    # committed length
+            committed = ids + output[:-1]                                        # tokens 0..p-1
+            rotated = torch.tensor(committed[1:] + [bonus], device=target.device)
+            extend_aux, normed, keys, values = draft.extend(aux_feats.to(target.dtype), rotated)
+            proposals = [draft.propose(normed[-1])]
+            h = extend_aux[-1]
+            for s in range(1, block_size - 1):
+                h, nrm, keys, values = draft.decode(h, proposals[-1], p - 1 + s, keys, values)
+                proposals.append(draft.propose(nrm))
+            candidates = torch.tensor([bonus] + proposals, device=target.device)
+            verify = target.forward(candidates, target.continuation_positions(prompt, p, block_size), layers,
+                                    cache=cache, mode=context_features)
+            target_predict = verify.logits.argmax(-1)
+            matches = (candidates[1:] == target_predict[:-1]).int()
+            accept = int(matches.cumprod(0).sum())
+            commit = accept + 1
+            bonus = int(target_predict[accept])
+            output += candidates[1:accept + 1].tolist() + [bonus]
+            accepts.append(accept)
+            aux_feats = torch.cat([aux_feats, verify.features[:commit, :K * draft.cfg.target_width]])
+            target.crop_cache(cache, p + commit)
+            done = finished_len(output, commit, max_new_tokens, ignore_eos, target.eos_token_ids)
+        return PromptTau(name=name, completion_tokens=done, verify_steps=len(accepts),
+                         accept_histogram=accept_histogram(accepts, block_size),
+                         committed_per_step=[a + 1 for a in accepts], output_ids=output[:done],
+                         prompt_tokens=len(prompt))
 
 
 EAGLE3 = register_kind(Eagle3Kind())

@@ -1,8 +1,8 @@
-"""Hooks that let real SGLang 0.5.23 serve (with DFLASH) on the torch_cpu platform.
+"""Hooks that let real SGLang 0.5.23 serve (with DFLASH or EAGLE3) on the torch_cpu platform.
 
 Each hook is small and says which SGLang function it changes and why. They are registered by
 `sglang_ext.plugin.register()` only when SGLANG_PLATFORM=torch_cpu (see `register_cpu_hooks`).
-Letters refer to the obstacles listed in issue #2.
+Letters refer to the obstacles listed in issue #2; the EAGLE ones to the EAGLE3 issue's list.
 """
 from __future__ import annotations
 
@@ -39,10 +39,16 @@ def record_stream_cpu_noop(original, tensor, stream, *args, **kwargs):
 #     (extend_prefix_lens is None). Target verify and the DFLASH draft block both run as TARGET_VERIFY with
 #     seq_lens = committed prefix and a fixed number of new tokens per request placed in req_to_token right
 #     after it: run them as an extend with prefix = seq_lens (causal for target layers, bidirectional for
-#     the draft's ENCODER_ONLY layers, which forward_extend already decides from layer.attn_type).
+#     the draft's ENCODER_ONLY layers, which forward_extend already decides from layer.attn_type). An EAGLE
+#     verify carries its tree's mask (spec_info.custom_mask): causal would be wrong for a tree, so it is
+#     attended under that mask (sglang_ext/cpu/eagle_attention.py).
 def torch_native_target_verify(original, self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
     if not forward_batch.forward_mode.is_target_verify():
         return original(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+    custom_mask = getattr(forward_batch.spec_info, "custom_mask", None)
+    if custom_mask is not None:
+        from sglang_ext.cpu.eagle_attention import tree_verify_attention
+        return tree_verify_attention(self, q, k, v, layer, forward_batch, save_kv_cache, custom_mask)
     batch_size = forward_batch.batch_size
     n_tokens = q.shape[0]
     if n_tokens % batch_size:
@@ -59,6 +65,76 @@ def torch_native_target_verify(original, self, q, k, v, layer, forward_batch, sa
         forward_batch.seq_lens, forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens = saved
 
 
+# kernels/ops/speculative/cache_locs.py `assign_draft_cache_locs_contiguous_func` (from eagle_worker_common.py
+#     `prepare_for_draft`): launches Triton off the in-tree CPU engine; gather the same slots with torch.
+def assign_draft_cache_locs_contiguous_torch(req_pool_indices, req_to_token, seq_lens, out_cache_loc, topk, num_cols,
+                                             positions=None, mrope=None):
+    from sglang_ext.cpu.ops import assign_draft_cache_locs_contiguous
+    assign_draft_cache_locs_contiguous(req_pool_indices, req_to_token, seq_lens, out_cache_loc, topk, num_cols,
+                                       positions, mrope)
+
+
+# kernels/ops/speculative/spec_tree.py `build_tree_kernel_efficient_func` (EAGLE verify input) refuses an
+#     out-of-tree platform: the torch port of its Triton kernel.
+def build_tree_kernel_efficient_torch(parent_list, top_scores_index, seq_lens, tree_mask, positions, retrieve_index,
+                                      retrieve_next_token, retrieve_next_sibling, topk, spec_steps, num_verify_tokens,
+                                      tree_mask_mode):
+    from sglang_ext.cpu.spec_tree import build_tree_kernel_efficient
+    build_tree_kernel_efficient(parent_list, top_scores_index, seq_lens, tree_mask, positions, retrieve_index,
+                                retrieve_next_token, retrieve_next_sibling, topk, spec_steps, num_verify_tokens,
+                                int(tree_mask_mode))
+
+
+# kernels/ops/speculative/spec_tree.py `verify_tree_greedy_func` refuses an out-of-tree platform: torch port.
+def verify_tree_greedy_torch(predicts, accept_index, accept_token_num, candidates, retrieve_index,
+                             retrieve_next_token, retrieve_next_sibling, target_predict, topk=-1):
+    from sglang_ext.cpu.spec_tree import verify_tree_greedy
+    return verify_tree_greedy(predicts, accept_index, accept_token_num, candidates, retrieve_index,
+                              retrieve_next_token, retrieve_next_sibling, target_predict)
+
+
+# kernels/ops/speculative/eagle.py `fill_bonus_tokens_func` (from eagle_worker_common.py `run_eagle_verify`) and
+#     `fill_accept_out_cache_loc_func` (tree verify): Triton launches off the in-tree CPU engine; torch versions.
+def fill_bonus_tokens_torch(accept_tokens, accept_lens, bonus_tokens, accept_stride, batch_size):
+    from sglang_ext.cpu.ops import fill_bonus_tokens
+    fill_bonus_tokens(accept_tokens, accept_lens, bonus_tokens, accept_stride, batch_size)
+
+
+def fill_accept_out_cache_loc_torch(accept_index, out_cache_loc, accept_out_cache_loc, size):
+    from sglang_ext.cpu.ops import fill_accept_out_cache_loc
+    fill_accept_out_cache_loc(accept_index, out_cache_loc, accept_out_cache_loc, size)
+
+
+# kernels/ops/speculative/cache_locs.py `fill_front_out_cache_loc_func` (tree verify: moving the accepted KV)
+#     calls a Triton kernel off the in-tree CPU engine; torch version.
+def fill_front_out_cache_loc_torch(num_front, out_cache_loc, front_out_cache_loc):
+    from sglang_ext.cpu.ops import fill_front_out_cache_loc
+    fill_front_out_cache_loc(num_front, out_cache_loc, front_out_cache_loc)
+
+
+# srt/speculative/draft_utils.py `DraftBackendFactory.create_draft_extend_backend`: EAGLE's draft extend
+#     knows no torch_native backend ("EAGLE is not supported in attention backend torch_native"). The draft
+#     extend (DRAFT_EXTEND_V2) is a plain causal extend over each request's new tokens: torch_native's
+#     forward_extend does it as is.
+def torch_native_draft_extend_backend(original, self, *args, **kwargs):
+    if (self.draft_attn_backend or "torch_native") != "torch_native":
+        return original(self, *args, **kwargs)
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    backend = TorchNativeAttnBackend(self.draft_model_runner)
+    backend.prefill_attention_backend_str = backend.decode_attention_backend_str = "torch_native"
+    return backend
+
+
+# srt/speculative/draft_utils.py `DraftBackendFactory.create_decode_backend`: no multi-step draft-decode backend
+#     for torch_native ("EAGLE is not supported in decode attention backend torch_native"); ours is
+#     sglang_ext/cpu/eagle_attention.py.
+def torch_native_draft_decode_backend(original, self, *args, **kwargs):
+    if self.speculative_num_steps <= 1 or (self.draft_attn_backend or "torch_native") != "torch_native":
+        return original(self, *args, **kwargs)
+    from sglang_ext.cpu.eagle_attention import TorchNativeMultiStepDraftBackend
+    return TorchNativeMultiStepDraftBackend(self.draft_model_runner, self.topk, self.speculative_num_steps)
+
+
 def register_cpu_hooks() -> None:
     """All torch_cpu hooks, in one place."""
     reg = HookRegistry.register
@@ -69,3 +145,17 @@ def register_cpu_hooks() -> None:
     reg("torch.Tensor.record_stream", record_stream_cpu_noop, HookType.AROUND)
     reg("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
         torch_native_target_verify, HookType.AROUND)
+    reg("sglang.kernels.ops.speculative.cache_locs.assign_draft_cache_locs_contiguous_func",
+        assign_draft_cache_locs_contiguous_torch, HookType.REPLACE)
+    reg("sglang.kernels.ops.speculative.spec_tree.build_tree_kernel_efficient_func",
+        build_tree_kernel_efficient_torch, HookType.REPLACE)
+    reg("sglang.kernels.ops.speculative.spec_tree.verify_tree_greedy_func", verify_tree_greedy_torch, HookType.REPLACE)
+    reg("sglang.kernels.ops.speculative.eagle.fill_bonus_tokens_func", fill_bonus_tokens_torch, HookType.REPLACE)
+    reg("sglang.kernels.ops.speculative.eagle.fill_accept_out_cache_loc_func", fill_accept_out_cache_loc_torch,
+        HookType.REPLACE)
+    reg("sglang.kernels.ops.speculative.cache_locs.fill_front_out_cache_loc_func", fill_front_out_cache_loc_torch,
+        HookType.REPLACE)
+    reg("sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend",
+        torch_native_draft_decode_backend, HookType.AROUND)
+    reg("sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend",
+        torch_native_draft_extend_backend, HookType.AROUND)

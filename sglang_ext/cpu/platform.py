@@ -23,7 +23,7 @@ class TorchCpuPlatform(CpuDeviceMixin, SRTPlatform):
         return ATTENTION_BACKEND
 
     def supports_speculative_algorithm(self, algorithm: str) -> bool:
-        return str(algorithm).upper() in ("DFLASH",)
+        return str(algorithm).upper() in ("DFLASH", "EAGLE3", "EAGLE")
 
     def supports_speculative_draft_attention_backend(self, algorithm: str, backend: str) -> bool:
         return backend == ATTENTION_BACKEND
