@@ -117,3 +117,36 @@ def test_eagle_index_kernels_match_triton():
     fill_accept_out_cache_loc(accept_index, out_cache_loc, a_ours, 12)
     accept_loc_kernel[(12,)](accept_index, out_cache_loc, a_theirs, 16)
     assert torch.equal(a_ours, a_theirs)
+
+
+def test_tree_speculative_sampling_follows_the_target_distribution():
+    """Sampled tree verification (torch port): over many coins, the first token equals a draw from the target's
+    distribution at the root whatever the two proposed children are, and the token after an accepted child is a
+    draw from the target's distribution there (chi-square on a 6-token vocabulary)."""
+    from scipy.stats import chisquare
+
+    from sglang_ext.cpu.spec_tree import tree_speculative_sampling_target_only
+
+    V, trials = 6, 6000
+    gen = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(1, 3, V, generator=gen) * 1.5, dim=-1)        # root, child 1, child 2
+    candidates = torch.tensor([[0, 2, 4]])                                        # bonus, children tokens 2 and 4
+    retrieve_index = torch.tensor([[0, 1, 2]])
+    next_token, next_sibling = torch.tensor([[1, -1, -1]]), torch.tensor([[-1, 2, -1]])
+    first, after_child1 = torch.zeros(V), torch.zeros(V)
+    coins = torch.rand(trials, 3, generator=gen)
+    final = torch.rand(trials, generator=gen)
+    for t in range(trials):
+        predicts = torch.full((3,), -1, dtype=torch.int64)
+        accept_index = torch.full((1, 2), -1, dtype=torch.int64)
+        accepted = torch.zeros(1, dtype=torch.int64)
+        tree_speculative_sampling_target_only(predicts, accept_index, accepted, candidates, retrieve_index,
+                                              next_token, next_sibling, coins[t:t + 1], final[t:t + 1], q.clone(),
+                                              torch.zeros_like(q))
+        first[predicts[0]] += 1
+        if int(accepted) == 1 and int(accept_index[0, 1]) == 1:
+            after_child1[predicts[1]] += 1
+    assert chisquare(first, q[0, 0] * trials).pvalue > 1e-3, (first / trials, q[0, 0])
+    n1 = after_child1.sum()
+    assert n1 > 200 and abs(float(n1) / trials - float(q[0, 0, 2])) < 0.03     # child 1 taken at its target mass
+    assert chisquare(after_child1, q[0, 1] * n1).pvalue > 1e-3, (after_child1 / n1, q[0, 1])

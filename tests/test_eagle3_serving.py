@@ -89,6 +89,13 @@ def test_eagle3_tree_serves_greedy_exactly(tiny, trained_draft, plain, server_lo
             "--speculative-num-draft-tokens", str(draft_tokens)]
     with launch_server(tiny.dense, args, log_dir=server_log_dir, name=f"eagle3-topk{topk}") as server:
         results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
+        # Sampled serving (temperature 0.7) runs the torch port of SGLang's tree speculative sampling, whose
+        # output distribution tests/test_cpu_ops.py checks against the target's.
+        sampled = [server.post("/generate", {"text": t, "sampling_params": {
+            "max_new_tokens": MAX_NEW, "temperature": 0.7, "ignore_eos": True}}) for t, _ in requests[:4]]
     assert [r["output_ids"] for r in results] == expected
     taus = [r["meta_info"]["spec_accept_length"] for r in results]
     assert sum(taus) / len(taus) > 1.8, taus
+    for r in sampled:
+        assert len(r["output_ids"]) == MAX_NEW and r["meta_info"]["spec_verify_ct"] >= 1, r["meta_info"]
+    assert any(r["output_ids"] != e for r, e in zip(sampled, expected[:4]))   # it really sampled

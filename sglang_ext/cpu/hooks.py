@@ -112,6 +112,17 @@ def fill_front_out_cache_loc_torch(num_front, out_cache_loc, front_out_cache_loc
     fill_front_out_cache_loc(num_front, out_cache_loc, front_out_cache_loc)
 
 
+# srt/speculative/eagle_utils.py `eagle_sample`: sampled (temperature > 0) verification calls
+#     `tree_speculative_sampling_target_only`, which is None off CUDA (kernels/ops/speculative/verify_sampling.py).
+#     Bind the torch port (sglang_ext/cpu/spec_tree.py) before the call. (Not a REPLACE of that module global:
+#     the registry would re-point every other attribute that is None too.)
+def bind_tree_speculative_sampling(*args, **kwargs):
+    import sglang.srt.speculative.eagle_utils as eagle_utils
+    if eagle_utils.tree_speculative_sampling_target_only is None:
+        from sglang_ext.cpu.spec_tree import tree_speculative_sampling_target_only
+        eagle_utils.tree_speculative_sampling_target_only = tree_speculative_sampling_target_only
+
+
 # srt/speculative/draft_utils.py `DraftBackendFactory.create_draft_extend_backend`: EAGLE's draft extend
 #     knows no torch_native backend ("EAGLE is not supported in attention backend torch_native"). The draft
 #     extend (DRAFT_EXTEND_V2) is a plain causal extend over each request's new tokens: torch_native's
@@ -155,6 +166,7 @@ def register_cpu_hooks() -> None:
         HookType.REPLACE)
     reg("sglang.kernels.ops.speculative.cache_locs.fill_front_out_cache_loc_func", fill_front_out_cache_loc_torch,
         HookType.REPLACE)
+    reg("sglang.srt.speculative.eagle_utils.eagle_sample", bind_tree_speculative_sampling, HookType.BEFORE)
     reg("sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend",
         torch_native_draft_decode_backend, HookType.AROUND)
     reg("sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend",

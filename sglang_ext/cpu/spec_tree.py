@@ -102,3 +102,63 @@ def verify_tree_greedy(predicts: torch.Tensor, accept_index: torch.Tensor, accep
         accept_token_num[b] = accepted
         pred[last] = target[last]
     return predicts, accept_index, accept_token_num
+
+
+def tree_speculative_sampling_target_only(predicts: torch.Tensor, accept_index: torch.Tensor,
+                                          accept_token_num: torch.Tensor, candidates: torch.Tensor,
+                                          retrive_index: torch.Tensor, retrive_next_token: torch.Tensor,
+                                          retrive_next_sibling: torch.Tensor, uniform_samples: torch.Tensor,
+                                          uniform_samples_for_final_sampling: torch.Tensor,
+                                          target_probs: torch.Tensor, draft_probs: torch.Tensor,
+                                          threshold_single: float = 1.0, threshold_acc: float = 1.0,
+                                          deterministic: bool = True) -> None:
+    """Sampled tree verification (`TreeSpeculativeSamplingTargetOnly`, jit/include/sgl_kernel/speculative/
+    sampling.cuh). At each level the children of the last accepted node are tried in sibling order: with one
+    coin per level, child c is accepted when coin < (the target mass of the children tried so far, c included)
+    / threshold_acc (or its own mass >= threshold_single); a rejected child's target mass is moved into
+    draft_probs. The token after the last accepted node is sampled from relu(target - draft) there (no draft
+    mass at the bonus position), with its own coin: the output follows the target distribution. In place."""
+    bs, n = candidates.shape
+    num_spec = accept_index.shape[1]
+    vocab = target_probs.shape[-1]
+    q = target_probs.reshape(bs, n, vocab)
+    p = draft_probs.reshape(bs, n, vocab)
+    cand, ri = candidates.tolist(), retrive_index.tolist()
+    rnt, rns = retrive_next_token.tolist(), retrive_next_sibling.tolist()
+    coins = uniform_samples.reshape(bs, n).tolist()
+    final_coins = uniform_samples_for_final_sampling.reshape(-1).tolist()
+    pred = predicts.view(-1)
+    for b in range(bs):
+        node, prob_acc, coin = 0, 0.0, coins[b][0]
+        last = ri[b][0]
+        accept_index[b, 0] = last
+        accepted, cur = 0, 0
+        for _ in range(1, num_spec):
+            cur = rnt[b][cur]
+            while cur != -1:
+                token = cand[b][cur]
+                single = float(q[b, node, token])
+                prob_acc += single
+                if single > 0 and (coin < prob_acc / threshold_acc or single >= threshold_single):
+                    prob_acc, node, coin = 0.0, cur, coins[b][cur]
+                    pred[last] = token
+                    accepted += 1
+                    accept_index[b, accepted] = ri[b][cur]
+                    last = ri[b][cur]
+                    break
+                p[b, node, token] = q[b, node, token]
+                cur = rns[b][cur]
+            if cur == -1:
+                break
+        accept_token_num[b] = accepted
+        residual = q[b, node].float()
+        if accepted != num_spec - 1:                   # no draft mass at the bonus position
+            residual = (residual - p[b, node].float()).clamp(min=0)
+        u = final_coins[b] * float(residual.sum())
+        above = (residual.cumsum(0) > u) & (residual > 0)
+        if above.any():
+            sampled = int(above.nonzero()[0])
+        else:                                          # u at the very top: the last token with mass
+            valid = (residual > 0).nonzero()
+            sampled = int(valid[-1]) if valid.numel() else vocab - 1
+        pred[last] = sampled
