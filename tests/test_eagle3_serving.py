@@ -1,8 +1,9 @@
 """EAGLE3 served by real SGLang on the CPU platform (float32), end to end offline: an EAGLE3 draft for the tiny
-dense Qwen3-VL is captured (HF, the target's own greedy answers) and trained with trainer.finetune, then served as
-a chain (topk 1) and as trees (topk 2 and 4). Greedy output equals a plain server's on text and image prompts
-(the tree verify runs under the tree mask: without it, side branches corrupt the output), and the served tau of
-the chain equals the offline evaluator's replay of SGLang's EAGLE3 verify rule on every prompt."""
+Qwen3-VL (dense; and MoE for the chain) is captured (HF, the target's own greedy answers) and trained with
+trainer.finetune, then served as a chain (topk 1) and as trees (topk 2 and 4). Greedy output equals a plain
+server's on text and image prompts (the tree verify runs under the tree mask: without it, side branches corrupt
+the output), and the served tau of the chain equals the offline evaluator's replay of SGLang's EAGLE3 verify
+rule on every prompt."""
 import json
 import random
 import sysconfig
@@ -19,13 +20,13 @@ MAX_NEW = 24
 BLOCK = 4
 
 
-@pytest.fixture(scope="module")
-def trained_draft(tiny, tmp_path_factory):
+def train_draft(target, root: Path) -> Path:
     """capture (40 prompts, the target's greedy answers) -> finetune an EAGLE3 draft from its config."""
     from trainer.capture import run_capture
     from trainer.finetune import main as finetune
 
-    root = tmp_path_factory.mktemp("eagle3")
+    root.mkdir(parents=True, exist_ok=True)
+
     words = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text().split()
     rng = random.Random(0)
     with open(root / "chat.jsonl", "w") as f:
@@ -33,13 +34,13 @@ def trained_draft(tiny, tmp_path_factory):
             start, k = rng.randrange(len(words) - 12), rng.randint(3, 12)
             f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(words[start:start + k])}]}) + "\n")
     kind = get_kind("eagle3")
-    cfg = kind.config_for_target(json.loads((tiny.dense / "config.json").read_text()), num_layers=1,
+    cfg = kind.config_for_target(json.loads((target / "config.json").read_text()), num_layers=1,
                                  block_size=BLOCK, feature_layers=[0, 2, 3], num_heads=4, num_kv_heads=2, head_dim=64,
                                  intermediate_size=512)
     (root / "draft.json").write_text(json.dumps(cfg.to_dict()))
-    run_capture(tiny.dense, root / "chat.jsonl", root / "replay", draft_model_path=str(root / "draft.json"),
+    run_capture(target, root / "chat.jsonl", root / "replay", draft_model_path=str(root / "draft.json"),
                 regenerate=True, max_new_tokens=48, progress=False)
-    result = finetune(["--replay", str(root / "replay"), "--target-model-path", str(tiny.dense), "--draft-config",
+    result = finetune(["--replay", str(root / "replay"), "--target-model-path", str(target), "--draft-config",
                        str(root / "draft.json"), "--output", str(root / "draft"), "--batch-size", "8",
                        "--ttt-steps", "3", "--max-steps", "200", "--lr", "2e-3", "--no-progress"])
     assert result.final_accept_len > 2.5, result          # the training proxy, out of at most 4
@@ -47,33 +48,47 @@ def trained_draft(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plain(tiny, server_log_dir):
+def trained_draft(tiny, tmp_path_factory):
+    return train_draft(tiny.dense, tmp_path_factory.mktemp("eagle3-dense"))
+
+
+def plain_outputs(target, log_dir):
     requests = mixed_requests(n_text=6, n_image=2)
-    with launch_server(tiny.dense, log_dir=server_log_dir, name="plain-for-eagle3") as server:
+    with launch_server(target, log_dir=log_dir, name="plain-for-eagle3") as server:
         return requests, [server.generate(t, im, max_new_tokens=MAX_NEW)["output_ids"] for t, im in requests]
 
 
-def test_eagle3_chain_serves_greedy_exactly_and_served_tau_equals_offline(tiny, trained_draft, plain, server_log_dir,
-                                                                           tmp_path):
+@pytest.fixture(scope="module")
+def plain(tiny, server_log_dir):
+    return plain_outputs(tiny.dense, server_log_dir)
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_eagle3_chain_serves_greedy_exactly_and_served_tau_equals_offline(tiny, server_log_dir, tmp_path, request,
+                                                                           variant):
     from trainer.evaluate import evaluate_offline, evaluate_served
 
-    requests, expected = plain
+    target = getattr(tiny, variant)
+    if variant == "dense":           # shared with the tree tests
+        draft, (requests, expected) = request.getfixturevalue("trained_draft"), request.getfixturevalue("plain")
+    else:
+        draft, (requests, expected) = train_draft(target, tmp_path / "moe"), plain_outputs(target, server_log_dir)
     prompts = [{"messages": [{"role": "user", "content": t}]} for t in TEXT_PROMPTS[:4]]
     for i in range(2):
         make_image(i).save(tmp_path / f"im{i}.png")
         prompts.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"im{i}.png"},
                                                                   {"type": "text", "text": IMAGE_QUESTIONS[i]}]}]})
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    with launch_server(tiny.dense, draft_args(trained_draft, BLOCK), log_dir=server_log_dir,
-                       name="eagle3-chain") as server:
+    with launch_server(target, draft_args(draft, BLOCK), log_dir=server_log_dir,
+                       name=f"eagle3-chain-{variant}") as server:
         results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
-        served = evaluate_served(tiny.dense, trained_draft, tmp_path / "prompts.jsonl", BLOCK, MAX_NEW,
+        served = evaluate_served(target, draft, tmp_path / "prompts.jsonl", BLOCK, MAX_NEW,
                                  url=server.url, progress=False)
     assert [r["output_ids"] for r in results] == expected
     taus = [r["meta_info"]["spec_accept_length"] for r in results]
     assert sum(taus) / len(taus) > 1.8, taus                 # a random draft gets ~1.0
     # A stock server (no --online-train) feeds the draft post-deepstack features at image rows.
-    offline = evaluate_offline(tiny.dense, trained_draft, tmp_path / "prompts.jsonl", BLOCK, MAX_NEW,
+    offline = evaluate_offline(target, draft, tmp_path / "prompts.jsonl", BLOCK, MAX_NEW,
                                context_features="post", progress=False)
     for o, s in zip(offline.prompts, served.prompts):
         assert (o.output_ids, o.verify_steps, o.accept_histogram) == (s.output_ids, s.verify_steps,
