@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from spec_kernels.dflash_attention import block_attention
 from trainer.draft_kind import read_draft_config
 from trainer.fsutil import atomic_write_bytes
-from trainer.layers import RMSNorm, apply_rope, parse_rope, rope_cos_sin
+from trainer.layers import (GatedMLP, RMSNorm, apply_rope, init_from_scratch, parse_rope, read_checkpoint,
+                            rope_cos_sin)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -290,24 +291,13 @@ class DFlashAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, NB, self.n_heads * self.head_dim))
 
 
-class DFlashMLP(nn.Module):
-    def __init__(self, cfg: DraftConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DFlashDecoderLayer(nn.Module):
     def __init__(self, cfg: DraftConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DFlashAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DFlashMLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
 
 # ---- the draft ---------------------------------------------------------------------------------------
@@ -328,45 +318,15 @@ class DFlashDraft(nn.Module):
     # ---- construction ----
     @classmethod
     def from_scratch(cls, cfg: DraftConfig, seed: int | None = None) -> "DFlashDraft":
-        model = cls(cfg)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in model.named_parameters():
-            with torch.no_grad():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * cfg.initializer_range)
-        return model
+        return init_from_scratch(cls(cfg), cfg.initializer_range, seed)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: DraftConfig | None = None) -> "DFlashDraft":
         """Load config.json + *.safetensors written by `export` (or a published DFlash draft)."""
-        from safetensors import safe_open
-        path = Path(path)
         cfg = cfg or DraftConfig.from_json(path)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in draft directory {path}")
         model = cls(cfg)
-        expected = dict(model.state_dict())
-        loaded: dict[str, torch.Tensor] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    key = name.removeprefix("model.")
-                    if key not in expected:
-                        raise ValueError(f"{f}: unexpected weight {name!r} for a DFlash draft with "
-                                         f"{cfg.num_hidden_layers} layers (K={cfg.num_context_features})")
-                    t = sf.get_tensor(name)
-                    if tuple(t.shape) != tuple(expected[key].shape):
-                        raise ValueError(f"{f}: weight {name!r} has shape {tuple(t.shape)}, config implies "
-                                         f"{tuple(expected[key].shape)}")
-                    loaded[key] = t
-        missing = sorted(set(expected) - set(loaded))
-        if missing:
-            raise ValueError(f"{path}: draft weights missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        loaded = read_checkpoint(path, dict(model.state_dict()), rename=lambda n: n.removeprefix("model."),
+                                 what=f"DFlash draft ({cfg.num_hidden_layers} layers, K={cfg.num_context_features})")
         model.load_state_dict({k: v.float() for k, v in loaded.items()}, strict=True)
         return model
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from trainer.dflash_draft import DFlashDraft, DraftConfig
-from trainer.draft_kind import DraftKind, ObjectiveOutput, ServingFacts, register_kind
+from trainer.draft_kind import STACKED_QKV_GATE_UP, DraftKind, ObjectiveOutput, ServingFacts, register_kind
 from trainer.objective import dflash_loss
 
 
@@ -21,29 +21,19 @@ class DFlashKind(DraftKind):
         # prefill rows (extend lens) and the committed rows of each verify step (commit lens)
         feed_method="_append_target_hidden_to_draft_kv_by_loc",
         # SGLang's DFlashDraftModel stacks q/k/v and gate/up when it loads weights
-        stacked_params=(("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),
-                        ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")),
+        stacked_params=STACKED_QKV_GATE_UP,
     )
     objective_knobs = ("num_anchors", "gamma", "chunk_rows", "anchors")
+    config_class = DraftConfig
+    model_class = DFlashDraft
 
     # -- config and model --
-    def load_config(self, source: str | os.PathLike | dict) -> DraftConfig:
-        if isinstance(source, dict):
-            return DraftConfig.from_dict(source)
-        return DraftConfig.from_json(source)
-
     def config_for_target(self, target_config: dict, *, num_layers: int, block_size: int,
                           feature_layers: list[int] | None = None, **dims) -> DraftConfig:
         if "mask_token_id" not in dims:
             raise ValueError("a DFlash draft needs mask_token_id: a vocabulary id the target never produces")
         return DraftConfig.for_target(target_config, num_layers=num_layers, block_size=block_size,
                                       target_layer_ids=feature_layers, **dims)
-
-    def from_scratch(self, cfg: DraftConfig, seed: int | None = None) -> DFlashDraft:
-        return DFlashDraft.from_scratch(cfg, seed=seed)
-
-    def from_pretrained(self, path: str | os.PathLike, cfg: DraftConfig | None = None) -> DFlashDraft:
-        return DFlashDraft.from_pretrained(path, cfg)
 
     def feature_layers(self, cfg: DraftConfig) -> list[int]:
         return list(cfg.target_layer_ids)
@@ -82,48 +72,20 @@ class DFlashKind(DraftKind):
         draft.attach_target(embed, target.model.get_output_embeddings().weight.detach())
         return draft
 
-    @torch.no_grad()
-    def simulate_prompt(self, target, draft: DFlashDraft, text: str, images: list, *, block_size: int,
-                        max_new_tokens: int, ignore_eos: bool = True, context_features: str = "pre",
-                        name: str = ""):
-        """SGLang's DFLASH greedy loop (`DFlashWorkerV2.forward_batch_generation`) for one request; see
-        trainer/evaluate.py for the rule step by step."""
-        from trainer.evaluate import PromptTau, accept_histogram, finished_len
+    def simulate_prompt(self, target, draft: DFlashDraft, text: str, images: list, *, block_size: int, **kwargs):
+        """SGLang's DFLASH greedy loop (`DFlashWorkerV2.forward_batch_generation`): the block [bonus, MASK x (B-1)]
+        at positions p..p+B-1, seeing the context of positions < p, proposes argmax(lm_head) of slots 1..B-1."""
+        from trainer.evaluate import simulate_chain
 
-        layer_ids = draft.cfg.target_layer_ids
-        mask_id = draft.cfg.mask_token_id
-        prompt = target.encode(text, images)
-        cache = target.new_cache()
-        out = target.forward(prompt.input_ids, prompt.positions, layer_ids, cache=cache, vision=prompt.vision,
-                             mode=context_features)
-        context = out.features                                            # [p, K*H], features of positions < p
-        bonus = int(out.logits[-1].argmax())
-        output = [bonus]
-        done = finished_len(output, 1, max_new_tokens, ignore_eos, target.eos_token_ids)
-        accepts = []
-        while done is None:
-            p = len(prompt) + len(output) - 1                            # committed length = the bonus's position
-            block_ids = torch.full((1, block_size), mask_id, dtype=torch.long, device=target.device)
+        def propose(context, committed, bonus):
+            p = len(committed)
+            block_ids = torch.full((1, block_size), draft.cfg.mask_token_id, dtype=torch.long, device=target.device)
             block_ids[0, 0] = bonus
             hidden = draft(context[None].to(target.dtype), block_ids, torch.tensor([[p]], device=target.device))
-            proposals = draft.logits(hidden[0, 1:]).argmax(-1)             # [B-1]
-            candidates = torch.cat([block_ids[0, :1], proposals])          # [B] = bonus, d1 .. d_{B-1}
-            verify = target.forward(candidates, target.continuation_positions(prompt, p, block_size), layer_ids,
-                                    cache=cache, mode=context_features)
-            target_predict = verify.logits.argmax(-1)                       # [B]
-            matches = (candidates[1:] == target_predict[:-1]).int()
-            accept = int(matches.cumprod(0).sum())
-            commit = accept + 1
-            bonus = int(target_predict[accept])
-            output += candidates[1:accept + 1].tolist() + [bonus]
-            accepts.append(accept)
-            context = torch.cat([context, verify.features[:commit]])
-            target.crop_cache(cache, p + commit)
-            done = finished_len(output, commit, max_new_tokens, ignore_eos, target.eos_token_ids)
-        return PromptTau(name=name, completion_tokens=done, verify_steps=len(accepts),
-                         accept_histogram=accept_histogram(accepts, block_size),
-                         committed_per_step=[a + 1 for a in accepts], output_ids=output[:done],
-                         prompt_tokens=len(prompt))
+            return draft.logits(hidden[0, 1:]).argmax(-1).tolist()                      # [B-1]
+
+        return simulate_chain(target, draft.cfg.target_layer_ids, text, images, propose, block_size=block_size,
+                              **kwargs)
 
     # -- serving --
     def after_swap(self, worker) -> None:

@@ -86,6 +86,11 @@ class TrainableDraft(Protocol):
     def state_dict(self) -> dict: ...
 
 
+# SGLang's Llama-style loaders stack q/k/v into qkv_proj and gate/up into gate_up_proj
+STACKED_QKV_GATE_UP = (("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),
+                       ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj"))
+
+
 @dataclass(frozen=True)
 class ServingFacts:
     """Where SGLang 0.5.23 serves this kind: what the online path hooks and what a hot swap must respect."""
@@ -105,22 +110,26 @@ class DraftKind(ABC):
     architectures: tuple[str, ...]                  # config.json architectures this kind loads
     serving: ServingFacts
     objective_knobs: tuple[str, ...] = ()           # the keyword settings `loss` takes
+    config_class: type                              # from_dict(d) / from_json(path) / to_dict()
+    model_class: type                               # from_scratch(cfg, seed) / from_pretrained(path, cfg)
 
     # -- config and model --
-    @abstractmethod
     def load_config(self, source: str | os.PathLike | dict) -> DraftConfigLike:
         """A draft directory, its config.json, or the parsed dict -> the kind's config (ValueError if bad)."""
+        if isinstance(source, dict):
+            return self.config_class.from_dict(source)
+        return self.config_class.from_json(source)
 
     @abstractmethod
     def config_for_target(self, target_config: dict, *, num_layers: int, block_size: int,
                           feature_layers: list[int] | None = None, **dims) -> DraftConfigLike:
         """A new draft config for a target (its config.json dict): what --draft-config would hold."""
 
-    @abstractmethod
-    def from_scratch(self, cfg, seed: int | None = None) -> TrainableDraft: ...
+    def from_scratch(self, cfg, seed: int | None = None) -> TrainableDraft:
+        return self.model_class.from_scratch(cfg, seed=seed)
 
-    @abstractmethod
-    def from_pretrained(self, path: str | os.PathLike, cfg=None) -> TrainableDraft: ...
+    def from_pretrained(self, path: str | os.PathLike, cfg=None) -> TrainableDraft:
+        return self.model_class.from_pretrained(path, cfg)
 
     def set_block_size(self, cfg, block_size: int) -> None:
         if block_size < 2:

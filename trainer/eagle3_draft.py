@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from spec_kernels.eagle3_attention import eagle3_ttt_attention
 from trainer.draft_kind import read_draft_config
 from trainer.fsutil import atomic_write_bytes
-from trainer.layers import RMSNorm, apply_rope, parse_rope, rope_cos_sin
+from trainer.layers import (GatedMLP, RMSNorm, apply_rope, init_from_scratch, parse_rope, read_checkpoint,
+                            rope_cos_sin)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_NAME = "config.json"
@@ -233,17 +234,6 @@ class Eagle3Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-class Eagle3MLP(nn.Module):
-    def __init__(self, cfg: Eagle3Config):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Eagle3Layer(nn.Module):
     def __init__(self, cfg: Eagle3Config):
         super().__init__()
@@ -251,7 +241,7 @@ class Eagle3Layer(nn.Module):
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Eagle3Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Eagle3MLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
 
 # ---- the draft -------------------------------------------------------------------------------------------
@@ -278,46 +268,16 @@ class Eagle3Draft(nn.Module):
     # ---- construction ----
     @classmethod
     def from_scratch(cls, cfg: Eagle3Config, seed: int | None = None) -> "Eagle3Draft":
-        model = cls(cfg)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * cfg.initializer_range)
-        return model
+        return init_from_scratch(cls(cfg), cfg.initializer_range, seed)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: Eagle3Config | None = None) -> "Eagle3Draft":
-        """Load config.json + *.safetensors written by `export` (or a published EAGLE3 draft)."""
-        from safetensors import safe_open
-        path = Path(path)
+        """Load config.json + *.safetensors written by `export` (or a published EAGLE3 draft: "layers.0." or
+        "midlayer.", with or without "model.", a shipped copy of the target's embed_tokens ignored)."""
         cfg = cfg or Eagle3Config.from_json(path)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in draft directory {path}")
         model = cls(cfg)
-        expected = dict(model.state_dict())
-        loaded: dict[str, torch.Tensor] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    key = name.removeprefix("model.").replace("layers.0.", LAYER_PREFIX)
-                    if key == "embed_tokens.weight":       # some published drafts ship the target's embedding
-                        continue
-                    if key not in expected:
-                        raise ValueError(f"{f}: unexpected weight {name!r} for an EAGLE3 draft")
-                    t = sf.get_tensor(name)
-                    if tuple(t.shape) != tuple(expected[key].shape):
-                        raise ValueError(f"{f}: weight {name!r} has shape {tuple(t.shape)}, config implies "
-                                         f"{tuple(expected[key].shape)}")
-                    loaded[key] = t
-        missing = sorted(set(expected) - set(loaded))
-        if missing:
-            raise ValueError(f"{path}: draft weights missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        loaded = read_checkpoint(path, dict(model.state_dict()), skip=("embed_tokens.weight",), what="EAGLE3 draft",
+                                 rename=lambda n: n.removeprefix("model.").replace("layers.0.", LAYER_PREFIX))
         model.load_state_dict({k: v if k in ("d2t", "t2d") else v.float() for k, v in loaded.items()}, strict=True)
         return model
 

@@ -149,6 +149,50 @@ def finished_len(output: list[int], new: int, max_new_tokens: int, ignore_eos: b
     return None
 
 
+@torch.no_grad()
+def simulate_chain(target: HFTarget, feature_layers: list[int], text: str, images: list, propose, *,
+                   block_size: int, max_new_tokens: int, ignore_eos: bool = True, context_features: str = "pre",
+                   name: str = "") -> PromptTau:
+    """One request through SGLang's greedy speculative loop with a chain of B - 1 proposals (see the module
+    docstring): prefill; then per step `propose(context, committed, bonus)` -> B - 1 proposed target token ids,
+    where context [p, F] holds the target features (layers `feature_layers`) of the committed positions 0..p-1,
+    committed their token ids and bonus the target's token at p; the target verifies [bonus, proposals] at
+    positions p..p+B-1; accept the leading proposals equal to its greedy predictions; commit accept + 1 tokens."""
+    prompt = target.encode(text, images)
+    cache = target.new_cache()
+    out = target.forward(prompt.input_ids, prompt.positions, feature_layers, cache=cache, vision=prompt.vision,
+                         mode=context_features)
+    context = out.features                                            # [p, F], features of positions < p
+    committed = prompt.input_ids.tolist()
+    bonus = int(out.logits[-1].argmax())
+    output = [bonus]
+    done = finished_len(output, 1, max_new_tokens, ignore_eos, target.eos_token_ids)
+    accepts = []
+    while done is None:
+        p = len(committed)                                            # committed length = the bonus's position
+        proposals = list(propose(context, committed, bonus))
+        if len(proposals) != block_size - 1:
+            raise ValueError(f"propose returned {len(proposals)} tokens for block size {block_size}")
+        candidates = torch.tensor([bonus] + proposals, device=target.device)      # [B] = bonus, d1 .. d_{B-1}
+        verify = target.forward(candidates, target.continuation_positions(prompt, p, block_size), feature_layers,
+                                cache=cache, mode=context_features)
+        target_predict = verify.logits.argmax(-1)                      # [B]
+        matches = (candidates[1:] == target_predict[:-1]).int()
+        accept = int(matches.cumprod(0).sum())
+        commit = accept + 1
+        new_bonus = int(target_predict[accept])
+        committed += [bonus] + proposals[:accept]
+        output += proposals[:accept] + [new_bonus]
+        bonus = new_bonus
+        accepts.append(accept)
+        context = torch.cat([context, verify.features[:commit]])
+        target.crop_cache(cache, p + commit)
+        done = finished_len(output, commit, max_new_tokens, ignore_eos, target.eos_token_ids)
+    return PromptTau(name=name, completion_tokens=done, verify_steps=len(accepts),
+                     accept_histogram=accept_histogram(accepts, block_size), committed_per_step=[a + 1 for a in accepts],
+                     output_ids=output[:done], prompt_tokens=len(prompt))
+
+
 def evaluate_offline(target_dir: str | Path, draft_dir: str | Path, prompts: str | Path | list[ChatExample],
                      block_size: int, max_new_tokens: int, *, ignore_eos: bool = True, context_features: str = "pre",
                      device: str | None = None, dtype: torch.dtype | None = None, target: HFTarget | None = None,

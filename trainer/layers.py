@@ -66,3 +66,61 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
         x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
     return torch.cat([out.to(x.dtype), x_pass], dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)) (SGLang stacks gate/up into gate_up_proj on load)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@torch.no_grad()
+def init_from_scratch(model: nn.Module, std: float, seed: int | None = None) -> nn.Module:
+    """Norm weights 1, biases 0, every other parameter N(0, std^2) (in named_parameters order, from `seed`)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def read_checkpoint(path, expected: dict, rename=lambda name: name, skip=(), what: str = "draft") -> dict:
+    """The tensors of every *.safetensors in directory `path`, keyed by `rename(name)`, checked against
+    `expected` (name -> tensor of the right shape): unexpected, mis-shaped and missing weights are errors naming
+    the file and the weight; names in `skip` (after renaming) are ignored."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {what} directory {path}")
+    loaded: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                key = rename(name)
+                if key in skip:
+                    continue
+                if key not in expected:
+                    raise ValueError(f"{f}: unexpected weight {name!r} for this {what}")
+                t = sf.get_tensor(name)
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise ValueError(f"{f}: weight {name!r} has shape {tuple(t.shape)}, config implies "
+                                     f"{tuple(expected[key].shape)}")
+                loaded[key] = t
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise ValueError(f"{path}: {what} weights missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return loaded
