@@ -215,13 +215,15 @@ class FinetuneRun:
 
 def run_finetune(name: str, replay: Path, target_dir: Path, draft_config: Path, output: Path, s: Settings,
                  max_steps: int, max_minutes: float, checkpoint_every: int = 0, log_every: int = 10,
-                 progress: bool = True) -> FinetuneRun:
-    """`python -m trainer.finetune` from scratch in a subprocess; returns its summary and log."""
+                 progress: bool = True, objective_args: list[str] | None = None) -> FinetuneRun:
+    """`python -m trainer.finetune` from scratch in a subprocess; returns its summary and log. objective_args:
+    the draft kind's objective flags (default DFlash's --num-anchors)."""
     shutil.rmtree(output, ignore_errors=True)
     argv = [sys.executable, "-m", "trainer.finetune", "--replay", str(replay), "--target-model-path", str(target_dir),
             "--draft-config", str(draft_config), "--output", str(output), "--block-size", str(BLOCK_SIZE),
             "--max-minutes", f"{max_minutes:g}", "--max-steps", str(max_steps), "--lr", f"{s.lr:g}",
-            "--num-anchors", str(s.num_anchors), "--batch-size", str(s.batch_size),
+            *(objective_args if objective_args is not None else ["--num-anchors", str(s.num_anchors)]),
+            "--batch-size", str(s.batch_size),
             "--max-tokens-per-batch", str(s.max_tokens_per_batch), "--warmup-ratio", f"{s.warmup_ratio:g}",
             "--seed", str(s.seed), "--device", "cpu", "--log-every", str(log_every),
             "--checkpoint-every", str(checkpoint_every), "--keep-checkpoints", "1000"]
@@ -250,10 +252,11 @@ def run_finetune(name: str, replay: Path, target_dir: Path, draft_config: Path, 
 
 
 def calibrate_steps(replay: Path, target_dir: Path, draft_config: Path, work: Path, s: Settings,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, objective_args: list[str] | None = None) -> dict:
     """Seconds per optimiser step on this machine now (a short throw-away run); -> max_steps for the budget."""
     run = run_finetune("calibration", replay, target_dir, draft_config, work / "calibration", s,
-                       max_steps=s.calibration_steps, max_minutes=s.minutes, log_every=1, progress=progress)
+                       max_steps=s.calibration_steps, max_minutes=s.minutes, log_every=1, progress=progress,
+                       objective_args=objective_args)
     skip = min(2, len(run.log) - 1)                  # the first steps include warm-up costs
     t_first, t_last = run.log[skip - 1]["elapsed_s"] if skip else 0.0, run.log[-1]["elapsed_s"]
     s_per_step = (t_last - t_first) / max(1, run.log[-1]["step"] - (run.log[skip - 1]["step"] if skip else 0))
@@ -555,16 +558,20 @@ def main(argv=None) -> int:
     if s.minutes > 10:
         log(f"note: --minutes {s.minutes:g} exceeds the issue's 10-minute finetune cap")
     result = run_pipeline(s, progress=not args.no_progress)
-    report = format_report(result)
+    save_result(result, format_report(result), args.out, "offline_pipeline_quick" if s.quick else "offline_pipeline",
+                maybe_plot)
+    return 0
+
+
+def save_result(result: dict, report: str, out: Path, name: str, plot) -> None:
+    """Print the report; write <out>/<name>.json (with the report) and the plot `plot(result, png_path)`."""
     print("\n" + report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "offline_pipeline_quick" if s.quick else "offline_pipeline"
-    out_json = args.out / f"{name}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    out_json = out / f"{name}.json"
     result["report"] = report
     out_json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"\nwrote {out_json}")
-    print(maybe_plot(result, args.out / f"{name}.png"))
-    return 0
+    print(plot(result, out / f"{name}.png"))
 
 
 if __name__ == "__main__":
