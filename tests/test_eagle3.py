@@ -150,6 +150,15 @@ def test_export_loads_into_sglang(sgl, tmp_path):
     assert torch.equal(model.hot_token_id, draft.draft_to_target)   # SGLang's draft id -> target id map
     again = Eagle3Draft.from_pretrained(out)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.items())
+    # What --online-train hot-swaps: every weight but the draft vocabulary, each onto a parameter of SGLang's
+    # draft module under the name the kind maps it to (SGLang's load_weights skips unknown names silently).
+    from sglang_ext.online.supervisor import check_draft_names
+    from sglang_ext.online.weight_slot import draft_layout
+    layout = draft_layout(out, exclude=KIND.serving.fixed_weights)
+    assert {n for n, _ in layout} == names - {"d2t", "t2d"}
+    check_draft_names(KIND, model, layout)
+    with pytest.raises(ValueError, match="no parameter"):
+        check_draft_names(KIND, model, layout + [("midlayer.extra.weight", (1,))])
 
 
 def test_forward_matches_sglang_extend_and_decode(sgl, tmp_path):
@@ -191,14 +200,19 @@ def test_forward_matches_sglang_extend_and_decode(sgl, tmp_path):
 
 # ---- the objective --------------------------------------------------------------------------------------
 
-def reference_loss(draft, target_hidden, input_ids, loss_mask, T, decay=0.8):
-    """Per step and per index, with explicit key lists: what eagle3_loss must equal."""
+def reference_loss(draft, target_hidden, input_ids, loss_mask, T, decay=0.8, hard=False):
+    """Per step and per index, with explicit key lists: what eagle3_loss must equal. hard: the target's
+    distribution at p is the one-hot of the token at p+1 (live records: the aux layers only)."""
     cfg = draft.cfg
     b, S = input_ids.shape
     aux_feats, final = target_hidden[..., :3 * H], target_hidden[..., 3 * H:]
-    t_logits = draft.target_logits(final)
-    greedy = t_logits.argmax(-1)
-    probs = t_logits[..., draft.draft_to_target].softmax(-1)
+    if hard:
+        greedy = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], 1)
+        probs = (greedy[..., None] == draft.draft_to_target).float()          # [b, S, Vd] one-hot (or all 0)
+    else:
+        t_logits = draft.target_logits(final)
+        greedy = t_logits.argmax(-1)
+        probs = t_logits[..., draft.draft_to_target].softmax(-1)
     layer, attn = draft.midlayer, draft.midlayer.self_attn
     sums, counts = [0.0] * T, [0] * T
     for row in range(b):
@@ -257,6 +271,25 @@ def test_loss_and_gradients_match_per_step_reference(T):
     for (name, _), a, r in zip(draft.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=name)
     assert out.slot_count.shape == (T,) and int(out.slot_count[-1]) > 0          # every step had rows
+
+
+def test_live_records_train_on_the_served_tokens():
+    """Records without the target's last layer (what --online-train captures from SGLang's EAGLE worker): the
+    loss is the per-step cross-entropy against the next served token, restricted to the draft vocabulary."""
+    draft, feats, ids, mask = _objective_case()
+    vocab = draft.draft_to_target
+    ids[:, 1:] = vocab[torch.randint(0, VD, ids[:, 1:].shape, generator=torch.Generator().manual_seed(3))]
+    ids[0, 5] = int(torch.nonzero(~draft.t2d)[0])            # one label outside the draft vocabulary: not trained
+    out = eagle3_loss(draft, feats[..., :3 * H], ids, mask, ttt_steps=3, backend="reference")
+    ref = reference_loss(draft, feats, ids, mask, 3, hard=True)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.loss, [draft.fc.weight, draft.lm_head.weight])
+    ref_grads = torch.autograd.grad(reference_loss(draft, feats, ids, mask, 3, hard=True),
+                                    [draft.fc.weight, draft.lm_head.weight])
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="neither"):
+        eagle3_loss(draft, feats[..., :2 * H], ids, mask, ttt_steps=1)
 
 
 def test_acceptance_proxy_counts_leading_greedy_matches():

@@ -36,6 +36,10 @@ def rows(start, n):
     return torch.arange(start, start + n, dtype=torch.float32)[:, None].repeat(1, F)
 
 
+def verify(starts, commits, stride=4):
+    return {"starts": torch.tensor(starts), "commit_lens": torch.tensor(commits), "stride": stride}
+
+
 def make_recorder(**cfg):
     sink = []
     return Recorder(OnlineTrainConfig(enabled=True, **cfg), sink.append, FakeMetrics()), sink
@@ -50,8 +54,8 @@ def test_prefill_chunks_and_verify_rows_assemble_in_order():
     # two verify steps, block 4: commit 2 then 3 rows (rows past the commit are never stored)
     for start, commit in ((5, 2), (7, 3)):
         block = torch.cat([rows(start, commit), torch.full((4 - commit, F), -1.0)])
-        rec.observe(SimpleNamespace(reqs=[req]), block, positions=torch.arange(start, start + 4),
-                    commit_lens=torch.tensor([commit]), block_size=4)
+        rec.observe(SimpleNamespace(reqs=[req]), block, starts=torch.tensor([start]),
+                    commit_lens=torch.tensor([commit]), stride=4)
     rec.release(req)
     assert len(sink) == 1
     record = assemble_record(sink[0], include_prompt_loss=False)
@@ -66,8 +70,8 @@ def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
     rec, sink = make_recorder(include_prompt_loss=True)
     req = fake_req("r2", prompt=[1, 2, 3, 4, 5, 6], output=[7, 8])
     rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[4], extend_lens=[2]), rows(4, 2))
-    rec.observe(SimpleNamespace(reqs=[req]), rows(6, 4), positions=torch.arange(6, 10),
-                commit_lens=torch.tensor([2]), block_size=4)
+    rec.observe(SimpleNamespace(reqs=[req]), rows(6, 4), starts=torch.tensor([6]),
+                commit_lens=torch.tensor([2]), stride=4)
     rec.release(req)
     record = assemble_record(sink[0], include_prompt_loss=True)
     assert record.meta["feature_gaps"] == [[0, 4]]
@@ -90,6 +94,57 @@ def test_aborted_too_long_retracted_and_health_checks():
     # Late rows of a released request (overlap scheduling) do not start a new record.
     rec.observe(SimpleNamespace(reqs=[aborted], prefix_lens=[2], extend_lens=[1]), rows(2, 1))
     assert "a" not in rec.pending
+
+
+def test_capture_stops_as_soon_as_a_request_passes_the_limit():
+    """A running request past max_record_tokens holds no rows (not only at finish): counted once, and its
+    later rows are not recorded."""
+    rec, sink = make_recorder(max_record_tokens=12)
+    req = fake_req("long", list(range(6)), [], finished=False)
+    rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[6]), rows(0, 6))
+    rec.observe(SimpleNamespace(reqs=[req]), rows(6, 4), **verify([6], [4]))      # up to 10 <= 12: kept
+    assert "long" in rec.pending
+    req.output_ids += [1, 2, 3, 4]
+    rec.observe(SimpleNamespace(reqs=[req]), rows(10, 4), **verify([10], [2]))    # could reach 14 > 12: dropped
+    assert "long" not in rec.pending
+    rec.observe(SimpleNamespace(reqs=[req]), rows(12, 4), **verify([12], [1]))
+    assert "long" not in rec.pending
+    req.finished = lambda: True
+    rec.release(req)
+    assert sink == [] and rec.metrics.events.count(("dropped", ("too_long",))) == 1
+
+
+class NoHostRead(torch.Tensor):
+    """A tensor that fails the test on any read of its values by the host (what would sync with a GPU)."""
+    BANNED = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.numpy,
+              torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.__repr__}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.BANNED:
+            raise AssertionError(f"host read on the verify path: {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_verify_path_reads_nothing_from_the_device():
+    """The capture of a verify step (features, start positions, commit lengths as device tensors would be)
+    reads none of their values on the host: no .tolist(), .item(), bool(), .cpu(). Which rows were committed
+    is read later, from the host copies, and the records come out right."""
+    rec, sink = make_recorder()
+    reqs = [fake_req(f"r{i}", [7] * 5, [], finished=False) for i in range(3)]
+    batch = SimpleNamespace(reqs=reqs, prefix_lens=[0, 0, 0], extend_lens=[5, 5, 5])   # host lists in SGLang
+    rec.observe(batch, torch.cat([rows(0, 5)] * 3))
+    block = torch.cat([rows(5, 4), rows(5, 4), rows(5, 4)])
+    rec.observe(batch, block.as_subclass(NoHostRead), starts=torch.tensor([5, 5, 5]).as_subclass(NoHostRead),
+                commit_lens=torch.tensor([1, 4, 2]).as_subclass(NoHostRead), stride=4, max_accept=4)
+    for i, r in enumerate(reqs):
+        r.output_ids = [8] * 4
+        r.finished, r.finished_reason = (lambda: True), Finish()
+        rec.release(r)
+    records = [assemble_record(p, include_prompt_loss=False) for p in sink]
+    assert [len(r) for r in records] == [6, 9, 7]                     # prompt + committed rows
+    assert torch.equal(records[1].features[:, 0], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8.0]))
+    assert ("verified", ([1, 4, 2], 4)) in rec.metrics.events          # metered from the host copies
 
 
 def test_sampling_and_learn_from_filters():

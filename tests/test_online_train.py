@@ -1,29 +1,38 @@
-"""--online-train, part 2, against real SGLang on the CPU platform (float32, DFLASH block size 4): from a
-random draft, the co-located trainer learns from live traffic and its versions are hot-swapped in while
-requests are in flight; served tau rises from about 1.0 to >= 1.8; every token equals plain greedy serving;
-killing the trainer does not disturb serving and a restarted trainer resumes; an injected NaN loss and an
-injected worse candidate are not swapped in, and are counted (faults injected by the test-only SGLang plugin,
-tests/sglang_plugin, which runs a fault-injecting subclass of the production trainer)."""
+"""--online-train, part 2, against real SGLang on the CPU platform (float32, block size 4), for each draft kind
+(DFLASH; EAGLE3 as a chain of 3 draft steps): from a random draft, the co-located trainer learns from live
+traffic and its versions are hot-swapped in while requests are in flight; served tau rises from about 1.0 to
+>= 1.8 (DFlash) / 1.6 (EAGLE3); every token equals plain greedy serving; killing the trainer does not disturb
+serving and a restarted trainer resumes; an injected NaN loss and an injected worse candidate are not swapped
+in, and are counted (faults injected by the test-only SGLang plugin, tests/sglang_plugin, which runs a
+fault-injecting subclass of the production trainer). EAGLE3 also: the persisted records are the features the
+live draft's fc consumed (the plugin's debug dump) and HF's pre-deepstack features, and trainer.finetune
+trains from them."""
 import os
+import subprocess
+import sys
 import random
 import threading
 import time
 
 import pytest
+import torch
 
 from sglang_ext.demo.traffic import (make_random_draft, online_metrics, send_traffic, swaps_from_log,
                                        trainer_pids)
 from sglang_ext.demo.workload import record_prompt
-from sglang_ext.launcher import draft_args, launch_server
+from sglang_ext.launcher import draft_args, launch_server, metric_value
 from support.plugin import plugin_env
 
 pytestmark = pytest.mark.server
 BLOCK = 4
 MAX_NEW = 32
 MAX_ROUNDS = 14               # the test stops as soon as a round reaches the target tau
-TARGET_TAU = 1.8
+TARGET_TAU = {"dflash": 1.8, "eagle3": 1.6}
+EAGLE3_AUX_LAYERS = [1, 2, 3]
 KILL_AFTER_ROUND = 3
 FAULTS = "nan_steps=3-4,worse_once_live_tau=1.3"
+HANG_AFTER_STEPS = 12           # the DFlash run's first trainer hangs after this many steps (once)
+HEARTBEAT_TIMEOUT_S = 15
 FAULTY_TRAINER = "sglang_ext_test_trainer"    # the trainer module the test plugin runs (tests/sglang_plugin)
 
 
@@ -51,18 +60,28 @@ def plain_outputs(quick_workload, traffic, server_log_dir):
     return {s.prompt: s.output_ids for s in done}
 
 
-def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plain_outputs, server_log_dir,
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic, plain_outputs, server_log_dir,
                                                    tmp_path):
-    draft = make_random_draft(quick_workload.target_dir, tmp_path / "random-draft", block_size=BLOCK)
-    ckpt = tmp_path / "accepted"
+    draft = make_random_draft(quick_workload.target_dir, tmp_path / "random-draft", block_size=BLOCK, kind=kind,
+                              target_layers=EAGLE3_AUX_LAYERS if kind == "eagle3" else None)
+    ckpt, persist, dump_dir = tmp_path / "accepted", tmp_path / "replay", tmp_path / "dump"
     args = draft_args(draft, BLOCK) + [
         "--online-train", "--online-train-lr", "1e-3", "--online-train-swap-every", "5",
         "--online-train-min-records", "4", "--online-train-holdout-every", "5",
         "--online-train-checkpoint-dir", str(ckpt), "--online-train-keep-checkpoints", "2"]
+    faults, hang_flag = FAULTS, None
+    if kind == "eagle3":           # also prove what is recorded is what the live draft consumed
+        dump_dir.mkdir()
+        args += ["--online-train-persist-dir", str(persist)]
+    else:                          # and that a hung trainer is replaced
+        faults, hang_flag = f"{FAULTS},hang_once_after={HANG_AFTER_STEPS}", tmp_path / "hung-once"
+        args += ["--online-train-heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S)]
     rng = random.Random(0)
     rounds: list[dict] = []
-    with launch_server(quick_workload.target_dir, args, log_dir=server_log_dir, name="online-train",
-                       env=plugin_env(trainer_faults=FAULTS)) as server:
+    with launch_server(quick_workload.target_dir, args, log_dir=server_log_dir, name=f"online-train-{kind}",
+                       env=plugin_env(trainer_faults=faults, hang_flag=hang_flag,
+                                      dump_dir=dump_dir if kind == "eagle3" else None)) as server:
         t0 = time.monotonic()
         killed = None
         for r in range(MAX_ROUNDS):
@@ -70,6 +89,9 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
             rng.shuffle(order)
             watcher, seen_down = None, []
             if r == KILL_AFTER_ROUND:
+                if hang_flag is not None:    # the hung trainer first (detected within the heartbeat timeout)
+                    _wait_for(lambda: "is hung" in server.log_path.read_text(), 4 * HEARTBEAT_TIMEOUT_S,
+                              "the hung trainer to be detected")
                 # Kill the trainer while this round's requests are being served; watch /metrics meanwhile.
                 before = online_metrics(server)
                 (pid,) = _wait_for(lambda: trainer_pids(server, FAULTY_TRAINER), 30, "the trainer process")
@@ -103,7 +125,8 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
                   f"steps={m['trainer_steps']:.0f}  loss={m['trainer_loss']:.3f}  up={m['trainer_up']:.0f}  "
                   f"rejected worse/nan={m['rejected_worse']:.0f}/{m['rejected_nan']:.0f}  "
                   f"heldout tau={m['heldout_accept_length']:.2f}", flush=True)
-            if r > KILL_AFTER_ROUND and tau >= TARGET_TAU and m["trainer_restarts_total"] >= 1:
+            faults_seen = "injected-worse candidate was" in server.log_path.read_text()
+            if r > KILL_AFTER_ROUND and tau >= TARGET_TAU[kind] and m["trainer_restarts_total"] >= 1 and faults_seen:
                 break
         # The restarted trainer is up and went on from where the killed one was (it re-trains on the records
         # the replay buffer re-sent it, traffic or not).
@@ -111,13 +134,20 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
         final = _wait_for(lambda: (lambda m: m if m["trainer_up"] == 1 and m["trainer_steps"] > killed["steps"]
                                    else None)(online_metrics(server)), 120, "the restarted trainer's steps")
         log_text = server.log_path.read_text()
+        server_metrics_at_end = server.metrics()
 
     assert killed is not None
     assert final["trainer_restarts_total"] >= 1
     assert final["trainer_steps"] > killed["steps"], (final["trainer_steps"], killed["steps"])
     assert "resuming from version" in log_text
+    if hang_flag is not None:      # the hung trainer was detected, killed and replaced; its queue stayed bounded
+        assert hang_flag.exists() and "is hung" in log_text, log_text[-3000:]
+        text = server_metrics_at_end
+        assert metric_value(text, "sglang:online_train_trainer_hung_total") >= 1
+        assert final["trainer_restarts_total"] >= 2          # the hang and the kill -9
+        assert metric_value(text, "sglang:online_train_trainer_queue_bytes") <= 256 * 2**20
     assert rounds[0]["tau_first4"] < 1.3, rounds[0]        # the random draft, before any swap
-    assert rounds[-1]["tau"] >= TARGET_TAU, [round(x["tau"], 3) for x in rounds]
+    assert rounds[-1]["tau"] >= TARGET_TAU[kind], [round(x["tau"], 3) for x in rounds]
     # faults: NaN steps skipped and a deliberately worse candidate refused, both counted
     assert final["rejected_nan"] >= 2 and final["rejected_worse"] >= 1, final
     assert "skipped: loss is nan" in log_text
@@ -137,3 +167,51 @@ def test_online_training_raises_tau_with_hot_swaps(quick_workload, traffic, plai
     # the accepted versions were exported in SGLang's draft format (newest 2 kept)
     kept = sorted(p.name for p in ckpt.iterdir())
     assert 1 <= len(kept) <= 2 and all((ckpt / k / "model.safetensors").is_file() for k in kept), kept
+    if kind == "eagle3":
+        check_eagle3_records(quick_workload.target_dir, draft, traffic, persist, dump_dir, tmp_path)
+
+
+def check_eagle3_records(target_dir, draft, traffic, persist, dump_dir, tmp_path):
+    """The persisted records of the EAGLE3 run: every recorded feature row is a row the live draft's fc read at
+    that position (bf16 storage), image records hold HF's pre-deepstack aux features, and trainer.finetune
+    trains an EAGLE3 draft from them (live records: the aux layers only, hard labels)."""
+    from trainer.hf_target import HFTarget
+    from trainer.replay import ReplayReader
+
+    consumed: dict[int, list[torch.Tensor]] = {}
+    for path in sorted(dump_dir.glob("eagle3-*.pt")):
+        d = torch.load(path)
+        for pos, row in zip(d["positions"].tolist(), d["features"].to(torch.bfloat16)):
+            consumed.setdefault(int(pos), []).append(row)
+    reader = ReplayReader(persist, layer_ids=EAGLE3_AUX_LAYERS)
+    assert len(reader) >= 20 and not reader.skipped
+    checked, records = 0, []
+    for i in range(len(reader)):
+        rec = reader.read(i)
+        covered = torch.ones(len(rec), dtype=torch.bool)
+        for a, b in rec.meta["feature_gaps"]:
+            covered[a:b] = False
+        for p in torch.nonzero(covered).flatten().tolist():
+            row = rec.features[p].to(torch.bfloat16)
+            assert any(torch.equal(row, c) for c in consumed.get(p, [])), (rec.meta["rid"], p)
+            checked += 1
+        records.append((rec, covered))
+    assert checked > 1000
+    # an image request's record: HF's pre-deepstack aux features (bf16 storage of fp32 features)
+    hf = HFTarget(target_dir, device="cpu", dtype=torch.float32)
+    text, images = next((t, im) for t, im in traffic if im)
+    prompt = hf.encode(text, images)
+    n = len(prompt)
+    rec, covered = next((r, c) for r, c in records if r.input_ids[:n].tolist() == prompt.input_ids.tolist())
+    full = hf.extend(prompt, rec.input_ids[n:].tolist())
+    pre = hf.forward(full.input_ids, full.positions, EAGLE3_AUX_LAYERS, vision=full.vision, mode="pre").features
+    assert full.is_vision[covered].any()
+    torch.testing.assert_close(rec.features[covered].float(), pre[covered].to(torch.bfloat16).float(),
+                               rtol=2e-2, atol=2e-2)
+
+    proc = subprocess.run([sys.executable, "-m", "trainer.finetune", "--replay", str(persist),
+                           "--target-model-path", str(target_dir), "--draft-model-path", str(draft),
+                           "--output", str(tmp_path / "finetuned"), "--max-steps", "3", "--batch-size", "2",
+                           "--ttt-steps", "3", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "finetuned" / "model.safetensors").is_file()

@@ -44,9 +44,26 @@ def test_slot_handshake(draft_dir):
             assert torch.equal(owner.weights[name], state[name])
         owner.acknowledge(owner.published)
         assert trainer_side.can_publish()
-        # A writer that dies mid-write never bumps PUBLISHED: nothing new for the scheduler to apply.
-        next(iter(trainer_side.weights.values())).fill_(float("nan"))
+        # A writer that dies mid-write never bumps PUBLISHED: nothing new for the scheduler to apply, and the
+        # version it had published is intact (written into the other buffer): a restarted trainer resumes from it.
+        class Killed(Exception):
+            pass
+
+        class DiesHere:
+            def detach(self):
+                raise Killed
+
+        names = [name for name, _ in layout]
+        cut = {**{n: torch.full(shape, float("nan")) for n, shape in layout}, names[-1]: DiesHere()}
+        with pytest.raises(Killed):
+            trainer_side.publish(cut)
         assert owner.published == owner.applied == 1
+        restarted = ws.WeightSlot.attach(os.dup(owner.fd), layout)
+        assert all(torch.equal(restarted.read_state()[n], state[n]) for n in names)
+        restarted.close()
+        state2 = {name: torch.randn(shape) for name, shape in layout}
+        assert trainer_side.publish(state2) == 2
+        assert all(torch.equal(owner.weights[n], state2[n]) for n in names)
         with pytest.raises(ValueError, match="bytes, but the draft layout needs"):
             ws.WeightSlot.attach(owner.fd, layout[:-1])
     finally:
@@ -105,7 +122,8 @@ def test_record_message_round_trip():
 
 
 def test_fault_parsing():
-    assert parse_faults("nan_steps=3-4,worse_once_live_tau=1.3") == {"nan_steps": (3, 4), "worse_once_live_tau": 1.3}
+    assert parse_faults("nan_steps=3-4,worse_once_live_tau=1.3,hang_once_after=6") == {
+        "nan_steps": (3, 4), "worse_once_live_tau": 1.3, "hang_once_after": 6}
     assert parse_faults(None)["worse_once_live_tau"] is None
     with pytest.raises(ValueError, match="unknown fault 'boom'"):
         parse_faults("boom=1")
@@ -198,3 +216,19 @@ def test_injected_worse_candidate_is_refused(tiny, draft_dir):
         assert slot.published == 1
     finally:
         slot.close()
+
+
+def test_trainer_queue_is_bounded_in_bytes():
+    """The supervisor's queue of records for the trainer: a slow or stuck trainer never grows it past its byte
+    bound; the oldest records go first and are counted."""
+    from sglang_ext.online.supervisor import ByteQueue
+
+    q = ByteQueue(max_bytes=100)
+    for i in range(10):
+        q.push(bytes([i]) * 30)
+    assert q.nbytes == 90 and len(q) == 3 and q.take_dropped() == 7 and q.take_dropped() == 0
+    assert q.pop() == bytes([7]) * 30                # oldest kept first
+    q.push(b"x" * 500)                               # alone over the bound: kept, everything older dropped
+    assert len(q) == 1 and q.nbytes == 500 and q.take_dropped() == 2
+    q.push(b"y" * 10, front=True)                    # a record put back after a failed send is the oldest:
+    assert q.pop() == b"x" * 500 and q.take_dropped() == 1 and q.nbytes == 0     # past the bound it goes first

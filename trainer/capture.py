@@ -30,8 +30,9 @@ features plus HF's own deepstack tensor equal, bit for bit (torch.equal, toleran
 HF feeds layer k+1; at text rows and for layers >= 3 the two are bit-identical. Stored shards round the
 features to bf16 (or fp8 with per-token-and-layer scales).
 
-Target layers (default): the draft's dflash_config.target_layer_ids with --draft-model-path, else K
-(--num-features, default 5, at most L-3) evenly spaced in [1, L-3] (SGLang's build_target_layer_ids).
+Target layers (default): the layers the draft's kind reads with --draft-model-path (DFlash:
+dflash_config.target_layer_ids; EAGLE3: the aux layers plus the target's last layer), else K (--num-features,
+default 5, at most L-3) evenly spaced in [1, L-3] (SGLang's build_target_layer_ids).
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def resolve_layer_ids(num_target_layers: int, layers: list[int] | None = None, d
     if layers is not None:
         ids = [int(k) for k in layers]
         if draft_ids is not None and ids != draft_ids:
-            raise ValueError(f"--layers {ids} differ from the draft's target_layer_ids {draft_ids}: the replay "
+            raise ValueError(f"--layers {ids} differ from the layers the draft reads {draft_ids}: the replay "
                              "could not train that draft")
     elif draft_ids is not None:
         ids = draft_ids
@@ -237,15 +238,16 @@ def run_capture(target_model_path: str | Path, data: str | Path, output: str | P
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.capture",
-                                description="Capture pre-deepstack Qwen3-VL target features for DFlash draft "
-                                            "training from chat JSONL, offline with HF transformers.",
+                                description="Capture pre-deepstack Qwen3-VL target features for draft training "
+                                            "(DFlash or EAGLE3) from chat JSONL, offline with HF transformers.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target-model-path", required=True, metavar="PATH", help="local Qwen3-VL checkpoint (dense/MoE)")
     p.add_argument("--data", required=True, metavar="FILE", help='chat JSONL: {"messages": [...]} per line')
     p.add_argument("--output", required=True, metavar="DIR", help="replay directory (created or appended to)")
     lay = p.add_argument_group("target layers (default: the draft's, else evenly spaced in [1, L-3])")
     lay.add_argument("--layers", type=int, nargs="+", default=None, metavar="K", help="explicit target layer ids")
-    lay.add_argument("--draft-model-path", default=None, metavar="DIR", help="use this draft's target_layer_ids")
+    lay.add_argument("--draft-model-path", default=None, metavar="DIR", help="capture the layers this draft reads (DFlash: target_layer_ids; EAGLE3: aux layers "
+                          "+ the last layer)")
     lay.add_argument("--num-features", type=int, default=None, metavar="K",
                      help=f"how many evenly spaced layers without --layers/--draft-model-path "
                           f"(default {DEFAULT_NUM_FEATURES}, at most L-3)")

@@ -19,7 +19,7 @@ class DFlashKind(DraftKind):
         algorithm="DFLASH",
         worker_class="sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2",
         # prefill rows (extend lens) and the committed rows of each verify step (commit lens)
-        feed_method="_append_target_hidden_to_draft_kv_by_loc",
+        capture=("sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc",),
         # SGLang's DFlashDraftModel stacks q/k/v and gate/up when it loads weights
         stacked_params=STACKED_QKV_GATE_UP,
     )

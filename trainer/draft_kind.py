@@ -95,12 +95,17 @@ STACKED_QKV_GATE_UP = (("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj"
 class ServingFacts:
     """Where SGLang 0.5.23 serves this kind: what the online path hooks and what a hot swap must respect."""
     algorithm: str                                  # --speculative-algorithm
-    worker_class: str                               # dotted path of SGLang's speculative worker
-    feed_method: str | None                         # the worker method through which target features enter
-                                                    # the live draft (capture hooks it); None: --online-train
-                                                    # cannot capture this kind yet
+    worker_class: str                               # dotted path of SGLang's speculative worker (the scheduler
+                                                    # starts it; the online pipeline is built in its __init__)
+    capture: tuple[str, ...]                        # dotted paths of the methods through which target features
+                                                    # enter the live draft (sglang_ext/online/hooks.py has a
+                                                    # capture hook per method name); (): --online-train cannot
+                                                    # capture this kind
     stacked_params: tuple[tuple[str, str], ...]     # (our weight name part, SGLang's fused parameter part)
-    draft_attr: str = "draft_model"                 # the worker attribute holding SGLang's draft module
+    draft_module: str = "draft_model"               # attribute path from the worker to SGLang's draft module
+    renamed_params: tuple[tuple[str, str], ...] = ()  # (our name prefix, SGLang's) that its load_weights maps
+    fixed_weights: tuple[str, ...] = ()             # weights the online path never swaps: SGLang derives state
+                                                    # from them at load time (the trainer keeps them as loaded)
 
 
 # ---- the interface ----------------------------------------------------------------------------------------
@@ -195,8 +200,27 @@ class DraftKind(ABC):
             args += ["--speculative-num-draft-tokens", str(block_size)]
         return args
 
+    def served_block_size(self, worker) -> int:
+        """Tokens per verify step of a chain (bonus + proposals) SGLang's worker runs with: the most a verify
+        step can accept."""
+        return int(worker.block_size)
+
+    def live_feature_layers(self, cfg) -> list[int]:
+        """Target layer ids whose hidden states the live worker feeds the draft (what --online-train
+        records), in replay column order. Default: the same as an offline capture (`feature_layers`)."""
+        return self.feature_layers(cfg)
+
+    def replay_layouts(self, cfg) -> list[list[int]]:
+        """The replay column layouts (layer ids) this kind trains from: offline and live captures."""
+        layouts = [list(self.feature_layers(cfg))]
+        live = list(self.live_feature_layers(cfg))
+        return layouts + ([live] if live != layouts[0] else [])
+
     def sglang_param_name(self, name: str) -> str:
         """Our weight name -> the parameter of SGLang's draft module that `load_weights` writes it into."""
+        for ours, theirs in self.serving.renamed_params:
+            if name.startswith(ours):
+                name = theirs + name[len(ours):]
         for part, stacked in self.serving.stacked_params:
             if f".{part}." in name:
                 return name.replace(f".{part}.", f".{stacked}.")

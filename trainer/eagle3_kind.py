@@ -1,8 +1,12 @@
 """EAGLE3 as a draft kind: `trainer.eagle3_draft` (model, draft vocabulary), `trainer.eagle3_objective` (the
 training-time-test loss), SGLang's EAGLE3 chain verify rule (offline evaluator) and where SGLang serves it.
 
-Not there yet: the offline evaluator for trees (topk > 1) and live capture for --online-train
-(`ServingFacts.feed_method` is None, so --online-train refuses an EAGLE3 draft at startup).
+Live capture (--online-train) records what SGLang's EAGLE worker feeds the draft: the aux layers only. The
+target's last layer is not among them, so live records train on the served tokens (hard labels: under greedy
+serving, the target's argmax) instead of the target's distribution; offline captures carry the last layer too
+(trainer/eagle3_objective.py takes either).
+
+Not there yet: the offline evaluator for trees (topk > 1).
 """
 from __future__ import annotations
 
@@ -22,9 +26,16 @@ class Eagle3Kind(DraftKind):
     serving = ServingFacts(
         algorithm="EAGLE3",
         worker_class="sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2",
-        feed_method=None,
-        # SGLang's LlamaForCausalLMEagle3.load_weights stacks q/k/v and gate/up
+        # the draft extend after a prefill (extend rows) and after each verify (the accepted path's rows)
+        capture=("sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._draft_extend_for_prefill",
+                 "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._draft_extend_for_decode"),
+        # SGLang's LlamaForCausalLMEagle3.load_weights stacks q/k/v and gate/up and reads midlayer as layers.0
         stacked_params=STACKED_QKV_GATE_UP,
+        renamed_params=(("midlayer.", "layers.0."),),
+        draft_module="draft_worker.draft_runner.model",
+        # load_weights turns d2t into the draft's hot_token_id, which the worker copies at startup: the draft
+        # vocabulary of a live draft stays as loaded
+        fixed_weights=("d2t", "t2d"),
     )
     objective_knobs = ("ttt_steps", "step_decay", "chunk_rows")
     config_class = Eagle3Config
@@ -39,6 +50,12 @@ class Eagle3Kind(DraftKind):
 
     def feature_layers(self, cfg: Eagle3Config) -> list[int]:
         return cfg.feature_layer_ids
+
+    def live_feature_layers(self, cfg: Eagle3Config) -> list[int]:
+        return list(cfg.aux_layer_ids)
+
+    def served_block_size(self, worker) -> int:
+        return int(worker.speculative_num_steps) + 1
 
     def check_head(self, cfg: Eagle3Config, embed_rows: int, where: str) -> None:
         if cfg.vocab_size != embed_rows:

@@ -1,8 +1,11 @@
 """The EAGLE3 training objective: training-time test (TTT) unrolled over T steps (the published recipe).
 
-Records carry, per position p, the aux target features (what `fc` reads) and the output of the target's last
-layer; the latter, through the target's frozen final norm and lm_head, gives the target's next-token
-distribution at p. Draft step s at index i holds token x_{i+1+s} at RoPE position i+s (trainer/eagle3_draft.py)
+Records carry, per position p, the aux target features (what `fc` reads) and, from an offline capture, the
+output of the target's last layer; the latter, through the target's frozen final norm and lm_head, gives the
+target's next-token distribution q_t(. | p). Records of live traffic (--online-train: SGLang's EAGLE worker
+feeds the draft the aux layers only) carry no last layer: q_t(. | p) is then the one-hot of the token that was
+served at p+1 (under greedy serving, the target's argmax; under sampling, a sample of q_t, so the expected loss
+differs from the soft one by a constant). Draft step s at index i holds token x_{i+1+s} at RoPE position i+s (trainer/eagle3_draft.py)
 and is trained to match the target's distribution at position p = i+1+s, which predicts x_{p+1}:
 
     loss      = sum_s decay^s * mean over valid (i, s) of  -sum_v q_t(v | p) log q_d(v | i, s)      (forward KL
@@ -25,13 +28,16 @@ from trainer.draft_kind import ObjectiveOutput
 
 def _chunk_soft_ce(hidden: torch.Tensor, head: torch.Tensor, target_probs: torch.Tensor):
     logits = F.linear(hidden.to(head.dtype), head).float()                       # [m, Vd]
+    if target_probs.dtype == torch.long:                                          # hard labels (draft ids)
+        return F.cross_entropy(logits, target_probs, reduction="none"), logits.argmax(-1)
     return -(target_probs * logits.log_softmax(-1)).sum(-1), logits.argmax(-1)
 
 
 def soft_cross_entropy(hidden: torch.Tensor, head: torch.Tensor, target_probs: torch.Tensor,
                        chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [M, H], head [Vd, H], target_probs [M, Vd] -> (per-row soft CE [M], draft argmax [M]). Logits are
-    built chunk by chunk and recomputed in backward, so [M, Vd] logits never exist at once."""
+    """hidden [M, H], head [Vd, H], target_probs [M, Vd] (or hard labels: draft ids [M] long) -> (per-row
+    soft CE [M], draft argmax [M]). Logits are built chunk by chunk and recomputed in backward, so [M, Vd]
+    logits never exist at once."""
     ces, preds = [], []
     for start in range(0, hidden.shape[0], chunk_rows):
         h, p = hidden[start:start + chunk_rows], target_probs[start:start + chunk_rows]
@@ -66,24 +72,31 @@ def eagle3_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, los
                 chunk_rows: int = 1024) -> ObjectiveOutput:
     """
     draft          trainer.eagle3_draft.Eagle3Draft with the target's embedding, final norm and lm_head attached
-    target_hidden  [b, S, (K+1)*Ht]  the K aux layers, then the target's last layer (cfg.feature_layer_ids)
+    target_hidden  [b, S, (K+1)*Ht]  the K aux layers, then the target's last layer (cfg.feature_layer_ids),
+                   or [b, S, K*Ht]  the K aux layers only (live capture): hard labels from input_ids
     input_ids      [b, S]   loss_mask [b, S] (False on padding)
     """
     cfg = draft.cfg
     b, S = input_ids.shape
     K, Ht = len(cfg.aux_layer_ids), cfg.target_width
-    if target_hidden.shape[-1] != (K + 1) * Ht:
-        raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} != (K+1)*Ht = {(K + 1) * Ht}: EAGLE3 "
-                         f"records hold the aux layers {cfg.aux_layer_ids} and the last layer "
-                         f"{cfg.num_target_layers - 1}")
+    if target_hidden.shape[-1] not in ((K + 1) * Ht, K * Ht):
+        raise ValueError(f"target_hidden last dim {target_hidden.shape[-1]} is neither (K+1)*Ht = {(K + 1) * Ht} "
+                         f"(the aux layers {cfg.aux_layer_ids} and the last layer {cfg.num_target_layers - 1}) "
+                         f"nor K*Ht = {K * Ht} (the aux layers only)")
     T = int(ttt_steps)
     if T < 1:
         raise ValueError(f"ttt_steps must be >= 1, got {T}")
     device = input_ids.device
 
-    # The target's greedy token and distribution at every position p.
-    t_greedy, t_probs = target_distribution(draft, target_hidden[..., K * Ht:].reshape(b * S, Ht), chunk_rows)
-    t_greedy, t_probs = t_greedy.view(b, S), t_probs.view(b, S, -1)
+    # The target's greedy token and distribution at every position p (hard labels: the next token, t_probs None).
+    if target_hidden.shape[-1] == (K + 1) * Ht:
+        t_greedy, t_probs = target_distribution(draft, target_hidden[..., K * Ht:].reshape(b * S, Ht), chunk_rows)
+        t_greedy, t_probs = t_greedy.view(b, S), t_probs.view(b, S, -1)
+    else:
+        t_greedy, t_probs = torch.zeros_like(input_ids), None
+        t_greedy[:, :-1] = input_ids[:, 1:]
+        to_draft = torch.full((draft.t2d.numel(),), -1, dtype=torch.long, device=device)
+        to_draft[draft.draft_to_target] = torch.arange(draft.draft_to_target.numel(), device=device)
     trainable = torch.zeros(b, S, dtype=torch.bool, device=device)           # position p: its next token counts
     trainable[:, :-1] = loss_mask[:, 1:].bool()
     trainable &= draft.t2d[t_greedy]
@@ -105,7 +118,7 @@ def eagle3_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, los
         if not v.any():
             continue
         rows = outs[s][v]                                                    # [m, H]
-        probs = t_probs[:, pc][v]                                            # [m, Vd]
+        probs = t_probs[:, pc][v] if t_probs is not None else to_draft[t_greedy[:, pc][v]]   # [m, Vd] or [m]
         ce, pred = soft_cross_entropy(rows, head, probs, chunk_rows)
         w = step_decay ** s
         loss = loss + w * ce.mean()

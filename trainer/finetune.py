@@ -5,7 +5,7 @@
 
 OUT_DIR receives config.json + model.safetensors (load with --speculative-draft-model-path OUT_DIR),
 train_log.jsonl, training_summary.json and checkpoints/step-N/ (weights + optimizer state) for --resume.
-The draft's kind (DFlash today) comes from its config.json `architectures` (trainer.draft_kind); each step
+The draft's kind (DFlash or EAGLE3) comes from its config.json `architectures` (trainer.draft_kind); each step
 is `trainer.train_step.TrainStep`, the same step the online trainer runs. Runs on CPU (fp32) or CUDA (bf16
 autocast, fp32 master weights). Everything is checked before the first step: target checkpoint, draft config,
 replay layer ids / hidden size / target identity.
@@ -40,8 +40,8 @@ STATE_FILE = "trainer_state.pt"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m trainer.finetune",
-        description="Train a speculative draft (DFlash block diffusion; the kind comes from the draft config's "
-                    "architectures) on replay shards (target hidden states captured from live or offline traffic) "
+        description="Train a speculative draft (DFlash block diffusion or EAGLE3; the kind comes from the draft "
+                    "config's architectures) on replay shards (target hidden states captured from live or offline traffic) "
                     "and export it in the format SGLang loads.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("inputs and outputs")
@@ -224,7 +224,7 @@ def setup(args) -> tuple:
     if args.block_size:
         kind.set_block_size(cfg, args.block_size)
     kind.check_target(cfg, tinfo, f"{target}/config.json")
-    reader = ReplayReader(args.replay, layer_ids=kind.feature_layers(cfg), hidden_size=tinfo.hidden_size,
+    reader = ReplayReader(args.replay, layer_layouts=kind.replay_layouts(cfg), hidden_size=tinfo.hidden_size,
                           target_config_hash=None if args.ignore_target_hash else tinfo.identity.config_hash,
                           strict=args.strict_replay, verify_checksums=not args.no_verify_checksums)
     embed, lm_head, _ = load_target_head(target)

@@ -414,13 +414,16 @@ class ReplayReader:
     """All records of one or more replay directories, validated.
 
     layer_ids / hidden_size / target_config_hash: what the consumer (the draft) needs; a directory
-    that disagrees is an error naming it and the field. strict=False: a bad shard is reported with a
+    that disagrees is an error naming it and the field. layer_layouts: several acceptable layer_ids (a draft
+    kind may train from offline and from live captures, e.g. EAGLE3 with and without the last layer); all
+    directories must still agree with the first. strict=False: a bad shard is reported with a
     warning and skipped (`.skipped`); strict=True: it raises.
     """
 
     def __init__(self, dirs: str | os.PathLike | Iterable[str | os.PathLike], *,
-                 layer_ids: Iterable[int] | None = None, hidden_size: int | None = None,
-                 target_config_hash: str | None = None, strict: bool = False, verify_checksums: bool = True):
+                 layer_ids: Iterable[int] | None = None, layer_layouts: Iterable[Iterable[int]] | None = None,
+                 hidden_size: int | None = None, target_config_hash: str | None = None, strict: bool = False,
+                 verify_checksums: bool = True):
         dirs = [Path(dirs)] if isinstance(dirs, (str, os.PathLike)) else [Path(d) for d in dirs]
         if not dirs:
             raise ReplayError("<replay>", None, "no replay directories given")
@@ -429,13 +432,16 @@ class ReplayReader:
         self.spec: ReplaySpec | None = None
         self._handles: dict[Path, Any] = {}
         self.max_open_shards = 64
-        want_ids = tuple(layer_ids) if layer_ids is not None else None
+        layouts = [tuple(int(i) for i in ids) for ids in (layer_layouts or [])]
+        if layer_ids is not None:
+            layouts.append(tuple(layer_ids))
         for d in dirs:
             spec, manifest = self._open_dir(d)
             mpath = d / MANIFEST
-            if want_ids is not None and spec.layer_ids != want_ids:
+            if layouts and spec.layer_ids not in layouts:
+                want = " or ".join(str(list(ids)) for ids in layouts)
                 raise ReplayError(mpath, "layer_ids", f"replay has target layers {list(spec.layer_ids)}, the draft "
-                                                      f"reads {list(want_ids)}")
+                                                      f"reads {want}")
             if hidden_size is not None and spec.hidden_size != hidden_size:
                 raise ReplayError(mpath, "hidden_size", f"replay has {spec.hidden_size}, expected {hidden_size}")
             if target_config_hash is not None and spec.target.config_hash != target_config_hash:

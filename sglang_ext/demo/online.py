@@ -1,12 +1,15 @@
 """The main job on an embedded default: a live SGLang server teaches its own speculative draft.
 
-    python -m sglang_ext.demo [--minutes 5] [--out DIR] [--gpu]         (this module is its __main__)
+    python -m sglang_ext.demo [--draft-kind dflash|eagle3] [--minutes 5] [--out DIR] [--gpu]
+                                                                        (this module is its __main__)
 
 1. Builds (once, cached by a hash of its config) the reference workload: a tiny Qwen3-VL target trained on
    this machine from the Python standard library, pydoc prose and synthetic images, with prompt sets.
-2. Writes an untrained (random) DFlash draft for it: alone it gets tau ~ 1.0 (no draft token accepted).
+2. Writes an untrained (random) draft for it, DFlash (default) or EAGLE3 (a chain of 3 draft steps over the
+   target's layers 1, 2, 3): alone it gets tau ~ 1.0 (no draft token accepted).
 3. Launches real SGLang (`python -m sglang.launch_server`, the torch_cpu platform unless --gpu) with
-   `--speculative-algorithm DFLASH --online-train`, and sends it the workload's code prompts (4 in flight).
+   `--speculative-algorithm DFLASH` (or EAGLE3) `--online-train`, and sends it the workload's code prompts
+   (4 in flight).
 4. Every window of requests it reads /metrics: the served tau of the window (from the
    sglang:online_train_accept_length histogram), the live draft version, swaps, trainer steps and loss,
    and prints one table row. At the end it writes the curve as <out>/online_tau.png (and .json) and prints
@@ -110,6 +113,9 @@ def plot(result: dict, path: Path, title: str) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sglang_ext.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--draft-kind", choices=["dflash", "eagle3"], default="dflash",
+                    help="the draft the server trains: DFlash (block diffusion, default) or EAGLE3 (served as a "
+                         "chain: topk 1, 3 draft steps)")
     ap.add_argument("--minutes", type=float, default=5.0, help="how long to send traffic (default 5)")
     ap.add_argument("--workload-minutes", type=float, default=3.0,
                     help="training budget of the reference-workload target when it is first built (default 3)")
@@ -134,18 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     workload = build_workload(args.cache_dir, minutes=args.workload_minutes)
     print(f"   target {workload.target_dir} ({time.monotonic() - t0:.0f}s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    draft = make_random_draft(workload.target_dir, args.out / "random-draft", block_size=BLOCK_SIZE)
-    print(f"2. random DFlash draft (block size {BLOCK_SIZE}): {draft}", flush=True)
+    draft = make_random_draft(workload.target_dir, args.out / f"random-{args.draft_kind}-draft",
+                              block_size=BLOCK_SIZE, kind=args.draft_kind)
+    name = {"dflash": "DFlash", "eagle3": "EAGLE3"}[args.draft_kind]
+    print(f"2. random {name} draft (block size {BLOCK_SIZE}): {draft}", flush=True)
     prompts = [record_prompt(r) for r in workload.prompts("A", "train")]
-    print(f"3. SGLang + DFLASH + --online-train, {len(prompts)} code prompts from the workload's train traffic",
-          flush=True)
+    print(f"3. SGLang + {name.upper()} + --online-train, {len(prompts)} code prompts from the workload's train "
+          "traffic", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="sglang-ext-demo-"))
     result = run_online(workload.target_dir, draft, prompts, minutes=args.minutes,
                         max_new_tokens=args.max_new_tokens, window=args.window, concurrency=args.concurrency,
                         log_dir=log_dir, gpu=args.gpu)
     rows = result["rows"]
     (args.out / "online_tau.json").write_text(json.dumps(result, indent=2) + "\n")
-    png = plot(result, args.out / "online_tau.png", "sglang-ext: served tau while the draft trains online")
+    png = plot(result, args.out / "online_tau.png", f"sglang-ext: served tau while the {name} draft trains online")
     first, last = rows[0]["tau"], rows[-1]["tau"]
     lat = sorted(s["ms"] for s in result["swaps"])
     print(f"\nserved tau: {first:.2f} in the first window -> {last:.2f} in the last "

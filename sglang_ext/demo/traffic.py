@@ -20,17 +20,24 @@ TRAINER_MODULE = "sglang_ext.online.trainer_worker"
 
 
 def make_random_draft(target_dir: Path, out: Path, *, block_size: int = 4, num_layers: int = 1,
-                      target_layers: list[int] | None = None, seed: int = 0) -> Path:
-    """An untrained (tiny) DFlash draft for `target_dir` (from-scratch init, exported in SGLang's format)."""
+                      target_layers: list[int] | None = None, seed: int = 0, kind: str = "dflash") -> Path:
+    """An untrained (tiny) draft of `kind` for `target_dir` (from-scratch init, exported in SGLang's format).
+    DFlash: `num_layers` layers reading 3 target layers; EAGLE3: one layer over the aux layers `target_layers`
+    (default [1, 2, 3]: SGLang's default aux layers collide for a 6-layer target), the full vocabulary."""
     from trainer.draft_kind import get_kind
 
-    kind = get_kind("dflash")
+    draft_kind = get_kind(kind)
     target_config = json.loads((Path(target_dir) / "config.json").read_text())
-    cfg = tiny_draft_config(target_config, num_layers=num_layers, block_size=block_size,
-                            target_layer_ids=target_layers)
+    if kind == "dflash":
+        cfg = tiny_draft_config(target_config, num_layers=num_layers, block_size=block_size,
+                                target_layer_ids=target_layers)
+    else:
+        cfg = draft_kind.config_for_target(target_config, num_layers=1, block_size=block_size,
+                                           feature_layers=target_layers or [1, 2, 3], num_heads=4, num_kv_heads=4,
+                                           head_dim=64, intermediate_size=512)
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
-    return kind.from_scratch(cfg, seed=seed).export(out, dtype=torch.bfloat16)
+    return draft_kind.from_scratch(cfg, seed=seed).export(out, dtype=torch.bfloat16)
 
 
 def online_metrics(server) -> dict:

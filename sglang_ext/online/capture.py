@@ -6,13 +6,21 @@ pre-deepstack one step earlier). Per request (keyed by rid) a `CapturedRequest` 
 when SGLang releases the request's KV cache (finish, abort, retraction) a finished request gets its token ids
 and is handed to the replay buffer's thread, which turns it into a `trainer.replay.ReplayRecord`
 (`assemble_record`) off the hot path.
+
+No host sync on the serving path. Each feed of features is one `Feed`: its rows, and for a verify step the
+start positions and commit lengths (device tensors), are copied to the host asynchronously (pinned memory,
+the current stream, a CUDA event recorded after the copies). Which rows belong to which request is only
+read once the event has completed: the scheduler thread polls it (`Event.query`, no wait) at its next
+capture call and then keeps each running request's committed rows (and meters acceptance per position); a
+request released before that takes the feed along and the replay buffer's thread waits on the event. Host
+decisions (eligibility, the max_record_tokens cut) use host state only.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -21,67 +29,178 @@ from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 logger = logging.getLogger(__name__)
 
 
+class Feed:
+    """One feed of target features to the live draft (one prefill batch or one verify step), on its way to the
+    host. Prefill: member i's rows are rows[offsets[i] : offsets[i] + lengths[i]] at positions from starts[i]
+    (all host ints). Verify: member i owns `stride` rows from rows[i * stride]; its start position and how many
+    of them were committed arrive with the copy."""
+
+    def __init__(self, target_hidden: torch.Tensor, members: list[tuple[str, int]], *, starts=None,
+                 commit_lens=None, stride: int | None = None, offsets: list[int] | None = None,
+                 lengths: list[int] | None = None, max_accept: int | None = None):
+        self.members = members                      # (rid, member index in the feed)
+        self.stride, self.offsets, self.lengths, self.max_accept = stride, offsets, lengths, max_accept
+        cuda = target_hidden.is_cuda
+        self.rows = _to_host(target_hidden, cuda)
+        self.verify = commit_lens is not None
+        self.starts = _to_host(starts, cuda) if self.verify else list(starts)
+        self.commit_lens = _to_host(commit_lens, cuda) if self.verify else None
+        self.event = None
+        if cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.metered = False
+        self._starts: list[int] | None = None
+        self._commit: list[int] | None = None
+
+    def ready(self) -> bool:
+        """True once the copies landed (never waits)."""
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def commit_list(self) -> list[int]:
+        self.wait()
+        if self._commit is None:
+            self._commit = [int(c) for c in self.commit_lens.tolist()]
+        return self._commit
+
+    def part(self, i: int) -> tuple[int, torch.Tensor]:
+        """(start position, rows) of member i (waits for the copy)."""
+        if not self.verify:
+            return int(self.starts[i]), self.rows[self.offsets[i]:self.offsets[i] + self.lengths[i]]
+        commit = self.commit_list()
+        if self._starts is None:
+            self._starts = [int(x) for x in self.starts.tolist()]
+        return self._starts[i], self.rows[i * self.stride:i * self.stride + commit[i]]
+
+
+def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
+    """An asynchronous copy into fresh host memory (pinned on CUDA): no host sync."""
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
+    host.copy_(t, non_blocking=cuda)
+    return host
+
+
 @dataclass
 class CapturedRequest:
     """One request's capture: its feature rows while it runs, plus what it finished with (set at release)."""
     rid: str
     chunks: dict[int, torch.Tensor] = field(default_factory=dict)   # start position -> rows [n, K*H] (CPU)
-    rows: int = 0
+    parts: list[tuple[Feed, int]] = field(default_factory=list)     # feeds not yet split: (feed, member index)
     # set when the request finished (the replay buffer's thread assembles the record from these)
     token_ids: list[int] = field(default_factory=list)   # prompt + generated, as SGLang finished them
     prompt_len: int = 0
     mrope_prompt: torch.Tensor | None = None             # [3, prompt_len], None for text-only
-    mrope_delta: int = 0
+    mrope_delta: torch.Tensor | int = 0
     has_image: bool = False
     finish_reason: str = ""
+    copied: object = None                                 # CUDA event after the mrope copies (None: done)
+
+    def resolve(self) -> None:
+        """Move the rows of pending feeds into `chunks` (waits for their copies: the buffer thread's job)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+        self.mrope_delta = int(torch.as_tensor(self.mrope_delta).reshape(-1)[0])
+        for feed, i in self.parts:
+            start, rows = feed.part(i)
+            if rows.shape[0]:
+                self.chunks[start] = rows
+        self.parts = []
 
 
 class Recorder:
-    """Scheduler-side bookkeeping. Only the scheduler thread touches `pending`."""
+    """Scheduler-side bookkeeping. Only the scheduler thread touches `pending` and `inflight`."""
 
     def __init__(self, cfg, sink, metrics):
         self.cfg = cfg
         self.sink = sink                               # ReplayBuffer.submit(CapturedRequest)
         self.metrics = metrics
         self.pending: dict[str, CapturedRequest] = {}
+        self.inflight: deque[Feed] = deque()          # feeds whose copies may still be running
         self.done: OrderedDict[str, None] = OrderedDict()   # recently released rids: ignore late rows
-        self.feature_dim: int | None = None
         self.lock = threading.Lock()
 
     # -- capture --------------------------------------------------------------------------------------
-    def _add_rows(self, req, start: int, rows: torch.Tensor) -> None:
-        rid = req.rid
-        if rid in self.done or rows.shape[0] == 0 or not self._eligible(req):
-            return
-        p = self.pending.get(rid)
-        if p is None:
-            p = self.pending[rid] = CapturedRequest(rid)
-        # SGLang reuses these buffers in the next forward: copy (asynchronously where the device allows).
-        host = torch.empty(rows.shape, dtype=rows.dtype, device="cpu",
-                           pin_memory=rows.is_cuda and torch.cuda.is_available())
-        host.copy_(rows, non_blocking=rows.is_cuda)
-        p.chunks[int(start)] = host
-        p.rows += int(rows.shape[0])
-        self.metrics.captured(int(rows.shape[0]), host.numel() * host.element_size())
+    def observe(self, batch, target_hidden: torch.Tensor, *, starts=None, commit_lens=None,
+                stride: int | None = None, max_accept: int | None = None) -> None:
+        """Rows of target features fed to the live draft for one batch. Prefill (commit_lens None): the
+        batch's extend tokens, request after request, from each prefix. Verify: `stride` rows per request,
+        the first at position starts[i], the first commit_lens[i] of them committed. max_accept: the most
+        tokens one verify step can accept (per-position acceptance metrics). Reads nothing from the device."""
+        self.poll()
+        reqs = list(batch.reqs)
+        if commit_lens is None:
+            offsets, lengths, members, off = [], [], [], 0
+            for req, prefix_len, extend_len in zip(reqs, batch.prefix_lens, batch.extend_lens):
+                if self._keep(req, int(prefix_len) + int(extend_len)):
+                    members.append((req.rid, len(offsets)))
+                offsets.append(off)
+                lengths.append(int(extend_len))
+                off += int(extend_len)
+            if not members:
+                return
+            feed = Feed(target_hidden, members, starts=[int(p) for p in batch.prefix_lens], offsets=offsets,
+                        lengths=lengths)
+        else:
+            n = commit_lens.shape[0]
+            members = [(req.rid, i) for i, req in enumerate(reqs[:n])
+                       if self._keep(req, len(req.origin_input_ids) + len(req.output_ids) + stride)]
+            feed = Feed(target_hidden[:n * stride], members, starts=starts, commit_lens=commit_lens, stride=stride,
+                        max_accept=max_accept or stride)
+            self.inflight.append(feed)               # metered (and split) once its copy landed
+        for rid, i in feed.members:
+            p = self.pending.get(rid)
+            if p is None:
+                p = self.pending[rid] = CapturedRequest(rid)
+            p.parts.append((feed, i))
+        if not feed.verify:
+            nbytes = sum(feed.lengths[i] for _, i in feed.members) * feed.rows.shape[1] * feed.rows.element_size()
+            self.metrics.captured(sum(feed.lengths[i] for _, i in feed.members), nbytes)
 
-    def observe(self, batch, target_hidden: torch.Tensor, *, positions=None, commit_lens=None,
-                block_size: int | None = None) -> None:
-        """Rows fed to the draft by one `_append_target_hidden_to_draft_kv_by_loc` call."""
-        if commit_lens is not None:
-            self.metrics.verified(commit_lens.tolist(), block_size)
-        for req, start, rows in split_rows(batch, positions=positions, commit_lens=commit_lens,
-                                           block_size=block_size):
-            self._add_rows(req, start, target_hidden[rows])
+    def poll(self) -> None:
+        """Finished verify copies (oldest first; never waits): meter them and keep each running request's
+        committed rows only, so a long request holds its own rows, not whole batches."""
+        while self.inflight and self.inflight[0].ready():
+            feed = self.inflight.popleft()
+            commit = feed.commit_list()
+            self.metrics.verified(commit, feed.max_accept)
+            rows = 0
+            for rid, i in feed.members:
+                p = self.pending.get(rid)
+                if p is None:                        # released meanwhile: it took the feed along
+                    continue
+                p.parts = [(f, j) for f, j in p.parts if f is not feed]
+                start, part = feed.part(i)
+                if part.shape[0]:
+                    p.chunks[start] = part.clone()
+                    rows += part.shape[0]
+            self.metrics.captured(rows, rows * feed.rows.shape[1] * feed.rows.element_size())
+
+    def _keep(self, req, end: int) -> bool:
+        """Record this request's rows up to position `end` (host state only)?"""
+        rid = req.rid
+        if rid in self.done or not self._eligible(req):
+            return False
+        if end > self.cfg.max_record_tokens:
+            # Too long to record: stop capturing it now (not when it finishes) and free what it holds.
+            self.pending.pop(rid, None)
+            self._forget(rid)
+            self.metrics.dropped("too_long")
+            return False
+        return True
 
     # -- finish ---------------------------------------------------------------------------------------
     def release(self, req) -> None:
         """Called when SGLang releases a request's KV cache."""
         if not req.finished():               # retraction: the request will be recomputed; keep its rows
             return
+        self.poll()
         rid = req.rid
-        self.done[rid] = None
-        while len(self.done) > 4096:
-            self.done.popitem(last=False)
+        self._forget(rid)
         p = self.pending.pop(rid, None)
         if p is None:
             return
@@ -98,10 +217,19 @@ class Recorder:
         mrope = getattr(mm, "mrope_positions", None) if mm is not None else None
         delta = getattr(mm, "mrope_position_delta", None) if mm is not None else None
         p.token_ids, p.prompt_len, p.finish_reason = token_ids, len(req.origin_input_ids), reason
-        p.mrope_prompt = None if mrope is None else mrope.detach().to("cpu", copy=True)
-        p.mrope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
+        p.mrope_prompt = None if mrope is None else _to_host(mrope, mrope.is_cuda)
+        p.mrope_delta = 0 if delta is None else _to_host(delta, delta.is_cuda) if torch.is_tensor(delta) else delta
+        if any(torch.is_tensor(t) and t.is_cuda for t in (mrope, delta)):
+            p.copied = torch.cuda.Event()
+            p.copied.record()
         p.has_image = _has_image(req)
         self.sink(p)
+
+    def _forget(self, rid: str) -> None:
+        """No more rows of `rid` are recorded (late rows of a finished or dropped request are ignored)."""
+        self.done[rid] = None
+        while len(self.done) > 4096:
+            self.done.popitem(last=False)
 
     def _eligible(self, req) -> bool:
         cfg = self.cfg
@@ -136,11 +264,12 @@ def _has_image(req) -> bool:
     return bool(mm is not None and getattr(mm, "mm_items", None))
 
 
-def split_rows(batch, *, positions=None, commit_lens=None, block_size: int | None = None):
-    """[(req, start position, row slice)] for the target feature rows of one draft-context write.
+def split_rows(batch, *, starts=None, commit_lens=None, stride: int | None = None):
+    """[(req, start position, row slice)] for the target feature rows of one feed of the draft.
 
     Prefill (commit_lens None): the batch's extend tokens, request after request, starting at each prefix.
-    Verify: B rows per request at `positions`; the committed ones (bonus + accepted) are a prefix.
+    Verify: `stride` rows per request, the first at position starts[i]; the committed ones (bonus + accepted,
+    commit_lens[i] of them) are a prefix of the request's rows.
     """
     if commit_lens is None:
         out, offset = [], 0
@@ -148,9 +277,8 @@ def split_rows(batch, *, positions=None, commit_lens=None, block_size: int | Non
             out.append((req, int(prefix_len), slice(offset, offset + extend_len)))
             offset += extend_len
         return out
-    commit = commit_lens.tolist()
-    starts = positions.view(-1, block_size)[:, 0].tolist()
-    return [(req, int(starts[i]), slice(i * block_size, i * block_size + commit[i]))
+    commit, starts = commit_lens.tolist(), [int(s) for s in (starts.tolist() if hasattr(starts, "tolist") else starts)]
+    return [(req, starts[i], slice(i * stride, i * stride + commit[i]))
             for i, req in enumerate(batch.reqs[:len(commit)])]
 
 
@@ -163,6 +291,7 @@ def assemble_record(fin: CapturedRequest, include_prompt_loss: bool):
     """
     from trainer.replay import ReplayRecord
 
+    fin.resolve()
     n_tokens = len(fin.token_ids)
     chunks = sorted((s, t) for s, t in fin.chunks.items() if s < n_tokens)
     if not chunks:

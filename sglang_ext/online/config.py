@@ -71,6 +71,8 @@ class OnlineTrainConfig:
     guard_tolerance: float = 0.0                 # swap if candidate tau >= live tau - tolerance
     checkpoint_dir: str | None = None            # export each accepted version here (SGLang draft format)
     keep_checkpoints: int = 3                    # accepted versions kept in checkpoint_dir
+    heartbeat_timeout_s: float = 60.0            # a trainer silent this long is reported down, killed, restarted
+    outbox_bytes: int = 256 * 2**20              # records queued for the trainer (oldest dropped past it, counted)
     # -- set at startup, not a setting: the draft's kind (trainer.draft_kind), from its config.json --
     draft_kind: str = ""
 
@@ -97,7 +99,7 @@ class OnlineTrainConfig:
                      "keep_checkpoints"):
             if int(getattr(self, name)) <= 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "gamma"):
+        for name in ("lr", "gamma", "heartbeat_timeout_s", "outbox_bytes"):
             if not float(getattr(self, name)) > 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance"):
@@ -157,7 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "Learn the speculative draft from live traffic (sglang-ext plugin).")
     g.add_argument("--online-train", action="store_true",
                    help="capture the target's pre-deepstack hidden states of live requests into a replay buffer "
-                        "(needs --speculative-algorithm DFLASH)")
+                        "and train the served draft from them (needs --speculative-algorithm DFLASH with a "
+                        "DFlash draft, or EAGLE3 with an EAGLE3 draft; EAGLE3 unrolls as many draft steps as "
+                        "--speculative-num-steps)")
     g.add_argument("--online-train-config", metavar="FILE",
                    help="JSON file with online-train settings, keys named as the fields of "
                         "sglang_ext.online.config.OnlineTrainConfig (e.g. replay_budget_bytes, persist_dir, lr, "
@@ -191,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--online-train-batch-size", type=int, metavar="N",
                    help="replay records per training step (default 8)")
     g.add_argument("--online-train-num-anchors", type=int, metavar="N",
-                   help="DFlash blocks sampled per record per step (default 64)")
+                   help="DFlash blocks sampled per record per step (default 64; EAGLE3 trains on every position)")
     g.add_argument("--online-train-swap-every", type=int, metavar="STEPS",
                    help="training steps between candidate drafts; each is scored against the live draft on "
                         "held-out recent traffic and swapped in only if it is not worse (default 25)")
@@ -205,6 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(version-NNNNNN/, the newest --online-train-keep-checkpoints kept)")
     g.add_argument("--online-train-keep-checkpoints", type=int, metavar="N",
                    help="accepted versions kept in --online-train-checkpoint-dir (default 3)")
+    g.add_argument("--online-train-heartbeat-timeout", type=float, metavar="SECONDS",
+                   help="a trainer process whose heartbeat is older than this (hung, or not reading its records) "
+                        "is reported down (trainer_up 0), killed and restarted; serving goes on (default 60)")
 
 
 _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_train_persist_dir": "persist_dir",
@@ -217,7 +224,8 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_num_anchors": "num_anchors", "online_train_swap_every": "swap_every",
                   "online_train_min_records": "min_records", "online_train_holdout_every": "holdout_every",
                   "online_train_checkpoint_dir": "checkpoint_dir",
-                  "online_train_keep_checkpoints": "keep_checkpoints"}
+                  "online_train_keep_checkpoints": "keep_checkpoints",
+                  "online_train_heartbeat_timeout": "heartbeat_timeout_s"}
 
 
 def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
@@ -249,7 +257,7 @@ def supported_algorithms() -> list[str]:
     """--speculative-algorithm values whose drafts --online-train can train: one per draft kind whose live
     features the online path can capture."""
     from trainer.draft_kind import kinds
-    return sorted({kind.serving.algorithm for kind in kinds().values() if kind.serving.feed_method})
+    return sorted({kind.serving.algorithm for kind in kinds().values() if kind.serving.capture})
 
 
 def check_server_args(cfg: OnlineTrainConfig, server_args) -> None:
@@ -273,7 +281,7 @@ def resolve_draft_kind(server_args) -> str:
     except (ValueError, FileNotFoundError) as e:
         raise OnlineTrainConfigError(f"--speculative-draft-model-path {path}: {e}") from None
     algo = str(server_args.speculative_algorithm).upper()
-    if not kind.serving.feed_method:
+    if not kind.serving.capture:
         raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft; --online-train "
                                      f"cannot capture {kind.serving.algorithm} traffic yet")
     if kind.serving.algorithm != algo:

@@ -84,7 +84,8 @@ def pre_deepstack_aux_hidden_states(original, self, *args, **kwargs):
     return out
 
 
-# <worker>.__init__ (DFlash: srt/speculative/dflash_worker_v2.py `DFlashWorkerV2.__init__`): build the online
+# <worker>.__init__ (DFlash: srt/speculative/dflash_worker_v2.py `DFlashWorkerV2.__init__`; EAGLE3:
+# eagle_worker_v2.py `EAGLEWorkerV2.__init__`): build the online
 # pipeline when the speculative worker starts, so a bad persist directory or draft fails the server at startup.
 def start_online_pipeline(result, self, *args, **kwargs):
     global _pipeline
@@ -92,8 +93,8 @@ def start_online_pipeline(result, self, *args, **kwargs):
     _pipeline = build_pipeline(OnlineTrainConfig.from_env(), self, self.server_args)
 
 
-# <worker>.forward_batch_generation: remember the batch being run, so the capture below can map feature rows
-# to requests.
+# <worker>.forward_batch_generation: remember the batch being run, so a capture whose feed method is not given
+# the batch (DFlash's) can map feature rows to requests.
 def remember_batch(original, self, batch, *args, **kwargs):
     self._sglang_ext_batch = batch
     try:
@@ -103,25 +104,57 @@ def remember_batch(original, self, batch, *args, **kwargs):
 
 
 def row_layout(worker, kwargs) -> dict:
-    """How the rows of one feed call map to requests (sglang_ext.online.capture.split_rows): prefill rows
-    follow the batch's extend lengths; verify rows come in blocks of block_size, a committed prefix each."""
+    """How the rows of one DFlash feed call map to requests (sglang_ext.online.capture.split_rows): prefill
+    rows follow the batch's extend lengths; verify rows come in blocks of block_size, a committed prefix each."""
     if kwargs.get("commit_lens") is None:
         return {}
-    return {"positions": kwargs["positions"], "commit_lens": kwargs["commit_lens"],
-            "block_size": int(worker.block_size)}
+    block_size = int(worker.block_size)
+    return {"starts": kwargs["positions"].view(-1, block_size)[:, 0], "commit_lens": kwargs["commit_lens"],
+            "stride": block_size}
 
 
-# <worker>.<feed method> (DFlash: `DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`): the one place
-# target features enter the live draft (prefill rows; committed rows of each verify step). Record those tensors.
-def capture_draft_context(original, self, *args, **kwargs):
-    batch = getattr(self, "_sglang_ext_batch", None)
-    target_hidden = kwargs.get("target_hidden")
-    if _pipeline is not None and batch is not None and target_hidden is not None and target_hidden.numel():
-        try:
-            _pipeline.recorder.observe(batch, target_hidden, **row_layout(self, kwargs))
-        except Exception:                   # capture must never take serving down
-            logger.exception("sglang_ext: capture failed; serving continues")
+def _observe(batch, target_hidden, **layout) -> None:
+    if _pipeline is None or batch is None or target_hidden is None or not target_hidden.numel():
+        return
+    try:
+        _pipeline.recorder.observe(batch, target_hidden, **layout)
+    except Exception:                       # capture must never take serving down
+        logger.exception("sglang_ext: capture failed; serving continues")
+
+
+# DFlash: srt/speculative/dflash_worker_v2.py `DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`: the one
+# place target features enter the live draft (prefill rows; committed rows of each verify step). Record them.
+def capture_dflash_context(original, self, *args, **kwargs):
+    _observe(getattr(self, "_sglang_ext_batch", None), kwargs.get("target_hidden"), **row_layout(self, kwargs))
     return original(self, *args, **kwargs)
+
+
+# EAGLE3: srt/speculative/eagle_worker_v2.py `EagleDraftWorker._draft_extend_for_prefill(batch,
+# target_hidden_states, ...)`: a prefill's aux features enter the draft here (its draft extend). Record them
+# before the call rotates the batch's input ids.
+def capture_eagle_prefill(original, self, batch, target_hidden_states, *args, **kwargs):
+    _observe(batch, target_hidden_states)
+    return original(self, batch, target_hidden_states, *args, **kwargs)
+
+
+# EAGLE3: `EagleDraftWorker._draft_extend_for_decode(batch, batch_result)`: after each verify, the verify rows'
+# aux features enter the draft here. Per request they are num_draft_tokens rows from position seq_len (SGLang's
+# v2 convention: batch.seq_lens excludes this step's tokens), and the committed path (bonus + accepted, accept_lens
+# of them) is their prefix (`run_eagle_verify` compacts a tree's accepted path to the front).
+def capture_eagle_decode(original, self, batch, batch_result, *args, **kwargs):
+    logits_output = getattr(batch_result, "logits_output", None)
+    if batch_result is not None and batch_result.accept_lens is not None and logits_output is not None:
+        _observe(batch, logits_output.hidden_states, starts=batch.seq_lens, commit_lens=batch_result.accept_lens,
+                 stride=int(self.speculative_num_draft_tokens), max_accept=int(self.speculative_num_steps) + 1)
+    return original(self, batch, batch_result, *args, **kwargs)
+
+
+# the capture hook of each feed method a draft kind names (`ServingFacts.capture`)
+CAPTURE_HOOKS = {
+    "_append_target_hidden_to_draft_kv_by_loc": capture_dflash_context,
+    "_draft_extend_for_prefill": capture_eagle_prefill,
+    "_draft_extend_for_decode": capture_eagle_decode,
+}
 
 
 # srt/mem_cache/common.py `release_kv_cache`: called once a request finishes, is aborted or retracted.
@@ -166,7 +199,8 @@ def register_online_hooks() -> None:
     reg("sglang.srt.models.qwen3_vl_moe.Qwen3MoeLLMModel.forward", pre_deepstack_aux_hidden_states, HookType.AROUND)
     reg(f"{worker}.__init__", start_online_pipeline, HookType.AFTER)
     reg(f"{worker}.forward_batch_generation", remember_batch, HookType.AROUND)
-    reg(f"{worker}.{serving.feed_method}", capture_draft_context, HookType.AROUND)
+    for method in serving.capture:
+        reg(method, CAPTURE_HOOKS[method.rsplit(".", 1)[1]], HookType.AROUND)
     reg("sglang.srt.mem_cache.common.release_kv_cache", finish_request, HookType.AROUND)
     if cfg.trainer:
         reg("sglang.srt.managers.scheduler.Scheduler.ingest_requests", swap_between_iterations, HookType.BEFORE)

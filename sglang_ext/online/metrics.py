@@ -15,8 +15,11 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_replay_bytes, _replay_records, _replay_budget_bytes, _replay_dropped_records_total
     sglang:online_train_persisted_records_total            records written to shards
   trainer and swaps (part 2):
-    sglang:online_train_trainer_up                         1 while the trainer process runs
+    sglang:online_train_trainer_up                         1 while the trainer process runs and beats
     sglang:online_train_trainer_restarts_total             trainer processes restarted after an exit
+    sglang:online_train_trainer_hung_total                 trainers killed for a stale heartbeat or a stuck read
+    sglang:online_train_trainer_queue_bytes                records queued for the trainer (bytes)
+    sglang:online_train_trainer_queue_dropped_records_total  ... dropped past the queue's byte bound
     sglang:online_train_trainer_steps                      optimiser steps so far (kept across restarts)
     sglang:online_train_trainer_loss                       loss of the latest step
     sglang:online_train_trainer_tokens_per_second          training throughput (EMA)
@@ -66,6 +69,10 @@ class OnlineMetrics:
         self._persisted = counter("persisted_records", "Records written to replay shards")
         self._trainer_up = gauge("trainer_up", "1 while the co-located trainer process runs")
         self._restarts = counter("trainer_restarts", "Trainer processes restarted after an exit")
+        self._hung = counter("trainer_hung", "Trainer processes killed for a stale heartbeat or a stuck read")
+        self._queue_bytes = gauge("trainer_queue_bytes", "Bytes of records queued for the trainer process")
+        self._queue_dropped = counter("trainer_queue_dropped_records",
+                                      "Records not sent to the trainer: its queue was past its byte bound")
         self._steps = gauge("trainer_steps", "Trainer optimiser steps so far")
         self._loss = gauge("trainer_loss", "Loss of the trainer's latest step")
         self._tok_s = gauge("trainer_tokens_per_second", "Tokens trained per second (EMA)")
@@ -82,6 +89,8 @@ class OnlineMetrics:
         self._version.labels(**self.labels).set(0)
         self._since_swap.labels(**self.labels).set(-1)
         self._trainer_up.labels(**self.labels).set(0)
+        self._queue_dropped.labels(**self.labels).inc(0)
+        self._hung.labels(**self.labels).inc(0)
         for reason in ("worse", "nan"):
             self._rejected.labels(**self.labels, reason=reason).inc(0)
 
@@ -122,6 +131,14 @@ class OnlineMetrics:
     # -- trainer / swaps ---------------------------------------------------------------------------------
     def trainer_restarted(self) -> None:
         self._restarts.labels(**self.labels).inc()
+
+    def trainer_hung(self) -> None:
+        self._hung.labels(**self.labels).inc()
+
+    def trainer_queue(self, nbytes: int, dropped: int = 0) -> None:
+        self._queue_bytes.labels(**self.labels).set(nbytes)
+        if dropped:
+            self._queue_dropped.labels(**self.labels).inc(dropped)
 
     def swapped(self, version: int, latency_s: float, in_flight: int) -> None:
         self._version.labels(**self.labels).set(version)

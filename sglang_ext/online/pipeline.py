@@ -43,13 +43,13 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipelin
     draft_path = server_args.speculative_draft_model_path
     draft_cfg = kind.load_config(draft_path)
     # The target captures its layers in layer order, so the feature columns follow the sorted ids.
-    layer_ids = sorted(kind.feature_layers(draft_cfg))
+    layer_ids = sorted(kind.live_feature_layers(draft_cfg))
     spec = ReplaySpec(target_identity(server_args.model_path), layer_ids, int(draft_cfg.hidden_size),
                       STORAGE[cfg.storage_dtype])
     metrics = OnlineMetrics({"model_name": str(server_args.served_model_name or server_args.model_path)})
     buffer = ReplayBuffer(cfg, spec, metrics)
     recorder = Recorder(cfg, buffer.submit, metrics)            # capture -> buffer
-    block_size = int(worker.block_size)
+    block_size = kind.served_block_size(worker)
     supervisor = None
     if cfg.trainer:
         supervisor = TrainerSupervisor(cfg, kind, worker, metrics, target_path=server_args.model_path,

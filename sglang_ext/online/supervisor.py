@@ -4,8 +4,11 @@ parameter names, what to rebuild after a swap) comes from its `trainer.draft_kin
 
 Two threads of the scheduler process touch this:
   * the supervisor thread (ours): (re)starts `python -m sglang_ext.online.trainer_worker` with a fresh
-    socket, sends it the records the replay buffer finished (on a restart, first everything the buffer
-    still holds), and notices when the process dies (trainer down, restart after a backoff);
+    socket, sends it the records the replay buffer finished (on a restart, first what the buffer still
+    holds), and notices when the process dies or hangs (trainer down, restart after a backoff). A trainer
+    whose heartbeat is older than `heartbeat_timeout_s`, or that stops reading (a send times out), is
+    killed and replaced. Records wait in a queue bounded in bytes (`outbox_bytes`; the oldest are dropped,
+    counted), so a slow or stuck trainer never grows the scheduler's memory;
   * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
     trainer published a version the scheduler has not applied, it copies the slot's weights into
     `draft_model` in place (`load_weights` -> `param.data.copy_`, storage addresses kept, so CUDA graphs
@@ -19,6 +22,7 @@ import dataclasses
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -45,6 +49,53 @@ def check_draft_names(kind, draft_model, layout: ws.Layout) -> None:
                          f"{type(draft_model).__name__}; cannot hot-swap into it")
 
 
+class ByteQueue:
+    """FIFO of byte strings bounded in total bytes: past the bound the oldest are dropped (and counted). The
+    newest item is always kept, even when it alone is over the bound. Not thread-safe (the caller locks)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.items: deque[bytes] = deque()
+        self.nbytes = 0
+        self.dropped = 0                            # since the last take_dropped()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def push(self, payload: bytes, front: bool = False) -> None:
+        if front:
+            self.items.appendleft(payload)
+        else:
+            self.items.append(payload)
+        self.nbytes += len(payload)
+        while self.nbytes > self.max_bytes and len(self.items) > 1:
+            self.nbytes -= len(self.items.popleft())
+            self.dropped += 1
+
+    def pop(self) -> bytes | None:
+        if not self.items:
+            return None
+        payload = self.items.popleft()
+        self.nbytes -= len(payload)
+        return payload
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.nbytes = 0
+
+    def take_dropped(self) -> int:
+        n, self.dropped = self.dropped, 0
+        return n
+
+
+def draft_module(kind, worker) -> torch.nn.Module:
+    """SGLang's live draft module inside `worker` (the kind's `serving.draft_module` attribute path)."""
+    obj = worker
+    for attr in kind.serving.draft_module.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
 def resolve_trainer_device(cfg, serving_device) -> str:
     if cfg.trainer_device != "auto":
         if cfg.trainer_device.startswith("cuda") and not torch.cuda.is_available():
@@ -63,21 +114,22 @@ class TrainerSupervisor:
         self.cfg = cfg
         self.kind = kind                            # trainer.draft_kind.DraftKind of the served draft
         self.worker = worker                        # SGLang's speculative worker (the kind's serving.worker_class)
-        self.draft_model = getattr(worker, kind.serving.draft_attr)
+        self.draft_model = draft_module(kind, worker)
         self.metrics = metrics
-        self.layout = ws.draft_layout(draft_path)
+        self.layout = ws.draft_layout(draft_path, exclude=kind.serving.fixed_weights)
         check_draft_names(kind, self.draft_model, self.layout)
         self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
         self.slot = ws.WeightSlot.create(self.layout)
         self.spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
                                 draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size),
                                 device=self.device, slot_fd=self.slot.fd)
-        self.outbox: deque[bytes] = deque(maxlen=4096)
+        self.outbox = ByteQueue(cfg.outbox_bytes)   # encoded records for the trainer (guarded by cond)
         self.cond = threading.Condition()
         self.snapshot_fn = None                     # -> records to resend after a restart
         self.proc: subprocess.Popen | None = None
         self.conn: Connection | None = None
         self.starts = 0
+        self.started_wall = 0.0                     # time.time() when the current trainer process was started
         self.version = 0
         self.swaps = 0
         self.last_swap_t: float | None = None
@@ -96,9 +148,20 @@ class TrainerSupervisor:
     # -- supervisor thread ---------------------------------------------------------------------------------
     def offer(self, record) -> None:
         """A finished replay record (called by the replay buffer's thread)."""
+        payload = encode_record(record)
         with self.cond:
-            self.outbox.append(encode_record(record))
+            self.outbox.push(payload)
             self.cond.notify()
+
+    def heartbeat_age(self, now: float | None = None) -> float:
+        """Seconds since the current trainer process last showed life (its start counts as the first beat)."""
+        now = time.time() if now is None else now
+        return now - max(self.slot.header.heartbeat, self.started_wall)
+
+    def trainer_alive(self) -> bool:
+        """The process runs and beats."""
+        return (self.proc is not None and self.proc.poll() is None
+                and self.heartbeat_age() <= self.cfg.heartbeat_timeout_s)
 
     def trainer_command(self, spec: TrainerSpec) -> list[str]:
         """argv of the trainer process."""
@@ -106,6 +169,11 @@ class TrainerSupervisor:
 
     def _launch(self) -> None:
         parent, child = socket.socketpair()
+        # A trainer that stops reading must not block this thread: a send that cannot progress for this long
+        # fails (and the trainer is replaced).
+        timeout = min(10.0, self.cfg.heartbeat_timeout_s)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                          struct.pack("ll", int(timeout), int((timeout % 1) * 1e6)))
         spec = dataclasses.replace(self.spec, records_fd=child.fileno())
         env = dict(os.environ)
         if self.device == "cpu":
@@ -114,16 +182,18 @@ class TrainerSupervisor:
                                      close_fds=True)
         child.close()
         self.conn = Connection(parent.detach())
+        self.started_wall = time.time()
         self.starts += 1
         logger.info("sglang_ext: trainer process started (pid %d, device %s, start #%d)", self.proc.pid,
                     self.device, self.starts)
         if self.starts > 1:
             self.metrics.trainer_restarted()
-            # A fresh trainer has no records: give it everything the replay buffer still holds.
-            backlog = list(self.snapshot_fn())[-self.outbox.maxlen:] if self.snapshot_fn is not None else []
+            # A fresh trainer has no records: give it what the replay buffer still holds (newest first kept).
+            backlog = list(self.snapshot_fn()) if self.snapshot_fn is not None else []
             with self.cond:
                 self.outbox.clear()
-                self.outbox.extend(encode_record(r) for r in backlog)
+                for record in backlog:
+                    self.outbox.push(encode_record(record))
 
     def _supervise(self) -> None:
         backoff = self.RESTART_BACKOFF_S[0]
@@ -137,6 +207,8 @@ class TrainerSupervisor:
                     time.sleep(backoff)
                     backoff = min(backoff * 2, self.RESTART_BACKOFF_S[1])
                     continue
+            if self.proc.poll() is None and self.heartbeat_age() > self.cfg.heartbeat_timeout_s:
+                self._kill_hung(f"no heartbeat for {self.heartbeat_age():.0f}s")
             if self.proc.poll() is not None:
                 self._on_exit()
                 if time.monotonic() - started > 60:
@@ -147,16 +219,22 @@ class TrainerSupervisor:
             with self.cond:
                 if not self.outbox:
                     self.cond.wait(timeout=0.5)
-                payload = self.outbox.popleft() if self.outbox else None
+                payload = self.outbox.pop()
             if payload is not None:
                 try:
                     self.conn.send_bytes(payload)
-                except OSError:                # the trainer is gone (or its socket is): restart it
+                except OSError as e:           # the trainer is gone, its socket is, or it stopped reading
                     with self.cond:
-                        self.outbox.appendleft(payload)
+                        self.outbox.push(payload, front=True)
                     if self.proc.poll() is None:
-                        self.proc.kill()
-                        self.proc.wait()
+                        self._kill_hung(f"sending it a record failed ({type(e).__name__}: it stopped reading)")
+
+    def _kill_hung(self, why: str) -> None:
+        logger.error("sglang_ext: trainer process %d is hung (%s): killing it; serving goes on with draft "
+                     "version %d", self.proc.pid, why, self.version)
+        self.metrics.trainer_hung()
+        self.proc.kill()
+        self.proc.wait()
 
     def _on_exit(self) -> None:
         code = self.proc.returncode
@@ -221,7 +299,10 @@ class TrainerSupervisor:
 
     def _update_metrics(self, now: float) -> None:
         h = self.slot.header
-        alive = self.proc is not None and self.proc.poll() is None
+        alive = self.trainer_alive()
+        with self.cond:
+            queued, dropped = self.outbox.nbytes, self.outbox.take_dropped()
+        self.metrics.trainer_queue(queued, dropped)
         for field, reason in (("rejected_worse", "worse"), ("rejected_nan", "nan")):
             value = getattr(h, field)
             if value > self._seen[field]:

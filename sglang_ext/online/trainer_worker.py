@@ -48,27 +48,29 @@ class OnlineTrainer:
         self.kind = get_kind(spec.draft_kind)
         cfg = self.kind.load_config(spec.draft_path)
         self.kind.set_block_size(cfg, spec.block_size)
-        self.slot = ws.WeightSlot.attach(spec.slot_fd, ws.draft_layout(spec.draft_path))
+        self.fixed = self.kind.serving.fixed_weights   # loaded, trained around, never published
+        self.slot = ws.WeightSlot.attach(spec.slot_fd, ws.draft_layout(spec.draft_path, exclude=self.fixed))
         precision = Precision.for_device(spec.device)
         embed, lm_head, _ = load_target_head(spec.target_path, dtype=precision.dtype)
 
         self.draft = self.kind.from_pretrained(spec.draft_path, cfg)
-        names = set(self.draft.state_dict())
+        names = set(self.draft.state_dict()) - set(self.fixed)
         if names != {n for n, _ in self.slot.layout}:
             raise ValueError(f"draft state dict {sorted(names)[:4]}... does not match the slot layout")
         self.resumed_version = self.slot.published
         if self.resumed_version > 0:        # a restart: go on from the newest accepted version
-            self.draft.load_state_dict(self.slot.read_state())
+            self.load_published(self.draft, self.slot.read_state())
         self.live = self.kind.from_scratch(cfg)   # the guard's reference: the weights last published (or loaded)
         self.live.load_state_dict(self.draft.state_dict())
+        self.embed, self.lm_head = embed.to(precision.device), lm_head.to(precision.device)   # frozen target parts
         for model in (self.draft, self.live):
-            model.to(precision.device)
-            self.kind.attach_target(model, embed.to(precision.device), lm_head.to(precision.device),
-                                    spec.target_path)
+            self.attach(model)
         self.live.eval()
+        # EAGLE-style kinds unroll as many draft steps as the server runs (block size - 1)
+        self.objective = self.kind.objective_settings(num_anchors=s.num_anchors, gamma=s.gamma,
+                                                      ttt_steps=max(1, spec.block_size - 1))
         self.step_fn = TrainStep(self.kind, self.draft, precision, lr=s.lr, weight_decay=s.weight_decay,
-                                 grad_clip=s.grad_clip,
-                                 objective=self.kind.objective_settings(num_anchors=s.num_anchors, gamma=s.gamma))
+                                 grad_clip=s.grad_clip, objective=self.objective)
         self.step = self.slot.header.steps  # optimizer steps applied, across restarts
         self.local_steps = 0                # attempted steps of this process
         self.bad_steps = 0                  # non-finite steps in a row
@@ -85,18 +87,23 @@ class OnlineTrainer:
 
     # -- records -------------------------------------------------------------------------------------------
     def start_receiver(self, conn) -> None:
-        def receive():
-            while True:
-                try:
-                    payload = conn.recv_bytes()
-                except (EOFError, OSError):
-                    log.info("scheduler connection closed; trainer exits")
-                    os._exit(0)
-                try:
-                    self.inbox.put(decode_record(payload))
-                except Exception:
-                    log.exception("could not decode a record; skipped")
-        threading.Thread(target=receive, name="records", daemon=True).start()
+        threading.Thread(target=self.receive, args=(conn,), name="records", daemon=True).start()
+
+    def receive(self, conn) -> None:
+        """The records thread: scheduler socket -> inbox; exits the process when the scheduler is gone."""
+        while True:
+            try:
+                payload = self.recv(conn)
+            except (EOFError, OSError):
+                log.info("scheduler connection closed; trainer exits")
+                os._exit(0)
+            try:
+                self.inbox.put(decode_record(payload))
+            except Exception:
+                log.exception("could not decode a record; skipped")
+
+    def recv(self, conn) -> bytes:
+        return conn.recv_bytes()
 
     def drain(self) -> None:
         while True:
@@ -162,9 +169,22 @@ class OnlineTrainer:
                    for i in range(0, len(held), size)]
         return self.step_fn.acceptance(model, batches, **self.kind.objective_settings(num_anchors=GUARD_ANCHORS))
 
+    def attach(self, model) -> None:
+        """Move a draft to the training device and give it the frozen target parts."""
+        model.to(self.embed.device)
+        self.kind.attach_target(model, self.embed, self.lm_head, self.spec.target_path)
+
+    def load_published(self, model, state: dict[str, torch.Tensor]) -> None:
+        """Load a published state (everything but the kind's fixed weights, which stay as loaded)."""
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - set(self.fixed):
+            raise ValueError(f"published weights do not fit the draft: missing {sorted(set(missing) - set(self.fixed))}"
+                             f", unexpected {sorted(unexpected)}")
+
     def candidate(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """The model to score and the state dict to publish if it passes: the draft being trained."""
-        return self.draft, {k: v.detach().float().cpu().clone() for k, v in self.draft.state_dict().items()}
+        return self.draft, {k: v.detach().float().cpu().clone() for k, v in self.draft.state_dict().items()
+                            if k not in self.fixed}
 
     def maybe_publish(self) -> None:
         if not self.want_publish or not self.slot.can_publish() or not self.holdout:
@@ -187,7 +207,7 @@ class OnlineTrainer:
                      self.step, cand_tau, live_tau, len(self.holdout))
             return
         version = self.slot.publish(state)
-        self.live.load_state_dict(state)
+        self.load_published(self.live, state)
         log.info("step %d: published draft version %d (held-out tau %.3f, live %.3f)", self.step, version,
                  cand_tau, live_tau)
         if self.settings.checkpoint_dir:

@@ -1,9 +1,9 @@
-"""The one shared-memory slot between the scheduler and the trainer process: a small status header plus one
-float32 copy of every draft weight. Plain torch + the standard library: it imports without SGLang.
+"""The one shared-memory slot between the scheduler and the trainer process: a small status header plus two
+float32 copies of every draft weight. Plain torch + the standard library: it imports without SGLang.
 
     header (`SlotHeader`, 256 bytes reserved)   trainer -> scheduler: published version, steps, loss, ...;
                                                 scheduler -> trainer: applied version
-    weights (float32)                           the newest accepted candidate, laid out by `layout`
+    weights, buffer 0 and buffer 1 (float32)    version v lives in buffer v % 2, laid out by `layout`
                                                 (name, shape) in name order
 
 Publication is a two-counter handshake, no lock (a killed trainer can never leave one held):
@@ -11,8 +11,8 @@ Publication is a two-counter handshake, no lock (a killed trainer can never leav
              version), then sets published += 1;
   scheduler: when published > applied, copies the weights into the live draft, then sets applied = published.
 So the slot is never written while it is read, and a trainer killed mid-write leaves PUBLISHED unchanged: the
-half-written weights are never applied. The slot always ends up holding the newest accepted version, which
-is what a restarted trainer resumes from.
+half-written weights are never applied. Version v + 1 is written into the other buffer than version v, so a
+write cut short leaves the newest published version intact: that is what a restarted trainer resumes from.
 
 The slot is anonymous shared memory (`memfd_create`; an unlinked temp file where that is missing): the
 scheduler creates it and passes the descriptor to each trainer it starts (`pass_fds`), so it has no name and
@@ -63,8 +63,9 @@ class SlotHeader(ctypes.Structure):
 assert ctypes.sizeof(SlotHeader) <= HEADER_BYTES
 
 
-def draft_layout(draft_dir: str | os.PathLike) -> Layout:
-    """(name, shape) of every weight in a DFlash draft checkpoint, `model.` prefix stripped, sorted."""
+def draft_layout(draft_dir: str | os.PathLike, exclude: tuple[str, ...] = ()) -> Layout:
+    """(name, shape) of every weight in a draft checkpoint, `model.` prefix stripped, sorted; `exclude`: names
+    the online path never swaps (the kind's `serving.fixed_weights`)."""
     layout = {}
     files = sorted(Path(draft_dir).glob("*.safetensors"))
     if not files:
@@ -74,9 +75,14 @@ def draft_layout(draft_dir: str | os.PathLike) -> Layout:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         for name, info in header.items():
-            if name != "__metadata__":
+            if name != "__metadata__" and name.removeprefix("model.") not in exclude:
                 layout[name.removeprefix("model.")] = tuple(int(d) for d in info["shape"])
     return sorted(layout.items())
+
+
+def slot_bytes(layout: Layout) -> int:
+    """Header + two float32 buffers."""
+    return HEADER_BYTES + 2 * 4 * layout_numel(layout)
 
 
 def layout_numel(layout: Layout) -> int:
@@ -94,7 +100,7 @@ class WeightSlot:
     def __init__(self, fd: int, layout: Layout, *, owner: bool):
         """Map the slot behind descriptor `fd` (the owner keeps it open to hand to trainers)."""
         self.layout = [(name, tuple(shape)) for name, shape in layout]
-        size = HEADER_BYTES + 4 * layout_numel(self.layout)
+        size = slot_bytes(self.layout)
         actual = os.fstat(fd).st_size
         if actual != size:
             raise ValueError(f"weight slot (fd {fd}): {actual} bytes, but the draft layout needs {size}")
@@ -102,13 +108,13 @@ class WeightSlot:
         self.owner = owner
         self._mmap = mmap.mmap(fd, size)
         self.header = SlotHeader.from_buffer(self._mmap)
-        self.weights: dict[str, torch.Tensor] = {}
+        self._buffers: list[dict[str, torch.Tensor]] = [{}, {}]
         offset = HEADER_BYTES
-        for name, shape in self.layout:
-            n = _numel(shape)
-            self.weights[name] = torch.frombuffer(self._mmap, dtype=torch.float32, count=n,
-                                                  offset=offset).view(shape)
-            offset += 4 * n
+        for buffer in self._buffers:
+            for name, shape in self.layout:
+                n = _numel(shape)
+                buffer[name] = torch.frombuffer(self._mmap, dtype=torch.float32, count=n, offset=offset).view(shape)
+                offset += 4 * n
 
     @classmethod
     def create(cls, layout: Layout) -> "WeightSlot":
@@ -117,7 +123,7 @@ class WeightSlot:
         else:
             with tempfile.NamedTemporaryFile(prefix="sglang-ext-slot-", delete=True) as f:
                 fd = os.dup(f.fileno())        # unlinked when the with-block closes it; the dup stays valid
-        os.ftruncate(fd, HEADER_BYTES + 4 * layout_numel(layout))
+        os.ftruncate(fd, slot_bytes(layout))
         return cls(fd, layout, owner=True)
 
     @classmethod
@@ -134,6 +140,11 @@ class WeightSlot:
     def applied(self) -> int:
         return self.header.applied
 
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The newest published version's weights (views into the slot)."""
+        return self._buffers[self.published % 2]
+
     def acknowledge(self, version: int) -> None:
         """Scheduler side: `version` is now live; the trainer may write the slot again."""
         self.header.applied = version
@@ -149,9 +160,9 @@ class WeightSlot:
         missing = [n for n, _ in self.layout if n not in state]
         if missing:
             raise KeyError(f"weight slot: state dict lacks {missing[:4]}")
-        for name, dst in self.weights.items():
-            dst.copy_(state[name].detach().to("cpu", torch.float32).view(dst.shape))
         version = self.published + 1
+        for name, dst in self._buffers[version % 2].items():
+            dst.copy_(state[name].detach().to("cpu", torch.float32).view(dst.shape))
         self.header.published = version
         return version
 
@@ -161,7 +172,7 @@ class WeightSlot:
     # -- lifetime ----------------------------------------------------------------------------------------
     def close(self) -> None:
         self.header = None
-        self.weights = {}
+        self._buffers = [{}, {}]
         try:
             self._mmap.close()
         except BufferError:        # a tensor view still alive somewhere; the mapping goes with the process

@@ -4,9 +4,11 @@ It is "installed" only for a server whose environment puts tests/sglang_plugin o
 tests/support/plugin.py): importlib.metadata then finds the dist-info beside this file and SGLang runs
 `register()` in every process it starts. What it does is chosen by environment variables the test sets:
 
-  SGLANG_EXT_TEST_DUMP_DIR=DIR       after each feed of target features into the live draft, save them with
-                                     the layer-0 keys the draft wrote into its KV cache for them (so a test can
-                                     prove the recorded features are the ones the live draft consumed)
+  SGLANG_EXT_TEST_DUMP_DIR=DIR       DFlash: after each feed of target features into the live draft, save them
+                                     with the layer-0 keys the draft wrote into its KV cache for them; EAGLE3:
+                                     save the input of the draft's fc (with positions) in every draft forward
+                                     that reads target features. So a test can prove the recorded features are
+                                     the ones the live draft consumed.
   SGLANG_EXT_TEST_TRAINER_FAULTS=..  run the online trainer as `sglang_ext_test_trainer` (a subclass of the
                                      production trainer with faults injected; see that module)
 """
@@ -41,6 +43,20 @@ def dump_draft_context(result, worker, *args, **kwargs):
     return result
 
 
+# srt/models/llama_eagle3.py `LlamaModel.forward(input_ids, positions, forward_batch, ...)` (BEFORE): the
+# EAGLE3 draft's forward; in a draft extend, spec_info.hidden_states are the target features its fc reads.
+def dump_eagle3_draft_input(model, input_ids, positions, forward_batch, *args, **kwargs):
+    import torch
+
+    hidden = getattr(forward_batch.spec_info, "hidden_states", None)
+    if hidden is None or not hidden.numel() or hidden.shape[-1] == model.config.hidden_size:
+        return None                       # a draft decode step: it reads its own hidden state
+    _calls[0] += 1
+    torch.save({"positions": positions.detach().cpu().clone(), "features": hidden.detach().float().cpu().clone()},
+               Path(os.environ[DUMP_ENV]) / f"eagle3-{os.getpid()}-{_calls[0]:06d}.pt")
+    return None
+
+
 # sglang_ext.online.supervisor.TrainerSupervisor.trainer_command: start the fault-injecting trainer instead.
 def faulty_trainer_command(original, self, spec):
     argv = original(self, spec)
@@ -53,6 +69,8 @@ def register() -> None:
     if os.environ.get(DUMP_ENV):
         HookRegistry.register("sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2."
                               "_append_target_hidden_to_draft_kv_by_loc", dump_draft_context, HookType.AFTER)
+        HookRegistry.register("sglang.srt.models.llama_eagle3.LlamaModel.forward", dump_eagle3_draft_input,
+                              HookType.BEFORE)
     if os.environ.get(FAULTS_ENV):
         HookRegistry.register("sglang_ext.online.supervisor.TrainerSupervisor.trainer_command",
                               faulty_trainer_command, HookType.AROUND)

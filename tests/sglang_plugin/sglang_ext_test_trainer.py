@@ -4,21 +4,27 @@ or imported by unit tests). Faults, comma separated in $SGLANG_EXT_TEST_TRAINER_
   nan_steps=A-B            the A-th..B-th step this process attempts gets NaN features (so a NaN loss)
   worse_once_live_tau=T    the first candidate offered while the live draft's held-out tau is >= T is replaced
                            by a clearly worse one (final norm negated: every logit flips sign)
+  hang_once_after=N        after its N-th step the process stops reading records and stops beating (hung, not
+                           dead), once: the first process to hang creates $SGLANG_EXT_TEST_HANG_FLAG, and
+                           processes started after that do not hang
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import threading
+import time
 
 from sglang_ext.online.trainer_worker import OnlineTrainer, main
 
 FAULTS_ENV = "SGLANG_EXT_TEST_TRAINER_FAULTS"
+HANG_FLAG_ENV = "SGLANG_EXT_TEST_HANG_FLAG"
 log = logging.getLogger("sglang_ext.trainer")
 
 
 def parse_faults(text: str | None) -> dict:
-    faults: dict = {"nan_steps": (0, -1), "worse_once_live_tau": None}
+    faults: dict = {"nan_steps": (0, -1), "worse_once_live_tau": None, "hang_once_after": None}
     for part in filter(None, (text or "").split(",")):
         key, _, value = part.partition("=")
         if key == "nan_steps":
@@ -26,8 +32,11 @@ def parse_faults(text: str | None) -> dict:
             faults["nan_steps"] = (int(a), int(b or a))
         elif key == "worse_once_live_tau":
             faults["worse_once_live_tau"] = float(value)
+        elif key == "hang_once_after":
+            faults["hang_once_after"] = int(value)
         else:
-            raise ValueError(f"${FAULTS_ENV}: unknown fault {key!r} (nan_steps=A-B, worse_once_live_tau=T)")
+            raise ValueError(f"${FAULTS_ENV}: unknown fault {key!r} (nan_steps=A-B, worse_once_live_tau=T, "
+                             "hang_once_after=N)")
     return faults
 
 
@@ -37,6 +46,23 @@ class FaultyTrainer(OnlineTrainer):
         self.faults = faults if faults is not None else parse_faults(os.environ.get(FAULTS_ENV))
         self.injected_worse = False
         self._injecting = False
+        self.hung = threading.Event()
+
+    def train_once(self):
+        stats = super().train_once()
+        n, flag = self.faults["hang_once_after"], os.environ.get(HANG_FLAG_ENV)
+        if n is not None and flag and self.local_steps >= n and not os.path.exists(flag):
+            open(flag, "w").close()
+            log.info("fault: trainer hangs now (stops reading records and beating)")
+            self.hung.set()
+            while True:
+                time.sleep(3600)
+        return stats
+
+    def recv(self, conn):
+        while self.hung.is_set():
+            time.sleep(3600)
+        return super().recv(conn)
 
     def sample_batch(self):
         batch = super().sample_batch()
@@ -54,8 +80,8 @@ class FaultyTrainer(OnlineTrainer):
         self.injected_worse = self._injecting = True
         state["norm.weight"] = -state["norm.weight"]
         worse = self.kind.from_scratch(self.draft.cfg)
-        worse.load_state_dict(state)
-        worse.to(self.step_fn.precision.device).attach_target(self.draft.embed_tokens, self.draft.lm_head)
+        worse.load_state_dict({**self.draft.state_dict(), **state})     # the kind's fixed weights as loaded
+        self.attach(worse)
         return worse, state
 
     def maybe_publish(self):
