@@ -248,3 +248,20 @@ def test_tiny_finetune_decreases_loss_exports_and_reloads(sgl, tmp_path):
         assert torch.equal(reloaded.state_dict()[name], p.to(torch.bfloat16).float()), name
     assert not torch.equal(ckpt.fc.weight, DFlashDraft.from_scratch(cfg, seed=1).fc.weight)   # it trained
     load_into_sglang(sgl, out)
+
+
+def test_staged_swap_equals_load_weights(sgl, tmp_path):
+    """--online-train's staged swap (sglang_ext/online/swap.py) into SGLang's DFlashDraftModel: every trained
+    weight is placed (a block of rows of one SGLang parameter, q/k/v and gate/up stacked), and a new version
+    copied through the staging buffers equals the same version loaded by SGLang's load_weights, in place."""
+    from sglang_ext.online.weight_slot import draft_layout
+    from support.swap import assert_staged_swap_equals_load_weights
+    from trainer.draft_kind import get_kind
+
+    kind = get_kind("dflash")
+    randomized_draft(tiny_draft_config()).export(tmp_path, dtype=torch.float32)
+    live, _ = load_into_sglang(sgl, tmp_path)
+    reference, _ = load_into_sglang(sgl, tmp_path)
+    assert_staged_swap_equals_load_weights(kind, live, reference,
+                                           draft_layout(tmp_path, exclude=kind.serving.fixed_weights),
+                                           reference.load_weights)

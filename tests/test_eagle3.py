@@ -161,6 +161,25 @@ def test_export_loads_into_sglang(sgl, tmp_path):
         check_draft_names(KIND, model, layout + [("midlayer.extra.weight", (1,))])
 
 
+def test_staged_swap_equals_load_weights(sgl, tmp_path):
+    """--online-train's staged swap (sglang_ext/online/swap.py) into SGLang's EAGLE3 draft: every trained weight
+    (all but d2t/t2d) lands as a block of rows of one SGLang parameter, and a new version copied through the
+    staging buffers equals the same version loaded by SGLang's load_weights, in place."""
+    from types import MethodType
+
+    from sglang_ext.online.weight_slot import draft_layout
+    from support.swap import assert_staged_swap_equals_load_weights
+
+    out = randomized(make_cfg()).export(tmp_path / "e3", dtype=torch.float32)
+    live, _ = sglang_eagle3(sgl, out)
+    live.load_weights = MethodType(sgl.le3.LlamaForCausalLMEagle3.load_weights, live)
+    reference, _ = sglang_eagle3(sgl, out)
+    assert_staged_swap_equals_load_weights(
+        KIND, live, reference, draft_layout(out, exclude=KIND.serving.fixed_weights),
+        lambda weights: sgl.le3.LlamaForCausalLMEagle3.load_weights(reference, weights),
+        skip={"model.embed_tokens.weight"})             # the target's, shared: never trained nor swapped
+
+
 def test_forward_matches_sglang_extend_and_decode(sgl, tmp_path):
     """Step 0 == SGLang's draft extend over a sequence (input ids rotated left, positions unchanged); step 1 at
     index i == SGLang's next draft decode step for that position (token x_{i+2} at position i+1, attending to

@@ -1,11 +1,12 @@
 """EAGLE3 served by real SGLang on the CPU platform (float32), end to end offline: an EAGLE3 draft for the tiny
-Qwen3-VL (dense; and MoE for the chain) is captured (HF, the target's own greedy answers) and trained with
-trainer.finetune, then served as a chain (topk 1) and as trees (topk 2 and 4). Greedy output equals a plain
+Qwen3-VL (dense and MoE) is captured (HF, the target's own greedy answers) and trained with trainer.finetune,
+then served as a chain (topk 1) and as trees (topk 2 and 4 dense, topk 2 MoE). Greedy output equals a plain
 server's on text and image prompts, and the served tau of the chain equals the offline evaluator's replay of
-SGLang's EAGLE3 verify rule on every prompt. The trees are served with a hand-built "second guess" draft (the
-trained one with its lm_head mixed with a shifted copy, so its first guess is usually wrong and its second
-usually right): its chain accepts almost nothing, so the trees' acceptance comes from side branches, and
-their verify must run under the tree mask (without it, side branches corrupt the output)."""
+SGLang's EAGLE3 verify rule on every prompt. The dense trees are served with a hand-built "second guess" draft
+(the trained one with its lm_head mixed with a shifted copy, so its first guess is mostly wrong and the right
+token is often its second): its chain accepts little (about 1.1 against the trained draft's 2.7), so the
+trees' extra acceptance comes from side branches, and their verify must run under the tree mask (without it,
+side branches corrupt the output)."""
 import json
 import random
 import sysconfig
@@ -83,6 +84,16 @@ def plain(tiny, server_log_dir):
     return plain_outputs(tiny.dense, server_log_dir)
 
 
+@pytest.fixture(scope="module")
+def moe_trained_draft(tiny, tmp_path_factory):
+    return train_draft(tiny.moe, tmp_path_factory.mktemp("eagle3-moe"))
+
+
+@pytest.fixture(scope="module")
+def moe_plain(tiny, server_log_dir):
+    return plain_outputs(tiny.moe, server_log_dir)
+
+
 def mixed_prompts_file(directory: Path) -> Path:
     """The requests of mixed_requests(6, 2) as a chat JSONL for the offline evaluator."""
     prompts = [{"messages": [{"role": "user", "content": t}]} for t in TEXT_PROMPTS[:6]]
@@ -100,10 +111,9 @@ def test_eagle3_chain_serves_greedy_exactly_and_served_tau_equals_offline(tiny, 
     from trainer.evaluate import evaluate_offline, evaluate_served
 
     target = getattr(tiny, variant)
-    if variant == "dense":           # shared with the tree tests
-        draft, (requests, expected) = request.getfixturevalue("trained_draft"), request.getfixturevalue("plain")
-    else:
-        draft, (requests, expected) = train_draft(target, tmp_path / "moe"), plain_outputs(target, server_log_dir)
+    prefix = "" if variant == "dense" else "moe_"            # module fixtures, shared with the tree tests
+    draft, (requests, expected) = request.getfixturevalue(f"{prefix}trained_draft"), request.getfixturevalue(
+        f"{prefix}plain")
     prompts = mixed_prompts_file(tmp_path)
     with launch_server(target, draft_args(draft, BLOCK), log_dir=server_log_dir,
                        name=f"eagle3-chain-{variant}") as server:
@@ -160,3 +170,16 @@ def test_eagle3_tree_serves_greedy_exactly(tiny, second_guess_draft, second_gues
     for r in sampled:
         assert len(r["output_ids"]) == MAX_NEW and r["meta_info"]["spec_verify_ct"] >= 1, r["meta_info"]
     assert any(r["output_ids"] != e for r, e in zip(sampled, expected[:4]))   # it really sampled
+
+
+def test_eagle3_tree_on_moe_serves_greedy_exactly(tiny, moe_trained_draft, moe_plain, server_log_dir):
+    """The MoE target verifies a topk-2 tree under the tree mask too: greedy output equals plain serving."""
+    requests, expected = moe_plain
+    args = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(moe_trained_draft),
+            "--speculative-num-steps", str(BLOCK - 1), "--speculative-eagle-topk", "2",
+            "--speculative-num-draft-tokens", "6"]
+    with launch_server(tiny.moe, args, log_dir=server_log_dir, name="eagle3-moe-topk2") as server:
+        results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
+    assert [r["output_ids"] for r in results] == expected
+    taus = [r["meta_info"]["spec_accept_length"] for r in results]
+    assert sum(taus) / len(taus) > 1.8, taus

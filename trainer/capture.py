@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="replay directory (created or appended to)")
     lay = p.add_argument_group("target layers (default: the draft's, else evenly spaced in [1, L-3])")
     lay.add_argument("--layers", type=int, nargs="+", default=None, metavar="K", help="explicit target layer ids")
-    lay.add_argument("--draft-model-path", default=None, metavar="DIR", help="capture the layers this draft reads (DFlash: target_layer_ids; EAGLE3: aux layers "
-                          "+ the last layer)")
+    lay.add_argument("--draft-model-path", default=None, metavar="DIR",
+                     help="capture the layers this draft reads (DFlash: target_layer_ids; EAGLE3: aux layers + the "
+                          "last layer)")
     lay.add_argument("--num-features", type=int, default=None, metavar="K",
                      help=f"how many evenly spaced layers without --layers/--draft-model-path "
                           f"(default {DEFAULT_NUM_FEATURES}, at most L-3)")

@@ -24,7 +24,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
-from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
+
+try:                                    # SGLang's; the capture itself is plain torch (benchmarks/gpu_check.py
+    from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX          # runs it where SGLang is not installed)
+except ImportError:
+    HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,13 @@ Two threads of the scheduler process touch this:
     killed and replaced. Records wait in a queue bounded in bytes (`outbox_bytes`; the oldest are dropped,
     counted), so a slow or stuck trainer never grows the scheduler's memory;
   * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
-    trainer published a version the scheduler has not applied, it copies the slot's weights into
-    `draft_model` in place (`load_weights` -> `param.data.copy_`, storage addresses kept, so CUDA graphs
-    stay valid), lets the kind rebuild what the worker derived from the weights (DFlash: the fused KV helper,
-    which holds stacked copies of k/v weights), and acknowledges. No forward runs during the copy, so none
-    sees two versions.
+    trainer published a version the scheduler has not applied, it copies it into the live draft in place
+    (storage addresses kept, so CUDA graphs stay valid), lets the kind rebuild what the worker derived from
+    the weights (DFlash: the fused KV helper, which holds stacked copies of k/v weights), and acknowledges.
+    The version was staged by the supervisor thread beforehand (sglang_ext/online/swap.py: in the serving
+    dtype, on the serving device), so the swap point is device-to-device copies fenced on the device; when
+    the weights cannot be placed that way, the swap goes through SGLang's load_weights with device syncs.
+    No forward runs during the copy, so none sees two versions.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch
 
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import TrainerSpec, encode_record
+from sglang_ext.online.swap import StagedSwap, plan_placements
 
 logger = logging.getLogger(__name__)
 TRAINER_MODULE = "sglang_ext.online.trainer_worker"
@@ -118,6 +121,9 @@ class TrainerSupervisor:
         self.metrics = metrics
         self.layout = ws.draft_layout(draft_path, exclude=kind.serving.fixed_weights)
         check_draft_names(kind, self.draft_model, self.layout)
+        # Staged swap: versions reach the device off the critical path; None: through load_weights at the swap
+        placements = plan_placements(kind, self.draft_model, self.layout)
+        self.stager = StagedSwap(self.draft_model, placements) if placements else None
         self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
         self.slot = ws.WeightSlot.create(self.layout)
         self.spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
@@ -198,6 +204,7 @@ class TrainerSupervisor:
     def _supervise(self) -> None:
         backoff = self.RESTART_BACKOFF_S[0]
         while not self._stopping:
+            self._stage_published()            # a version published just before a trainer died still goes live
             if self.proc is None:
                 try:
                     self._launch()
@@ -218,7 +225,7 @@ class TrainerSupervisor:
                 continue
             with self.cond:
                 if not self.outbox:
-                    self.cond.wait(timeout=0.5)
+                    self.cond.wait(timeout=0.1 if self.stager is not None else 0.5)
                 payload = self.outbox.pop()
             if payload is not None:
                 try:
@@ -228,6 +235,22 @@ class TrainerSupervisor:
                         self.outbox.push(payload, front=True)
                     if self.proc.poll() is None:
                         self._kill_hung(f"sending it a record failed ({type(e).__name__}: it stopped reading)")
+
+    def _stage_published(self) -> None:
+        """Supervisor thread: bring a newly published version to the staging buffers (once the previous one
+        was applied, so the buffers are free)."""
+        stager, slot = self.stager, self.slot
+        if stager is None or slot is None or slot.header is None:
+            return
+        version = slot.published
+        if version > stager.version and slot.applied >= stager.version:
+            try:
+                with torch.no_grad():
+                    stager.stage(slot.weights, version)
+            except Exception:
+                logger.exception("sglang_ext: staging draft version %d failed; swapping through load_weights",
+                                 version)
+                self.stager = None
 
     def _kill_hung(self, why: str) -> None:
         logger.error("sglang_ext: trainer process %d is hung (%s): killing it; serving goes on with draft "
@@ -261,7 +284,8 @@ class TrainerSupervisor:
         if self._last_tick is not None:      # typical scheduler iteration, to compare swap latency against
             gap = t - self._last_tick
             self.iteration_s = gap if self.iteration_s is None else 0.95 * self.iteration_s + 0.05 * gap
-        if slot.published > slot.applied:
+        stager = self.stager
+        if slot.published > slot.applied and (stager is None or stager.version == slot.published):
             self._swap(scheduler)
         self._last_tick = time.perf_counter()
         now = time.monotonic()
@@ -275,16 +299,20 @@ class TrainerSupervisor:
         version = slot.published
         in_flight = _requests_in_flight(scheduler)
         t0 = time.perf_counter()
-        cuda = next(draft.parameters()).is_cuda
-        if cuda:
-            torch.cuda.synchronize()           # the overlap scheduler may still run the previous forward
         storage = [p.data_ptr() for p in draft.parameters()]
-        draft.load_weights(list(slot.weights.items()))
+        if self.stager is not None:            # device-to-device copies, fenced on the device (no host sync)
+            self.stager.apply(getattr(scheduler, "forward_stream", None),
+                              then=lambda: self.kind.after_swap(self.worker))
+        else:
+            cuda = next(draft.parameters()).is_cuda
+            if cuda:
+                torch.cuda.synchronize()       # the overlap scheduler may still run the previous forward
+            draft.load_weights(list(slot.weights.items()))
+            self.kind.after_swap(self.worker)
+            if cuda:
+                torch.cuda.synchronize()
         if storage != [p.data_ptr() for p in draft.parameters()]:
             logger.error("sglang_ext: draft parameter storage moved during the swap (CUDA graphs would be stale)")
-        self.kind.after_swap(self.worker)
-        if cuda:
-            torch.cuda.synchronize()
         latency = time.perf_counter() - t0
         slot.acknowledge(version)
         self.version = version

@@ -1,0 +1,221 @@
+"""The hot-swap stall of --online-train: today's path through load_weights against the staged path, in one run.
+
+    python benchmarks/bench_swap.py                         # CPU: a 200M-parameter draft, bf16 serving dtype
+    python benchmarks/bench_swap.py --params 1e9            # on a GPU machine: the 1B-parameter draft
+
+A stand-in for SGLang's draft module (plain torch, so it runs where SGLang is not installed): `--layers`
+Llama-style layers sized to `--params` with SGLang's fused parameters (qkv_proj, gate_up_proj) in the serving
+dtype on the serving device, and a `load_weights` that writes our per-projection names into them the way
+SGLang's loaders do (a block of rows each, cast to the parameter's dtype). The trainer side is the real shared
+slot (`sglang_ext.online.weight_slot.WeightSlot`, float32, pageable shared memory) holding one published
+version.
+
+    old     the swap point runs load_weights from the slot (fp32 -> serving dtype, host -> device), with a
+            device-wide synchronize before and after (what TrainerSupervisor._swap does without a stager)
+    staged  sglang_ext.online.swap: `stage` (supervisor thread, off the critical path: slot -> pinned host in
+            the serving dtype -> device staging buffers on a side stream) then, at the swap point, `apply`
+            (device-to-device copies fenced on the device, no host sync)
+
+Reported per path, median of --repeats: the stall at the swap point (host wall time of the call; on CUDA also
+the device time of the work it queued, by CUDA events) and, for the staged path, the staging time. Goal (GPU,
+1B parameters): staged stall <= 2 ms. Writes <out>/swap.json and, with matplotlib, <out>/swap.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from sglang_ext.online import weight_slot as ws  # noqa: E402
+from sglang_ext.online.swap import StagedSwap, plan_placements  # noqa: E402
+from trainer.draft_kind import get_kind  # noqa: E402
+
+
+class StandInDraft(torch.nn.Module):
+    """SGLang-shaped draft parameters (fused qkv / gate_up) and a loader that writes our names into them."""
+
+    def __init__(self, layers: int, hidden: int, heads: int, kv_heads: int, inter: int, dtype, device):
+        super().__init__()
+        d = hidden // heads
+        self.shapes = {}                  # our weight name -> (SGLang parameter, row offset, shape)
+        for i in range(layers):
+            p = f"layers.{i}."
+            rows = {"q_proj": heads * d, "k_proj": kv_heads * d, "v_proj": kv_heads * d}
+            self._fused(p + "self_attn.qkv_proj.weight", [(p + f"self_attn.{k}.weight", (n, hidden))
+                                                          for k, n in rows.items()], dtype, device)
+            self._fused(p + "mlp.gate_up_proj.weight", [(p + "mlp.gate_proj.weight", (inter, hidden)),
+                                                        (p + "mlp.up_proj.weight", (inter, hidden))], dtype, device)
+            self._fused(p + "self_attn.o_proj.weight", [(p + "self_attn.o_proj.weight", (hidden, heads * d))],
+                        dtype, device)
+            self._fused(p + "mlp.down_proj.weight", [(p + "mlp.down_proj.weight", (hidden, inter))], dtype, device)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                self._fused(p + f"{norm}.weight", [(p + f"{norm}.weight", (hidden,))], dtype, device)
+
+    def _fused(self, param: str, parts, dtype, device) -> None:
+        rows = sum(shape[0] for _, shape in parts)
+        shape = (rows,) + tuple(parts[0][1][1:])
+        self.register_parameter(param.replace(".", "__"), torch.nn.Parameter(
+            torch.zeros(shape, dtype=dtype, device=device), requires_grad=False))
+        offset = 0
+        for name, s in parts:
+            self.shapes[name] = (param.replace(".", "__"), offset, s)
+            offset += s[0]
+
+    def named_parameters(self, *args, **kwargs):
+        for name, p in super().named_parameters(*args, **kwargs):
+            yield name.replace("__", "."), p
+
+    @torch.no_grad()
+    def load_weights(self, weights) -> None:
+        for name, t in weights:
+            param, offset, shape = self.shapes[name]
+            getattr(self, param).data[offset:offset + shape[0]].copy_(t)
+
+    def layout(self) -> list:
+        return sorted((name, tuple(s)) for name, (_, _, s) in self.shapes.items())
+
+
+def size_for(params: float, layers: int) -> dict:
+    """Hidden size (multiple of 128) for ~`params` parameters in `layers` layers (intermediate = 3 x hidden)."""
+    per_h2 = 2 + 0.5 + 9              # per layer, in hidden^2: q and o, k and v at 1/4 of the heads, gate/up/down
+    hidden = int((params / layers / per_h2) ** 0.5) // 128 * 128 or 128
+    return {"hidden": hidden, "heads": max(1, hidden // 128), "kv_heads": max(1, hidden // 512),
+            "inter": 3 * hidden}
+
+
+def _device_ms(fn, cuda: bool) -> tuple[float, float | None, float]:
+    """(host wall ms of fn(), device ms of the work it queued on the current stream (CUDA only), stall ms: from
+    the call until that work finished on an otherwise idle device)."""
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    fn()
+    host = (time.perf_counter() - t0) * 1e3
+    if not cuda:
+        return host, None, host
+    end.record()
+    end.synchronize()
+    return host, start.elapsed_time(end), (time.perf_counter() - t0) * 1e3
+
+
+def run(params: float = 2e8, layers: int = 4, dtype: str = "bfloat16", device: str | None = None,
+        repeats: int = 5, dims: dict | None = None) -> dict:
+    """Both paths, `repeats` swaps each (after one warm-up swap on CUDA). dims: explicit hidden / heads /
+    kv_heads / inter instead of sizing to `params`."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    dims = dims or size_for(params, layers)
+    model = StandInDraft(layers, dims["hidden"], dims["heads"], dims["kv_heads"], dims["inter"],
+                         getattr(torch, dtype), device)
+    n_params = sum(p.numel() for _, p in model.named_parameters())
+    layout = model.layout()
+    slot = ws.WeightSlot.create(layout)
+    slot.publish({name: torch.randn(shape) for name, shape in layout})
+    placements = plan_placements(get_kind("dflash"), model, layout)
+    if placements is None:
+        raise RuntimeError("the stand-in's weights could not be placed")
+    stager = StagedSwap(model, placements)
+
+    def old():
+        if cuda:
+            torch.cuda.synchronize()
+        model.load_weights(list(slot.weights.items()))
+        if cuda:
+            torch.cuda.synchronize()
+
+    storage = [p.data_ptr() for _, p in model.named_parameters()]
+    rows = {"old": [], "staged": [], "staging": []}
+    for r in range(repeats + (1 if cuda else 0)):        # on CUDA the first swap of each path warms up
+        old_ms = _device_ms(old, cuda)
+        t0 = time.perf_counter()
+        stager.stage(slot.weights, version=r + 1)
+        if cuda:
+            stager.staged_event.synchronize()         # only to time the staging; the supervisor never waits
+        staging_ms = ((time.perf_counter() - t0) * 1e3, None, None)
+        staged_ms = _device_ms(stager.apply, cuda)
+        if r or not cuda:
+            rows["old"].append(old_ms)
+            rows["staging"].append(staging_ms)
+            rows["staged"].append(staged_ms)
+    storage_kept = storage == [p.data_ptr() for _, p in model.named_parameters()]
+    got = {n: p for n, p in model.named_parameters()}
+    for name, (param, offset, shape) in model.shapes.items():    # the staged path wrote the slot's values
+        want = slot.weights[name].to(got[param.replace("__", ".")].dtype)
+        assert torch.equal(got[param.replace("__", ".")][offset:offset + shape[0]].cpu(), want.reshape(
+            got[param.replace("__", ".")][offset:offset + shape[0]].shape)), name
+
+    def med(xs, i):
+        vals = [x[i] for x in xs if x[i] is not None]
+        return round(statistics.median(vals), 3) if vals else None
+
+    machine = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    return {"machine": machine, "torch": torch.__version__, "device": device, "dtype": dtype, "params": n_params,
+            "layers": layers, **dims, "repeats": repeats,
+            "old_stall_ms": med(rows["old"], 0), "old_stall_device_ms": med(rows["old"], 1),
+            "old_stall_until_done_ms": med(rows["old"], 2),
+            "staged_stall_ms": med(rows["staged"], 0), "staged_stall_device_ms": med(rows["staged"], 1),
+            "staged_stall_until_done_ms": med(rows["staged"], 2), "staging_ms": med(rows["staging"], 0),
+            "staged_equals_slot": True, "storage_kept": storage_kept}     # (a mismatch raised above)
+
+
+def report(r: dict) -> str:
+    dev = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    return "\n".join([
+        f"hot-swap stall, {r['params'] / 1e6:.0f}M-parameter draft ({r['layers']} layers, hidden {r['hidden']}), "
+        f"{r['dtype']} on {r['machine']}, torch {r['torch']}, median of {r['repeats']}",
+        "| path | swap point, host ms | device ms | until done, ms | staging (off the critical path), ms |",
+        "| --- | --- | --- | --- | --- |",
+        f"| old: load_weights from the fp32 slot + synchronize | {r['old_stall_ms']:.2f} | "
+        f"{dev(r['old_stall_device_ms'])} | {r['old_stall_until_done_ms']:.2f} | - |",
+        f"| staged: device-to-device copy | {r['staged_stall_ms']:.2f} | {dev(r['staged_stall_device_ms'])} | "
+        f"{r['staged_stall_until_done_ms']:.2f} | {r['staging_ms']:.2f} |"])
+
+
+def plot(r: dict, path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no PNG"
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bars = ax.bar(["old (load_weights)", "staged (apply)"], [r["old_stall_ms"], r["staged_stall_ms"]])
+    ax.bar_label(bars, fmt="%.2f ms")
+    ax.set_ylabel("stall at the swap point (ms)")
+    ax.set_title(f"{r['params'] / 1e6:.0f}M params, {r['dtype']}, {r['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return f"wrote {path}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=float, default=2e8, help="draft parameters (default 2e8; 1e9 on a GPU)")
+    ap.add_argument("--layers", type=int, default=4, help="draft layers (default 4)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="serving dtype of the live draft (default bfloat16)")
+    ap.add_argument("--device", default=None, help="serving device (default cuda if available, else cpu)")
+    ap.add_argument("--repeats", type=int, default=5, help="swaps per path (default 5; the median is reported)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="JSON / PNG directory")
+    args = ap.parse_args(argv)
+    r = run(args.params, args.layers, args.dtype, args.device, args.repeats)
+    print(report(r))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "swap.json").write_text(json.dumps(r, indent=1) + "\n")
+    print(f"wrote {args.out / 'swap.json'}")
+    print(plot(r, args.out / "swap.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
