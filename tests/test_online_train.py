@@ -131,8 +131,11 @@ def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic
         # The restarted trainer is up and went on from where the killed one was (it re-trains on the records
         # the replay buffer re-sent it, traffic or not).
         _wait_for(lambda: "resuming from version" in server.log_path.read_text(), 120, "the restarted trainer")
-        final = _wait_for(lambda: (lambda m: m if m["trainer_up"] == 1 and m["trainer_steps"] > killed["steps"]
-                                   else None)(online_metrics(server)), 120, "the restarted trainer's steps")
+        # /metrics refreshes the trainer's counters about once a second: wait until they show the refused
+        # candidate (or the log shows it was published, which fails below).
+        final = _wait_for(lambda: (lambda m: m if m["trainer_up"] == 1 and m["trainer_steps"] > killed["steps"] and (
+            m["rejected_worse"] >= 1 or "injected-worse candidate was PUBLISHED" in server.log_path.read_text())
+            else None)(online_metrics(server)), 120, "the restarted trainer's steps and the refused candidate")
         log_text = server.log_path.read_text()
         server_metrics_at_end = server.metrics()
 
