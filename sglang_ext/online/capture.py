@@ -268,24 +268,6 @@ def _has_image(req) -> bool:
     return bool(mm is not None and getattr(mm, "mm_items", None))
 
 
-def split_rows(batch, *, starts=None, commit_lens=None, stride: int | None = None):
-    """[(req, start position, row slice)] for the target feature rows of one feed of the draft.
-
-    Prefill (commit_lens None): the batch's extend tokens, request after request, starting at each prefix.
-    Verify: `stride` rows per request, the first at position starts[i]; the committed ones (bonus + accepted,
-    commit_lens[i] of them) are a prefix of the request's rows.
-    """
-    if commit_lens is None:
-        out, offset = [], 0
-        for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
-            out.append((req, int(prefix_len), slice(offset, offset + extend_len)))
-            offset += extend_len
-        return out
-    commit, starts = commit_lens.tolist(), [int(s) for s in (starts.tolist() if hasattr(starts, "tolist") else starts)]
-    return [(req, starts[i], slice(i * stride, i * stride + commit[i]))
-            for i, req in enumerate(batch.reqs[:len(commit)])]
-
-
 def assemble_record(fin: CapturedRequest, include_prompt_loss: bool):
     """A finished CapturedRequest -> trainer.replay.ReplayRecord, or None when no row was captured.
 

@@ -104,8 +104,8 @@ def remember_batch(original, self, batch, *args, **kwargs):
 
 
 def row_layout(worker, kwargs) -> dict:
-    """How the rows of one DFlash feed call map to requests (sglang_ext.online.capture.split_rows): prefill
-    rows follow the batch's extend lengths; verify rows come in blocks of block_size, a committed prefix each."""
+    """How the rows of one DFlash feed call map to requests (Recorder.observe's layout): prefill rows follow
+    the batch's extend lengths; verify rows come in blocks of block_size, a committed prefix each."""
     if kwargs.get("commit_lens") is None:
         return {}
     block_size = int(worker.block_size)

@@ -22,11 +22,28 @@ FAULTS_ENV = "SGLANG_EXT_TEST_TRAINER_FAULTS"
 _calls = [0]
 
 
+def split_rows(batch, *, starts=None, commit_lens=None, stride: int | None = None):
+    """[(req, start position, row slice)] for the target feature rows of one feed of the draft.
+
+    Prefill (commit_lens None): the batch's extend tokens, request after request, starting at each prefix.
+    Verify: `stride` rows per request, the first at position starts[i]; the committed ones (bonus + accepted,
+    commit_lens[i] of them) are a prefix of the request's rows.
+    """
+    if commit_lens is None:
+        out, offset = [], 0
+        for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+            out.append((req, int(prefix_len), slice(offset, offset + extend_len)))
+            offset += extend_len
+        return out
+    commit, starts = commit_lens.tolist(), starts.tolist()
+    return [(req, starts[i], slice(i * stride, i * stride + commit[i]))
+            for i, req in enumerate(batch.reqs[:len(commit)])]
+
+
 # DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc (AFTER, so the draft's KV cache holds the keys).
 def dump_draft_context(result, worker, *args, **kwargs):
     import torch
 
-    from sglang_ext.online.capture import split_rows
     from sglang_ext.online.hooks import row_layout
 
     batch = getattr(worker, "_sglang_ext_batch", None)
