@@ -401,11 +401,8 @@ def format_report(result: dict) -> str:
 
 
 def maybe_plot(result: dict, path: Path) -> str:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = bop.pyplot()
+    if plt is None:
         return "matplotlib is not installed: no PNG (the numbers are in the table and the JSON)"
     taus = result["tau"]
     labels = [f"{k}\n{name}" for k in taus for name in DRAFTS]

@@ -472,12 +472,20 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def maybe_plot(result: dict, path: Path) -> str:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (not a dependency)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def maybe_plot(result: dict, path: Path) -> str:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: no PNG (the curve is in the table and the JSON)"
     points = result["curve"]["points"]
     if not points:
