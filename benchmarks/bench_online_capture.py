@@ -90,6 +90,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from sglang_ext.demo.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, chat_prompt, make_image  # noqa: E402
 from sglang_ext.launcher import draft_args, launch_server, metric_value  # noqa: E402
+from sglang_ext.online.supervisor import mem_available_bytes  # noqa: E402
 
 CONFIGS = ("plain", "online", "persist")          # the default set
 EXTRA_CONFIGS = ("plain2",)                       # a second plain server: A/A control, not run by default
@@ -154,17 +155,6 @@ def machine_busy_seconds() -> float:
         return float("nan")
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
     return (sum(vals[:8]) - idle) / CLK_TCK
-
-
-def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def group_rss_bytes(pgid: int) -> int:

@@ -7,14 +7,14 @@ A stand-in for SGLang's draft module (plain torch, so it runs where SGLang is no
 Llama-style layers sized to `--params` with SGLang's fused parameters (qkv_proj, gate_up_proj) in the serving
 dtype on the serving device, and a `load_weights` that writes our per-projection names into them the way
 SGLang's loaders do (a block of rows each, cast to the parameter's dtype). The trainer side is the real shared
-slot (`sglang_ext.online.weight_slot.WeightSlot`, float32, pageable shared memory) holding one published
-version.
+slot (`sglang_ext.online.weight_slot.WeightSlot`, pageable shared memory) holding one published version.
 
-    old     the swap point runs load_weights from the slot (fp32 -> serving dtype, host -> device), with a
-            device-wide synchronize before and after (what TrainerSupervisor._swap does without a stager)
-    staged  sglang_ext.online.swap: `stage` (supervisor thread, off the critical path: slot -> pinned host in
-            the serving dtype -> device staging buffers on a side stream) then, at the swap point, `apply`
-            (device-to-device copies fenced on the device, no host sync)
+    old     the first design: a float32 slot, and the swap point runs load_weights from it (fp32 -> serving
+            dtype, host -> device) with a device-wide synchronize before and after (what
+            TrainerSupervisor._swap still does when the weights cannot be staged)
+    staged  today: a slot in the serving dtype; sglang_ext.online.swap `stage` (supervisor thread, off the
+            critical path: slot -> pinned host -> device staging buffers on a side stream) then, at the swap
+            point, `apply` (device-to-device copies fenced on the device, no host sync)
 
 Reported per path, median of --repeats: the stall at the swap point (host wall time of the call; on CUDA also
 the device time of the work it queued, by CUDA events) and, for the staged path, the staging time. Goal (GPU,
@@ -119,8 +119,11 @@ def run(params: float = 2e8, layers: int = 4, dtype: str = "bfloat16", device: s
                          getattr(torch, dtype), device)
     n_params = sum(p.numel() for _, p in model.named_parameters())
     layout = model.layout()
-    slot = ws.WeightSlot.create(layout)
-    slot.publish({name: torch.randn(shape) for name, shape in layout})
+    state = {name: torch.randn(shape) for name, shape in layout}
+    old_slot = ws.WeightSlot.create(layout)                      # the old design: float32
+    old_slot.publish(state)
+    slot = ws.WeightSlot.create(layout, getattr(torch, dtype))   # today: the serving dtype
+    slot.publish(state)
     placements = plan_placements(get_kind("dflash"), model, layout)
     if placements is None:
         raise RuntimeError("the stand-in's weights could not be placed")
@@ -129,7 +132,7 @@ def run(params: float = 2e8, layers: int = 4, dtype: str = "bfloat16", device: s
     def old():
         if cuda:
             torch.cuda.synchronize()
-        model.load_weights(list(slot.weights.items()))
+        model.load_weights(list(old_slot.weights.items()))
         if cuda:
             torch.cuda.synchronize()
 
@@ -177,7 +180,8 @@ def report(r: dict) -> str:
         "| --- | --- | --- | --- | --- |",
         f"| old: load_weights from the fp32 slot + synchronize | {r['old_stall_ms']:.2f} | "
         f"{dev(r['old_stall_device_ms'])} | {r['old_stall_until_done_ms']:.2f} | - |",
-        f"| staged: device-to-device copy | {r['staged_stall_ms']:.2f} | {dev(r['staged_stall_device_ms'])} | "
+        f"| staged: {r['dtype']} slot, device-to-device copy | {r['staged_stall_ms']:.2f} | "
+        f"{dev(r['staged_stall_device_ms'])} | "
         f"{r['staged_stall_until_done_ms']:.2f} | {r['staging_ms']:.2f} |"])
 
 

@@ -47,11 +47,12 @@ b. One training step of a Qwen3-8B-shaped DFlash draft through the shared step (
 
 c. Hot swap of a ~1 B-parameter draft (part b's draft shape, SGLang's fused qkv / gate_up parameters) into live
    bf16 parameters, through benchmarks/bench_swap.py, which drives the production code on the real
-   WeightSlot (fp32, pageable shared memory) and a plain-torch stand-in for SGLang's draft module:
-   old     what `TrainerSupervisor._swap` does without a stager: torch.cuda.synchronize(), load_weights from
-           the fp32 slot (host->device with the cast, into blocks of rows), torch.cuda.synchronize()
-   staged  `sglang_ext.online.swap.StagedSwap`: `stage` off the critical path (fp32 -> pinned host in bf16 ->
-           device staging buffers on a side stream, an event), then at the swap point `apply`: the copy
+   WeightSlot (pageable shared memory) and a plain-torch stand-in for SGLang's draft module:
+   old     the first design: an fp32 slot, and at the swap point torch.cuda.synchronize(), load_weights from
+           it (host->device with the cast, into blocks of rows), torch.cuda.synchronize()
+   staged  today: a bf16 slot (the serving dtype) and `sglang_ext.online.swap.StagedSwap`: `stage` off the
+           critical path (slot -> pinned host -> device staging buffers on a side stream, an event), then
+           at the swap point `apply`: the copy
            stream waits on the event, device-to-device copies of the trained rows, no device-wide synchronize
    Reported per path (median of 10 after a warm-up): host wall time of the swap call, CUDA-event time of its
    work, and the stall until that work finished (the GPU otherwise idle); the staging time. Checks: the staged
@@ -636,11 +637,11 @@ def part_hot_swap(p: Part, shapes: Shapes, device: torch.device) -> None:
     dims = {"hidden": cfg.hidden_size, "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
             "inter": cfg.intermediate_size}
     cuda = device.type == "cuda"
-    p.log(f"{cfg.num_hidden_layers}-layer draft of part b's shape, fp32 slot -> bf16 live weights ...")
+    p.log(f"{cfg.num_hidden_layers}-layer draft of part b's shape, bf16 live weights (old: fp32 slot) ...")
     r = bench_swap.run(layers=cfg.num_hidden_layers, dtype="bfloat16", device=str(device),
                        repeats=10 if cuda else 1, dims=dims)       # asserts the staged path wrote the slot's values
     p.shapes.update(draft=f"{cfg.num_hidden_layers} layers, hidden {dims['hidden']}", parameters=r["params"],
-                    live_dtype="bfloat16", slot_dtype="float32")
+                    live_dtype="bfloat16", slot_dtype="bfloat16 (old: float32)")
     p.metric("draft parameters", r["params"] / 1e6, "M", ".1f")
     p.metrics["swap"] = {"value": r, "unit": "ms"}
     p.check("staged path wrote the slot's weights (bf16)", r["staged_equals_slot"], "every weight compared", "equal")
@@ -690,6 +691,12 @@ def verify_inputs(n_req: int, stride: int, steps: int, prompt_len: int, device, 
     commit = torch.randint(1, stride + 1, (steps, n_req), generator=gen)               # [steps, n_req] 1..stride
     starts = prompt_len + torch.cumsum(commit, 0) - commit                              # position of row 0
     return starts.to(device), commit.to(device), starts, commit
+
+
+def _pinned_allocs(cuda: bool) -> float:
+    """cudaHostAlloc calls so far (torch's caching host allocator reuses freed pinned blocks); nan if unknown."""
+    stats = torch.cuda.host_memory_stats() if cuda and hasattr(torch.cuda, "host_memory_stats") else {}
+    return float(stats.get("num_host_alloc", float("nan")))
 
 
 def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
@@ -780,7 +787,10 @@ def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
 
     p.log(f"{T} verify steps without recording, then with ...")
     loop(False), loop(True)                        # warm-up (pinned host allocator, kernels)
-    plain, recorded = loop(False), loop(True)
+    plain = loop(False)
+    pinned_before = _pinned_allocs(cuda)
+    recorded = loop(True)
+    pinned_new = _pinned_allocs(cuda) - pinned_before
     host_us = [t * 1e6 for t in recorded["host_s"]]
     host_us_sorted = sorted(host_us)
     p99 = host_us_sorted[min(len(host_us) - 1, int(0.99 * len(host_us)))]
@@ -793,6 +803,8 @@ def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
                  statistics.median(recorded["stream_ms"]) * 1e3, "us", ".0f")
     p.metric("bytes copied to the host per step", n_req * stride * feat * 2 / 2**20, "MiB", ".1f")
     p.metric("release() per request", recorded["release_s"] / n_req * 1e6, "us", ".0f")
+    if pinned_new == pinned_new:                   # the feeds' pinned buffers come from torch's caching host
+        p.metric("new pinned allocations (cudaHostAlloc) in the recorded steps", pinned_new, "", ".0f")  # allocator
     p.metrics["host_us"] = {"value": {"mean": statistics.mean(host_us), "p50": statistics.median(host_us),
                                       "p99": p99}, "unit": "us"}
     p.metrics["wall_us_per_step"] = {"value": {"plain": plain["wall_s"] / T * 1e6,

@@ -26,6 +26,11 @@ def test_flags_and_config_file(tmp_path):
     assert cfg.replay_budget_bytes == 10**6
     assert cfg.persist_dir == str(persist) and persist.is_dir()
     assert OnlineTrainConfig(**json.loads(cfg.to_env())) == cfg
+    sized = parse_argv(["--online-train", "--online-train-max-memory", "6GiB", "--online-train-queue-bytes", "64MB",
+                        "--online-train-duty-cycle", "0.25"])
+    assert (sized.max_memory_bytes, sized.queue_bytes, sized.duty_cycle) == (6 * 2**30, 64 * 10**6, 0.25)
+    settings = sized.trainer_settings()
+    assert (settings.max_memory_bytes, settings.inbox_bytes, settings.duty_cycle) == (6 * 2**30, 64 * 10**6, 0.25)
 
 
 @pytest.mark.parametrize("text, want", [("512MB", 512 * 10**6), ("2GiB", 2 * 2**30), ("1000", 1000),
@@ -43,6 +48,10 @@ def test_parse_size(text, want):
     (["--online-train", "--online-train-lr", "0"], "online-train lr must be positive"),
     (["--online-train", "--online-train-swap-every", "0"], "online-train swap_every must be positive"),
     (["--online-train", "--online-train-device", "tpu"], "--online-train-device must be auto, cpu, cuda or cuda:N"),
+    (["--online-train", "--online-train-duty-cycle", "0"], "--online-train-duty-cycle must be in (0, 1]"),
+    (["--online-train", "--online-train-duty-cycle", "1.5"], "--online-train-duty-cycle must be in (0, 1]"),
+    (["--online-train", "--online-train-max-memory", "much"], "--online-train-max-memory: cannot parse size"),
+    (["--online-train", "--online-train-queue-bytes", "-1"], "--online-train-queue-bytes: cannot parse size"),
 ])
 def test_bad_values_are_named(argv, message):
     with pytest.raises(OnlineTrainConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
@@ -90,7 +99,8 @@ def test_real_launcher_help_and_fail_fast(tmp_path):
                  "--online-train-threads", "--online-train-lr", "--online-train-batch-size",
                  "--online-train-num-anchors", "--online-train-swap-every", "--online-train-min-records",
                  "--online-train-holdout-every", "--online-train-checkpoint-dir",
-                 "--online-train-keep-checkpoints"):
+                 "--online-train-keep-checkpoints", "--online-train-heartbeat-timeout",
+                 "--online-train-max-memory", "--online-train-duty-cycle", "--online-train-queue-bytes"):
         assert flag in help_out.stdout, flag
     # Without a speculative algorithm: a clear error before any model is loaded.
     bad = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path),

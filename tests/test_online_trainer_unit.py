@@ -1,9 +1,11 @@
 """Pieces of the co-located trainer without a server: the shared weight slot's handshake, the names check
 against SGLang's draft, the trainer spec and record messages, fault parsing, and the trainer's NaN / guard
 handling on synthetic records (through the test-only fault-injecting subclass)."""
+import dataclasses
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -141,13 +143,13 @@ def _records(n, feature_dim, vocab, length=40, seed=0):
     return out
 
 
-def _trainer(tiny, draft_dir, faults="", **cfg):
-    slot = ws.WeightSlot.create(ws.draft_layout(draft_dir))
+def _trainer(tiny, draft_dir, faults="", slot=None, **cfg):
+    slot = slot or ws.WeightSlot.create(ws.draft_layout(draft_dir))
     config = OnlineTrainConfig(enabled=True, min_records=2, batch_size=2, num_anchors=8, swap_every=2,
                                holdout_every=3, **cfg)
     spec = TrainerSpec(settings=config.trainer_settings(), target_path=str(tiny.dense_random),
                        draft_path=str(draft_dir), draft_kind="dflash", block_size=4, device="cpu",
-                       slot_fd=os.dup(slot.fd))
+                       slot_fd=os.dup(slot.fd), slot_dtype=ws.dtype_name(slot.dtype))
     return FaultyTrainer(TrainerSpec.from_json(spec.to_json()), parse_faults(faults)), slot
 
 
@@ -218,17 +220,106 @@ def test_injected_worse_candidate_is_refused(tiny, draft_dir):
         slot.close()
 
 
-def test_trainer_queue_is_bounded_in_bytes():
-    """The supervisor's queue of records for the trainer: a slow or stuck trainer never grows it past its byte
-    bound; the oldest records go first and are counted."""
-    from sglang_ext.online.supervisor import ByteQueue
+def test_queues_are_bounded_in_bytes():
+    """The queue between every two stages: a slow or stuck consumer never grows it past its byte bound; the
+    oldest items go first and are counted."""
+    from sglang_ext.online.queues import ByteQueue
 
     q = ByteQueue(max_bytes=100)
     for i in range(10):
-        q.push(bytes([i]) * 30)
+        q.put(bytes([i]) * 30)
     assert q.nbytes == 90 and len(q) == 3 and q.take_dropped() == 7 and q.take_dropped() == 0
-    assert q.pop() == bytes([7]) * 30                # oldest kept first
-    q.push(b"x" * 500)                               # alone over the bound: kept, everything older dropped
+    assert q.get() == bytes([7]) * 30                # oldest kept first
+    q.put(b"x" * 500)                                # alone over the bound: kept, everything older dropped
     assert len(q) == 1 and q.nbytes == 500 and q.take_dropped() == 2
-    q.push(b"y" * 10, front=True)                    # a record put back after a failed send is the oldest:
-    assert q.pop() == b"x" * 500 and q.take_dropped() == 1 and q.nbytes == 0     # past the bound it goes first
+    q.put(b"y" * 10, front=True)                     # a record put back after a failed send is the oldest:
+    assert q.get() == b"x" * 500 and q.take_dropped() == 1 and q.nbytes == 0     # past the bound it goes first
+    assert q.get() is None and q.get(timeout=0.05) is None and q.dropped_total == 10
+    sized = ByteQueue(max_bytes=10, size=lambda item: item["n"])   # any item, with its own size
+    sized.put({"n": 6})
+    sized.put({"n": 6})
+    assert len(sized) == 1 and sized.nbytes == 6 and sized.take_dropped() == 1
+
+
+def test_slow_trainer_inbox_is_bounded_and_counts_drops(tiny, draft_dir):
+    """Records keep arriving while the training loop does not take them (a slow step): the trainer's inbox
+    stays under its byte bound, the oldest are dropped and the drops reach the slot header (/metrics)."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    cfg = json.loads((draft_dir / "config.json").read_text())
+    K = len(cfg["dflash_config"]["target_layer_ids"])
+    records = _records(12, K * cfg["hidden_size"], cfg["vocab_size"])
+    one = records[0].features.numel() * records[0].features.element_size()
+    trainer, slot = _trainer(tiny, draft_dir, queue_bytes=3 * one)
+    ours, theirs = socket.socketpair()
+    sender = Connection(ours.detach())
+    trainer.scheduler_gone = lambda: None           # (the process would exit when the scheduler goes)
+    try:
+        trainer.start_receiver(Connection(theirs.detach()))
+        for r in records:
+            sender.send_bytes(encode_record(r))
+        deadline = time.monotonic() + 30
+        while slot.header.inbox_dropped < 9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slot.header.inbox_dropped == 9 and len(trainer.inbox) == 3
+        assert trainer.inbox.nbytes == slot.header.inbox_bytes == 3 * one
+        trainer.drain()                               # the newest three reach the pool / held-out slice
+        assert trainer.received == 3 and slot.header.inbox_bytes == 0
+    finally:
+        sender.close()
+        slot.close()
+
+
+def test_slot_in_the_serving_dtype(tiny, draft_dir):
+    """A bf16 server gets a bf16 slot: half the bytes of fp32, versions rounded once when published, and the
+    trainer's guard copy holds exactly what will be served."""
+    layout = ws.draft_layout(draft_dir)
+    assert ws.slot_bytes(layout, torch.bfloat16) - ws.HEADER_BYTES == (ws.slot_bytes(layout) - ws.HEADER_BYTES) // 2
+    owner = ws.WeightSlot.create(layout, torch.bfloat16)
+    try:
+        with pytest.raises(ValueError, match="in float32"):          # a trainer told the wrong dtype
+            ws.WeightSlot.attach(owner.fd, layout)
+        trainer, _ = _trainer(tiny, draft_dir, slot=owner)
+        assert trainer.slot.dtype == torch.bfloat16
+        cfg = json.loads((draft_dir / "config.json").read_text())
+        for r in _records(6, cfg["hidden_size"] * len(cfg["dflash_config"]["target_layer_ids"]), cfg["vocab_size"]):
+            trainer.inbox.put(decode_record(encode_record(r)))
+        trainer.drain()
+        trainer.want_publish = True
+        trainer.settings = dataclasses.replace(trainer.settings, guard_tolerance=1e9)   # publish whatever it is
+        trainer.maybe_publish()
+        assert owner.published == 1
+        served = owner.read_state()
+        fp32 = trainer.draft.state_dict()
+        live = trainer.live.state_dict()
+        for name, value in served.items():
+            assert value.dtype == torch.bfloat16
+            assert torch.equal(value, fp32[name].to(torch.bfloat16))          # rounded once
+            assert torch.equal(live[name], value.float())                     # the guard scores what is served
+    finally:
+        owner.close()
+
+
+def test_trainer_memory_is_checked_at_startup(tiny, draft_dir):
+    """The trainer's need comes from the checkpoints' shapes; a budget under it, or a budget (or need) over what
+    is free on the device, fails the server at startup with the flags to change."""
+    from sglang_ext.online.supervisor import check_trainer_memory, device_free_bytes
+    from sglang_ext.online.trainer_worker import trainer_memory_need
+    from trainer.target import target_info
+
+    need = trainer_memory_need("dflash", str(draft_dir), str(tiny.dense_random), "cpu")
+    trainable = ws.layout_numel(ws.draft_layout(draft_dir))
+    info = target_info(tiny.dense_random)
+    head = info.vocab_size * info.hidden_size * (1 if info.tie_word_embeddings else 2)
+    assert need.trainable == 20 * trainable and need.fixed == 0 and need.target_head == 4 * head   # fp32 on CPU
+    assert "AdamW" in need.describe()
+    check_trainer_memory(need, "cpu", None, device_free_bytes("cpu"))        # fits this machine
+    check_trainer_memory(need, "cpu", need.total, need.total)
+    with pytest.raises(ValueError, match="over --online-train-max-memory.*raise --online-train-max-memory"):
+        check_trainer_memory(need, "cpu", need.total - 1, None)
+    with pytest.raises(ValueError, match="more than the .* free on cuda:0 .*--mem-fraction-static.*"
+                                         "--online-train-device"):
+        check_trainer_memory(need, "cuda:0", 2 * need.total, need.total)
+    with pytest.raises(ValueError, match="the trainer's need, about .* is more than"):
+        check_trainer_memory(need, "cpu", None, need.total - 1)

@@ -4,11 +4,12 @@ dropped, counted) and, with a persist directory, written as `trainer.replay` sha
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from sglang_ext.online.queues import ByteQueue
 
 logger = logging.getLogger(__name__)
 STORAGE = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
@@ -33,7 +34,8 @@ class ReplayBuffer:
         self.records: deque = deque()
         self.stats = BufferStats()
         self.lock = threading.Lock()
-        self.inbox: queue.Queue = queue.Queue()
+        # finished requests from the scheduler thread (CapturedRequest), bounded in bytes
+        self.inbox: ByteQueue = ByteQueue(cfg.queue_bytes, size=lambda finished: finished.nbytes())
         self.writer = None
         self.on_record = None                 # e.g. TrainerSupervisor.offer: called with each new record
         if cfg.persist_dir:
@@ -43,8 +45,10 @@ class ReplayBuffer:
         self.thread.start()
 
     def submit(self, finished) -> None:
-        """Called from the scheduler thread; never blocks."""
+        """Called from the scheduler thread; never blocks (past the inbox's bound the oldest are dropped)."""
         self.inbox.put(finished)
+        if self.inbox.dropped:
+            self.metrics.queue("replay_inbox", self.inbox.nbytes, self.inbox.take_dropped())
 
     def snapshot(self) -> list:
         with self.lock:
@@ -55,10 +59,8 @@ class ReplayBuffer:
         last_flush = time.monotonic()
         pending_persist = 0
         while True:
-            try:
-                finished = self.inbox.get(timeout=self.flush_interval_s)
-            except queue.Empty:
-                finished = None
+            finished = self.inbox.get(timeout=self.flush_interval_s)
+            self.metrics.queue("replay_inbox", self.inbox.nbytes, self.inbox.take_dropped())
             if finished is not None:
                 try:
                     record = assemble_record(finished, self.cfg.include_prompt_loss)

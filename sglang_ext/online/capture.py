@@ -82,7 +82,9 @@ class Feed:
 
 
 def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
-    """An asynchronous copy into fresh host memory (pinned on CUDA): no host sync."""
+    """An asynchronous copy into host memory (pinned on CUDA: torch's caching host allocator hands back blocks
+    freed by earlier feeds once their copies completed, so steady-state capture makes no new pinned
+    allocations; benchmarks/gpu_check.py counts them): no host sync."""
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
     host.copy_(t, non_blocking=cuda)
     return host
@@ -102,6 +104,14 @@ class CapturedRequest:
     has_image: bool = False
     finish_reason: str = ""
     copied: object = None                                 # CUDA event after the mrope copies (None: done)
+
+    def nbytes(self) -> int:
+        """Host bytes of its feature rows (pending feeds: the rows its member may own)."""
+        n = sum(c.numel() * c.element_size() for c in self.chunks.values())
+        for feed, i in self.parts:
+            rows = feed.stride if feed.verify else feed.lengths[i]
+            n += rows * feed.rows.shape[1] * feed.rows.element_size()
+        return n
 
     def resolve(self) -> None:
         """Move the rows of pending feeds into `chunks` (waits for their copies: the buffer thread's job)."""

@@ -72,7 +72,9 @@ class OnlineTrainConfig:
     checkpoint_dir: str | None = None            # export each accepted version here (SGLang draft format)
     keep_checkpoints: int = 3                    # accepted versions kept in checkpoint_dir
     heartbeat_timeout_s: float = 60.0            # a trainer silent this long is reported down, killed, restarted
-    outbox_bytes: int = 256 * 2**20              # records queued for the trainer (oldest dropped past it, counted)
+    queue_bytes: int = 256 * 2**20               # bound of each queue between the stages (oldest dropped, counted)
+    duty_cycle: float = 1.0                      # fraction of wall time the trainer may compute (sleeps the rest)
+    max_memory_bytes: int | None = None          # the trainer's memory budget on its device (None: what is free)
     # -- set at startup, not a setting: the draft's kind (trainer.draft_kind), from its config.json --
     draft_kind: str = ""
 
@@ -85,7 +87,8 @@ class OnlineTrainConfig:
             pool_budget_bytes=self.replay_budget_bytes, min_records=self.min_records, swap_every=self.swap_every,
             holdout_every=self.holdout_every, holdout_records=self.holdout_records,
             guard_tolerance=self.guard_tolerance, threads=self.trainer_threads, checkpoint_dir=self.checkpoint_dir,
-            keep_checkpoints=self.keep_checkpoints)
+            keep_checkpoints=self.keep_checkpoints, inbox_bytes=self.queue_bytes, duty_cycle=self.duty_cycle,
+            max_memory_bytes=self.max_memory_bytes)
 
     def validate(self) -> "OnlineTrainConfig":
         if self.storage_dtype not in ("bf16", "fp8"):
@@ -99,12 +102,16 @@ class OnlineTrainConfig:
                      "keep_checkpoints"):
             if int(getattr(self, name)) <= 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "gamma", "heartbeat_timeout_s", "outbox_bytes"):
+        for name in ("lr", "gamma", "heartbeat_timeout_s", "queue_bytes"):
             if not float(getattr(self, name)) > 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance"):
             if float(getattr(self, name)) < 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < float(self.duty_cycle) <= 1.0:
+            raise OnlineTrainConfigError(f"--online-train-duty-cycle must be in (0, 1], got {self.duty_cycle}")
+        if self.max_memory_bytes is not None and int(self.max_memory_bytes) <= 0:
+            raise OnlineTrainConfigError(f"--online-train-max-memory must be positive, got {self.max_memory_bytes}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.trainer_device)):
             raise OnlineTrainConfigError(f"--online-train-device must be auto, cpu, cuda or cuda:N, "
                                          f"got {self.trainer_device!r}")
@@ -190,6 +197,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "cuda:N (another GPU)")
     g.add_argument("--online-train-threads", type=int, metavar="N",
                    help="torch CPU threads of the trainer process (default 1, leaving the rest to serving)")
+    g.add_argument("--online-train-max-memory", metavar="SIZE",
+                   help="memory the trainer may use on its device, e.g. 6GiB: checked at startup against its "
+                        "estimated need (draft, gradients, AdamW state, frozen embedding and lm_head) and against "
+                        "what is free there after SGLang's pools; on CUDA also enforced (the trainer's "
+                        "allocator is capped, an out-of-memory step is skipped). Default: what is free")
+    g.add_argument("--online-train-duty-cycle", type=float, metavar="F",
+                   help="fraction of wall time the trainer may compute, in (0, 1]; after each step it sleeps "
+                        "so that it computes at most this share (default 1.0: no pause). Lower it when "
+                        "training shares the serving device and serving throughput matters more")
+    g.add_argument("--online-train-queue-bytes", metavar="SIZE",
+                   help="byte bound of each queue between capture, the replay buffer, the supervisor and the "
+                        "trainer (default 256MiB); past it the oldest items are dropped and counted "
+                        "(sglang:online_train_queue_dropped_records_total)")
     g.add_argument("--online-train-lr", type=float, metavar="LR",
                    help="AdamW learning rate, constant after a short warmup (default 6e-4)")
     g.add_argument("--online-train-batch-size", type=int, metavar="N",
@@ -225,7 +245,9 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_min_records": "min_records", "online_train_holdout_every": "holdout_every",
                   "online_train_checkpoint_dir": "checkpoint_dir",
                   "online_train_keep_checkpoints": "keep_checkpoints",
-                  "online_train_heartbeat_timeout": "heartbeat_timeout_s"}
+                  "online_train_heartbeat_timeout": "heartbeat_timeout_s",
+                  "online_train_max_memory": "max_memory_bytes", "online_train_duty_cycle": "duty_cycle",
+                  "online_train_queue_bytes": "queue_bytes"}
 
 
 def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
@@ -248,8 +270,11 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
             values[field_name] = v
     if ns.online_train_capture_only:
         values["trainer"] = False
-    if "replay_budget_bytes" in values:
-        values["replay_budget_bytes"] = parse_size(values["replay_budget_bytes"], "online-train replay budget")
+    for name, what in (("replay_budget_bytes", "--online-train-replay-budget"),
+                       ("max_memory_bytes", "--online-train-max-memory"),
+                       ("queue_bytes", "--online-train-queue-bytes")):
+        if values.get(name) is not None:
+            values[name] = parse_size(values[name], what)
     return OnlineTrainConfig(enabled=True, **values).validate()
 
 

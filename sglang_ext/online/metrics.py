@@ -18,8 +18,10 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_trainer_up                         1 while the trainer process runs and beats
     sglang:online_train_trainer_restarts_total             trainer processes restarted after an exit
     sglang:online_train_trainer_hung_total                 trainers killed for a stale heartbeat or a stuck read
-    sglang:online_train_trainer_queue_bytes                records queued for the trainer (bytes)
-    sglang:online_train_trainer_queue_dropped_records_total  ... dropped past the queue's byte bound
+    sglang:online_train_queue_bytes{queue}                 bytes waiting in each queue of the path: replay_inbox
+                                                           (scheduler -> buffer), supervisor (-> trainer),
+                                                           trainer_inbox (in the trainer process)
+    sglang:online_train_queue_dropped_records_total{queue} ... items dropped past that queue's byte bound
     sglang:online_train_trainer_steps                      optimiser steps so far (kept across restarts)
     sglang:online_train_trainer_loss                       loss of the latest step
     sglang:online_train_trainer_tokens_per_second          training throughput (EMA)
@@ -33,6 +35,9 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_seconds_since_last_swap            -1 before the first swap
 """
 from __future__ import annotations
+
+
+QUEUES = ("replay_inbox", "supervisor", "trainer_inbox")     # sglang_ext/online/queues.py, in data-flow order
 
 
 class OnlineMetrics:
@@ -70,9 +75,10 @@ class OnlineMetrics:
         self._trainer_up = gauge("trainer_up", "1 while the co-located trainer process runs")
         self._restarts = counter("trainer_restarts", "Trainer processes restarted after an exit")
         self._hung = counter("trainer_hung", "Trainer processes killed for a stale heartbeat or a stuck read")
-        self._queue_bytes = gauge("trainer_queue_bytes", "Bytes of records queued for the trainer process")
-        self._queue_dropped = counter("trainer_queue_dropped_records",
-                                      "Records not sent to the trainer: its queue was past its byte bound")
+        self._queue_bytes = Gauge("sglang:online_train_queue_bytes", "Bytes waiting in a queue of the online path",
+                                  labelnames=names + ["queue"], multiprocess_mode="mostrecent")
+        self._queue_dropped = counter("queue_dropped_records", "Items dropped from a queue of the online path "
+                                      "(past its byte bound; the oldest go first)", extra=("queue",))
         self._steps = gauge("trainer_steps", "Trainer optimiser steps so far")
         self._loss = gauge("trainer_loss", "Loss of the trainer's latest step")
         self._tok_s = gauge("trainer_tokens_per_second", "Tokens trained per second (EMA)")
@@ -89,7 +95,9 @@ class OnlineMetrics:
         self._version.labels(**self.labels).set(0)
         self._since_swap.labels(**self.labels).set(-1)
         self._trainer_up.labels(**self.labels).set(0)
-        self._queue_dropped.labels(**self.labels).inc(0)
+        for queue in QUEUES:
+            self._queue_dropped.labels(**self.labels, queue=queue).inc(0)
+            self._queue_bytes.labels(**self.labels, queue=queue).set(0)
         self._hung.labels(**self.labels).inc(0)
         for reason in ("worse", "nan"):
             self._rejected.labels(**self.labels, reason=reason).inc(0)
@@ -135,10 +143,11 @@ class OnlineMetrics:
     def trainer_hung(self) -> None:
         self._hung.labels(**self.labels).inc()
 
-    def trainer_queue(self, nbytes: int, dropped: int = 0) -> None:
-        self._queue_bytes.labels(**self.labels).set(nbytes)
+    def queue(self, queue: str, nbytes: int, dropped: int = 0) -> None:
+        """Fill of one queue (`QUEUES`) and the items it dropped since the last call."""
+        self._queue_bytes.labels(**self.labels, queue=queue).set(nbytes)
         if dropped:
-            self._queue_dropped.labels(**self.labels).inc(dropped)
+            self._queue_dropped.labels(**self.labels, queue=queue).inc(dropped)
 
     def swapped(self, version: int, latency_s: float, in_flight: int) -> None:
         self._version.labels(**self.labels).set(version)

@@ -59,6 +59,7 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipelin
         atexit.register(supervisor.stop)
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
                 "persist %s, trainer %s", kind.name, layer_ids, spec.hidden_size, cfg.replay_budget_bytes,
-                cfg.persist_dir, supervisor.device if supervisor else "off (capture only)")
+                cfg.persist_dir, f"on {supervisor.device}, needs {supervisor.memory_need.describe()}, duty cycle "
+                f"{cfg.duty_cycle:g}" if supervisor else "off (capture only)")
     return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, recorder=recorder,
                           buffer=buffer, supervisor=supervisor)

@@ -39,6 +39,9 @@ class TrainerSettings:
     threads: int = 1                      # torch CPU threads
     checkpoint_dir: str | None = None     # export each accepted version here
     keep_checkpoints: int = 3
+    inbox_bytes: int = 256 << 20          # records received, not yet pooled (oldest dropped past it, counted)
+    duty_cycle: float = 1.0               # fraction of wall time the trainer computes; it sleeps the rest
+    max_memory_bytes: int | None = None   # cap of the trainer's CUDA allocator (None: no cap)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class TrainerSpec:
     device: str                           # "cpu", "cuda:N"
     slot_fd: int                          # the WeightSlot's memfd, inherited
     records_fd: int = -1                  # our end of the records socket, inherited
+    slot_dtype: str = "float32"           # the slot's weight dtype: the live draft's (serving) dtype
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

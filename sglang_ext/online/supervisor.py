@@ -7,7 +7,7 @@ Two threads of the scheduler process touch this:
     socket, sends it the records the replay buffer finished (on a restart, first what the buffer still
     holds), and notices when the process dies or hangs (trainer down, restart after a backoff). A trainer
     whose heartbeat is older than `heartbeat_timeout_s`, or that stops reading (a send times out), is
-    killed and replaced. Records wait in a queue bounded in bytes (`outbox_bytes`; the oldest are dropped,
+    killed and replaced. Records wait in a queue bounded in bytes (`queue_bytes`; the oldest are dropped,
     counted), so a slow or stuck trainer never grows the scheduler's memory;
   * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
     trainer published a version the scheduler has not applied, it copies it into the live draft in place
@@ -29,14 +29,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from multiprocessing.connection import Connection
 
 import torch
 
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import TrainerSpec, encode_record
+from sglang_ext.online.queues import ByteQueue
 from sglang_ext.online.swap import StagedSwap, plan_placements
+from sglang_ext.online.trainer_worker import trainer_memory_need
 
 logger = logging.getLogger(__name__)
 TRAINER_MODULE = "sglang_ext.online.trainer_worker"
@@ -50,45 +51,6 @@ def check_draft_names(kind, draft_model, layout: ws.Layout) -> None:
     if missing:
         raise ValueError(f"--online-train: trained draft weights {missing[:6]} have no parameter in SGLang's "
                          f"{type(draft_model).__name__}; cannot hot-swap into it")
-
-
-class ByteQueue:
-    """FIFO of byte strings bounded in total bytes: past the bound the oldest are dropped (and counted). The
-    newest item is always kept, even when it alone is over the bound. Not thread-safe (the caller locks)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self.items: deque[bytes] = deque()
-        self.nbytes = 0
-        self.dropped = 0                            # since the last take_dropped()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def push(self, payload: bytes, front: bool = False) -> None:
-        if front:
-            self.items.appendleft(payload)
-        else:
-            self.items.append(payload)
-        self.nbytes += len(payload)
-        while self.nbytes > self.max_bytes and len(self.items) > 1:
-            self.nbytes -= len(self.items.popleft())
-            self.dropped += 1
-
-    def pop(self) -> bytes | None:
-        if not self.items:
-            return None
-        payload = self.items.popleft()
-        self.nbytes -= len(payload)
-        return payload
-
-    def clear(self) -> None:
-        self.items.clear()
-        self.nbytes = 0
-
-    def take_dropped(self) -> int:
-        n, self.dropped = self.dropped, 0
-        return n
 
 
 def draft_module(kind, worker) -> torch.nn.Module:
@@ -110,6 +72,43 @@ def resolve_trainer_device(cfg, serving_device) -> str:
     return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"   # the serving GPU
 
 
+def device_free_bytes(device: str) -> int | None:
+    """Free memory on `device` now (CUDA: after SGLang's pools; CPU: MemAvailable); None when unknown."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return mem_available_bytes()
+
+
+def mem_available_bytes() -> int | None:
+    """The kernel's MemAvailable (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_trainer_memory(need, device: str, max_memory: int | None, free: int | None) -> None:
+    """Fail at startup when the trainer cannot fit: its need (`trainer_worker.MemoryNeed`) over the budget
+    (--online-train-max-memory), or the budget (default: the need) over what is free on its device."""
+    gib = 2 ** 30
+    if max_memory is not None and need.total > max_memory:
+        raise ValueError(f"--online-train: the trainer needs about {need.describe()}, over --online-train-max-memory "
+                         f"{max_memory / gib:.2f} GiB: raise --online-train-max-memory, or train elsewhere "
+                         f"(--online-train-device), or serve a smaller draft")
+    budget = max_memory if max_memory is not None else need.total
+    if free is not None and budget > free:
+        what = (f"--online-train-max-memory {max_memory / gib:.2f} GiB" if max_memory is not None
+                else f"the trainer's need, about {need.describe()},")
+        raise ValueError(f"--online-train: {what} is more than the {free / gib:.2f} GiB free on {device} after "
+                         f"SGLang's pools: lower --mem-fraction-static (if the trainer shares the serving GPU), "
+                         f"lower --online-train-max-memory, or move the trainer with --online-train-device "
+                         f"(cpu or another cuda:N)")
+
+
 class TrainerSupervisor:
     RESTART_BACKOFF_S = (1.0, 30.0)
 
@@ -125,12 +124,14 @@ class TrainerSupervisor:
         placements = plan_placements(kind, self.draft_model, self.layout)
         self.stager = StagedSwap(self.draft_model, placements) if placements else None
         self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
-        self.slot = ws.WeightSlot.create(self.layout)
+        self.memory_need = trainer_memory_need(kind.name, draft_path, target_path, self.device)
+        check_trainer_memory(self.memory_need, self.device, cfg.max_memory_bytes, device_free_bytes(self.device))
+        serving_dtype = next(self.draft_model.parameters()).dtype   # versions cross in the dtype served
+        self.slot = ws.WeightSlot.create(self.layout, serving_dtype)
         self.spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
                                 draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size),
-                                device=self.device, slot_fd=self.slot.fd)
-        self.outbox = ByteQueue(cfg.outbox_bytes)   # encoded records for the trainer (guarded by cond)
-        self.cond = threading.Condition()
+                                device=self.device, slot_fd=self.slot.fd, slot_dtype=ws.dtype_name(serving_dtype))
+        self.outbox: ByteQueue[bytes] = ByteQueue(cfg.queue_bytes)   # encoded records for the trainer
         self.snapshot_fn = None                     # -> records to resend after a restart
         self.proc: subprocess.Popen | None = None
         self.conn: Connection | None = None
@@ -141,6 +142,7 @@ class TrainerSupervisor:
         self.last_swap_t: float | None = None
         self.swap_latencies_s: list[float] = []
         self._seen = {"rejected_worse": 0, "rejected_nan": 0}
+        self._seen_inbox_dropped = 0
         self._last_metrics_t = 0.0
         self._last_tick: float | None = None
         self.iteration_s: float | None = None
@@ -154,10 +156,7 @@ class TrainerSupervisor:
     # -- supervisor thread ---------------------------------------------------------------------------------
     def offer(self, record) -> None:
         """A finished replay record (called by the replay buffer's thread)."""
-        payload = encode_record(record)
-        with self.cond:
-            self.outbox.push(payload)
-            self.cond.notify()
+        self.outbox.put(encode_record(record))
 
     def heartbeat_age(self, now: float | None = None) -> float:
         """Seconds since the current trainer process last showed life (its start counts as the first beat)."""
@@ -196,10 +195,9 @@ class TrainerSupervisor:
             self.metrics.trainer_restarted()
             # A fresh trainer has no records: give it what the replay buffer still holds (newest first kept).
             backlog = list(self.snapshot_fn()) if self.snapshot_fn is not None else []
-            with self.cond:
-                self.outbox.clear()
-                for record in backlog:
-                    self.outbox.push(encode_record(record))
+            self.outbox.clear()
+            for record in backlog:                  # bounded too: past the bound the oldest are dropped
+                self.outbox.put(encode_record(record))
 
     def _supervise(self) -> None:
         backoff = self.RESTART_BACKOFF_S[0]
@@ -223,16 +221,12 @@ class TrainerSupervisor:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.RESTART_BACKOFF_S[1])
                 continue
-            with self.cond:
-                if not self.outbox:
-                    self.cond.wait(timeout=0.1 if self.stager is not None else 0.5)
-                payload = self.outbox.pop()
+            payload = self.outbox.get(timeout=0.1 if self.stager is not None else 0.5)
             if payload is not None:
                 try:
                     self.conn.send_bytes(payload)
                 except OSError as e:           # the trainer is gone, its socket is, or it stopped reading
-                    with self.cond:
-                        self.outbox.push(payload, front=True)
+                    self.outbox.put(payload, front=True)
                     if self.proc.poll() is None:
                         self._kill_hung(f"sending it a record failed ({type(e).__name__}: it stopped reading)")
 
@@ -328,9 +322,9 @@ class TrainerSupervisor:
     def _update_metrics(self, now: float) -> None:
         h = self.slot.header
         alive = self.trainer_alive()
-        with self.cond:
-            queued, dropped = self.outbox.nbytes, self.outbox.take_dropped()
-        self.metrics.trainer_queue(queued, dropped)
+        self.metrics.queue("supervisor", self.outbox.nbytes, self.outbox.take_dropped())
+        self.metrics.queue("trainer_inbox", h.inbox_bytes, h.inbox_dropped - self._seen_inbox_dropped)
+        self._seen_inbox_dropped = max(self._seen_inbox_dropped, h.inbox_dropped)
         for field, reason in (("rejected_worse", "worse"), ("rejected_nan", "nan")):
             value = getattr(h, field)
             if value > self._seen[field]:

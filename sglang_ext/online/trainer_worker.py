@@ -19,26 +19,62 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import random
 import sys
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import TrainerSpec, decode_record, record_nbytes
+from sglang_ext.online.queues import ByteQueue
 from trainer.draft_kind import get_kind
 from trainer.replay import ReplayRecord
-from trainer.target import load_target_head
+from trainer.target import load_target_head, target_info
 from trainer.train_step import Batch, Precision, StepStats, TrainStep, pad_batch
 
 log = logging.getLogger("sglang_ext.trainer")
 GUARD_ANCHORS = 256             # proposals scored per held-out record by the guard
 MAX_BAD_STEPS = 10              # non-finite steps in a row before going back to the live draft
+
+
+LOWEST_STREAM_PRIORITY = 1 << 20   # torch maps a priority past the range to the lowest one the device has
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What the trainer process holds on its device besides activations (bytes)."""
+    trainable: int      # trained draft weights: fp32 master + gradient + AdamW m and v + the guard's live copy
+    fixed: int          # the kind's fixed weights (e.g. EAGLE3's vocabulary maps), in the draft and the live copy
+    target_head: int    # frozen embedding and lm_head of the target, in the compute dtype (once when tied)
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.fixed + self.target_head
+
+    def describe(self) -> str:
+        gib = 2 ** 30
+        return (f"{self.total / gib:.2f} GiB (draft + gradients + AdamW + guard copy {self.trainable / gib:.2f}, "
+                f"fixed weights {self.fixed / gib:.2f}, frozen embedding + lm_head {self.target_head / gib:.2f}; "
+                f"activations come on top)")
+
+
+def trainer_memory_need(draft_kind: str, draft_path: str, target_path: str, device: str) -> MemoryNeed:
+    """The trainer's memory on `device`, from the checkpoints' shapes (nothing is loaded)."""
+    kind = get_kind(draft_kind)
+    fixed_names = kind.serving.fixed_weights
+    trainable = ws.layout_numel(ws.draft_layout(draft_path, exclude=fixed_names))
+    everything = ws.layout_numel(ws.draft_layout(draft_path))
+    info = target_info(target_path)
+    head = info.vocab_size * info.hidden_size * (1 if info.tie_word_embeddings else 2)
+    dtype_bytes = torch.empty((), dtype=Precision.for_device(device).dtype).element_size()
+    return MemoryNeed(trainable=20 * trainable, fixed=2 * 4 * (everything - trainable),
+                      target_head=head * dtype_bytes)
 
 
 class OnlineTrainer:
@@ -49,7 +85,8 @@ class OnlineTrainer:
         cfg = self.kind.load_config(spec.draft_path)
         self.kind.set_block_size(cfg, spec.block_size)
         self.fixed = self.kind.serving.fixed_weights   # loaded, trained around, never published
-        self.slot = ws.WeightSlot.attach(spec.slot_fd, ws.draft_layout(spec.draft_path, exclude=self.fixed))
+        self.slot = ws.WeightSlot.attach(spec.slot_fd, ws.draft_layout(spec.draft_path, exclude=self.fixed),
+                                         ws.dtype_from_name(spec.slot_dtype))
         precision = Precision.for_device(spec.device)
         embed, lm_head, _ = load_target_head(spec.target_path, dtype=precision.dtype)
 
@@ -81,7 +118,7 @@ class OnlineTrainer:
         self.candidates = 0
         self.want_publish = False
         self.rng = random.Random(os.getpid())
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: ByteQueue[ReplayRecord] = ByteQueue(s.inbox_bytes, size=record_nbytes)
         self.tokens = 0
         self.rate = None
 
@@ -95,22 +132,27 @@ class OnlineTrainer:
             try:
                 payload = self.recv(conn)
             except (EOFError, OSError):
-                log.info("scheduler connection closed; trainer exits")
-                os._exit(0)
+                self.scheduler_gone()
+                return
             try:
-                self.inbox.put(decode_record(payload))
+                record = decode_record(payload)
             except Exception:
                 log.exception("could not decode a record; skipped")
+                continue
+            self.inbox.put(record)
+            h = self.slot.header
+            h.inbox_bytes = self.inbox.nbytes
+            h.inbox_dropped += self.inbox.take_dropped()
+
+    def scheduler_gone(self) -> None:
+        log.info("scheduler connection closed; trainer exits")
+        os._exit(0)
 
     def recv(self, conn) -> bytes:
         return conn.recv_bytes()
 
     def drain(self) -> None:
-        while True:
-            try:
-                rec = self.inbox.get_nowait()
-            except queue.Empty:
-                break
+        while (rec := self.inbox.get()) is not None:
             self.received += 1
             if self.received % self.settings.holdout_every == 0:
                 self.holdout.append(rec)
@@ -121,6 +163,7 @@ class OnlineTrainer:
                 self.pool_bytes -= record_nbytes(self.pool.popleft())
         h = self.slot.header
         h.records, h.train_records, h.holdout_records = self.received, len(self.pool), len(self.holdout)
+        h.inbox_bytes = self.inbox.nbytes
 
     # -- training ------------------------------------------------------------------------------------------
     def sample_batch(self) -> Batch:
@@ -207,7 +250,7 @@ class OnlineTrainer:
                      self.step, cand_tau, live_tau, len(self.holdout))
             return
         version = self.slot.publish(state)
-        self.load_published(self.live, state)
+        self.load_published(self.live, self.slot.read_state())   # as served: in the slot's (serving) dtype
         log.info("step %d: published draft version %d (held-out tau %.3f, live %.3f)", self.step, version,
                  cand_tau, live_tau)
         if self.settings.checkpoint_dir:
@@ -233,14 +276,29 @@ class OnlineTrainer:
                  self.step_fn.precision.device, str(self.step_fn.precision.dtype).removeprefix("torch."),
                  f"resuming from version {self.resumed_version} at step {self.step}" if self.resumed_version
                  else "starting from the loaded draft")
-        while True:
-            h.heartbeat = time.time()
-            self.drain()
-            if len(self.pool) < self.settings.min_records:
-                time.sleep(0.1)
-                continue
-            self.train_once()
-            self.maybe_publish()
+        device = self.step_fn.precision.device
+        # Trainer kernels on the device's lowest-priority stream: within one CUDA context (or under MPS) the
+        # serving kernels go first. Across plain processes the GPU time-slices; the duty cycle bounds our share.
+        stream = torch.cuda.Stream(device, priority=LOWEST_STREAM_PRIORITY) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            while True:
+                h.heartbeat = time.time()
+                self.drain()
+                if len(self.pool) < self.settings.min_records:
+                    time.sleep(0.1)
+                    continue
+                t0 = time.monotonic()
+                self.train_once()
+                self.maybe_publish()
+                self.pause(time.monotonic() - t0)
+
+    def pause(self, busy_s: float) -> None:
+        """Sleep so that computing takes at most `duty_cycle` of wall time (beating meanwhile)."""
+        duty = self.settings.duty_cycle
+        until = time.monotonic() + busy_s * (1.0 - duty) / duty
+        while (left := until - time.monotonic()) > 0:
+            self.slot.header.heartbeat = time.time()
+            time.sleep(min(left, 1.0))
 
 
 def main(argv: list[str] | None = None, trainer_cls: type[OnlineTrainer] = OnlineTrainer) -> int:
@@ -251,6 +309,10 @@ def main(argv: list[str] | None = None, trainer_cls: type[OnlineTrainer] = Onlin
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[sglang-ext trainer %(asctime)s] %(levelname)s %(message)s")
     torch.set_num_threads(spec.settings.threads)
+    device = torch.device(spec.device)
+    if device.type == "cuda" and spec.settings.max_memory_bytes:   # past the budget the trainer fails, not serving
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.settings.max_memory_bytes / total), device)
     conn = Connection(spec.records_fd)
     trainer = trainer_cls(spec)
     trainer.start_receiver(conn)

@@ -1,9 +1,11 @@
 """The one shared-memory slot between the scheduler and the trainer process: a small status header plus two
-float32 copies of every draft weight. Plain torch + the standard library: it imports without SGLang.
+copies of every draft weight in the serving dtype (what the live draft holds: bf16 on a bf16 server, so a
+version crosses the process boundary at half the bytes of fp32 and is rounded once, where the trainer can
+score what will be served). Plain torch + the standard library: it imports without SGLang.
 
     header (`SlotHeader`, 256 bytes reserved)   trainer -> scheduler: published version, steps, loss, ...;
                                                 scheduler -> trainer: applied version
-    weights, buffer 0 and buffer 1 (float32)    version v lives in buffer v % 2, laid out by `layout`
+    weights, buffer 0 and buffer 1 (dtype)      version v lives in buffer v % 2, laid out by `layout`
                                                 (name, shape) in name order
 
 Publication is a two-counter handshake, no lock (a killed trainer can never leave one held):
@@ -57,6 +59,8 @@ class SlotHeader(ctypes.Structure):
         ("rejected_nan", ctypes.c_int64),     # non-finite steps skipped + non-finite candidates refused
         ("heartbeat", ctypes.c_double),       # time.time() of the trainer's latest loop iteration
         ("pid", ctypes.c_int64),              # the trainer process
+        ("inbox_bytes", ctypes.c_int64),      # records received but not yet in the pool (bytes)
+        ("inbox_dropped", ctypes.c_int64),    # ... dropped past the inbox's byte bound (across restarts)
     ]
 
 
@@ -80,9 +84,25 @@ def draft_layout(draft_dir: str | os.PathLike, exclude: tuple[str, ...] = ()) ->
     return sorted(layout.items())
 
 
-def slot_bytes(layout: Layout) -> int:
-    """Header + two float32 buffers."""
-    return HEADER_BYTES + 2 * 4 * layout_numel(layout)
+def slot_bytes(layout: Layout, dtype: torch.dtype = torch.float32) -> int:
+    """Header + two buffers of `dtype`."""
+    return HEADER_BYTES + 2 * _itemsize(dtype) * layout_numel(layout)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (how the dtype crosses the process boundary)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"weight slot: {name!r} is not a floating-point torch dtype")
+    return dtype
 
 
 def layout_numel(layout: Layout) -> int:
@@ -97,13 +117,15 @@ def _numel(shape) -> int:
 
 
 class WeightSlot:
-    def __init__(self, fd: int, layout: Layout, *, owner: bool):
+    def __init__(self, fd: int, layout: Layout, *, owner: bool, dtype: torch.dtype = torch.float32):
         """Map the slot behind descriptor `fd` (the owner keeps it open to hand to trainers)."""
         self.layout = [(name, tuple(shape)) for name, shape in layout]
-        size = slot_bytes(self.layout)
+        self.dtype = dtype
+        size = slot_bytes(self.layout, dtype)
         actual = os.fstat(fd).st_size
         if actual != size:
-            raise ValueError(f"weight slot (fd {fd}): {actual} bytes, but the draft layout needs {size}")
+            raise ValueError(f"weight slot (fd {fd}): {actual} bytes, but the draft layout needs {size} "
+                             f"in {dtype_name(dtype)}")
         self.fd = fd
         self.owner = owner
         self._mmap = mmap.mmap(fd, size)
@@ -113,23 +135,23 @@ class WeightSlot:
         for buffer in self._buffers:
             for name, shape in self.layout:
                 n = _numel(shape)
-                buffer[name] = torch.frombuffer(self._mmap, dtype=torch.float32, count=n, offset=offset).view(shape)
-                offset += 4 * n
+                buffer[name] = torch.frombuffer(self._mmap, dtype=dtype, count=n, offset=offset).view(shape)
+                offset += _itemsize(dtype) * n
 
     @classmethod
-    def create(cls, layout: Layout) -> "WeightSlot":
+    def create(cls, layout: Layout, dtype: torch.dtype = torch.float32) -> "WeightSlot":
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("sglang-ext-draft-weights")
         else:
             with tempfile.NamedTemporaryFile(prefix="sglang-ext-slot-", delete=True) as f:
                 fd = os.dup(f.fileno())        # unlinked when the with-block closes it; the dup stays valid
-        os.ftruncate(fd, slot_bytes(layout))
-        return cls(fd, layout, owner=True)
+        os.ftruncate(fd, slot_bytes(layout, dtype))
+        return cls(fd, layout, owner=True, dtype=dtype)
 
     @classmethod
-    def attach(cls, fd: int, layout: Layout) -> "WeightSlot":
+    def attach(cls, fd: int, layout: Layout, dtype: torch.dtype = torch.float32) -> "WeightSlot":
         """Trainer side: the descriptor inherited from the scheduler."""
-        return cls(fd, layout, owner=False)
+        return cls(fd, layout, owner=False, dtype=dtype)
 
     # -- header ----------------------------------------------------------------------------------------
     @property
@@ -154,7 +176,8 @@ class WeightSlot:
         return self.applied >= self.published
 
     def publish(self, state: dict[str, torch.Tensor]) -> int:
-        """Write a full state dict (names as in `layout`) and bump PUBLISHED; returns the new version."""
+        """Write a full state dict (names as in `layout`, cast to the slot's dtype) and bump PUBLISHED; returns
+        the new version."""
         if not self.can_publish():
             raise RuntimeError("weight slot: the scheduler has not applied the previous version yet")
         missing = [n for n, _ in self.layout if n not in state]
@@ -162,7 +185,7 @@ class WeightSlot:
             raise KeyError(f"weight slot: state dict lacks {missing[:4]}")
         version = self.published + 1
         for name, dst in self._buffers[version % 2].items():
-            dst.copy_(state[name].detach().to("cpu", torch.float32).view(dst.shape))
+            dst.copy_(state[name].detach().to("cpu").view(dst.shape))
         self.header.published = version
         return version
 
