@@ -323,3 +323,51 @@ def test_trainer_memory_is_checked_at_startup(tiny, draft_dir):
         check_trainer_memory(need, "cuda:0", 2 * need.total, need.total)
     with pytest.raises(ValueError, match="the trainer's need, about .* is more than"):
         check_trainer_memory(need, "cpu", None, need.total - 1)
+
+
+def test_trainer_killed_mid_publish_resumes_from_the_applied_version(tiny, draft_dir, tmp_path):
+    """A trainer process is killed (-9) in the middle of writing version 2 into the slot: the scheduler never
+    sees version 2, version 1 (applied) is intact, and a restarted trainer resumes from version 1's weights."""
+    import signal
+    import subprocess
+
+    layout = ws.draft_layout(draft_dir)
+    names = [n for n, _ in layout]
+    owner = ws.WeightSlot.create(layout)
+    try:
+        v1 = {n: torch.randn(shape) for n, shape in layout}
+        owner.publish(v1)
+        owner.acknowledge(1)                             # the scheduler applied version 1
+        writing = tmp_path / "writing"
+        child = f"""
+import json, time, torch
+from sglang_ext.online import weight_slot as ws
+layout = [(n, tuple(s)) for n, s in json.loads({json.dumps(json.dumps(layout))})]
+slot = ws.WeightSlot.attach({owner.fd}, layout)
+class Stalls:                                            # the last weight never arrives: killed while writing
+    def detach(self):
+        open({str(writing)!r}, "w").close()
+        time.sleep(600)
+state = {{n: torch.full(s, 7.0) for n, s in layout}}
+state[layout[-1][0]] = Stalls()
+slot.publish(state)
+"""
+        proc = subprocess.Popen([sys.executable, "-c", child], pass_fds=[owner.fd])
+        try:
+            deadline = time.monotonic() + 120
+            while not writing.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert writing.exists(), "the publishing process never reached its last weight"
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert owner.published == owner.applied == 1             # nothing new to apply
+        assert torch.all(owner._buffers[0][names[0]] == 7.0)     # the write was cut short in the other buffer
+        assert all(torch.equal(owner.weights[n], v1[n]) for n in names)
+        trainer, _ = _trainer(tiny, draft_dir, slot=owner)
+        assert trainer.resumed_version == 1
+        resumed = trainer.draft.state_dict()
+        assert all(torch.equal(resumed[n], v1[n]) for n in names)
+        assert trainer.slot.can_publish()                         # and it may publish version 2 afresh
+    finally:
+        owner.close()
