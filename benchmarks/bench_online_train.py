@@ -4,7 +4,8 @@
 
 1. adaptation: a server starts from a random draft with --online-train and serves the workload's code
    prompts (4 in flight) for --minutes; every window: served tau (from /metrics), draft version, swaps,
-   trainer steps, decode throughput. Accepted versions are exported (--online-train-checkpoint-dir).
+   trainer steps, decode throughput, and the served tau of --probes held-out eval prompts that opt out of
+   training (the live draft on requests it has never seen). Accepted versions are exported (--online-train-checkpoint-dir).
 2. throughput with vs without online training, same traffic, one run of this script:
      * online     the last --tail windows of step 1 (trainer running, draft swapped as it improves)
      * static     a plain DFLASH server (no --online-train) with the newest draft step 1 accepted, so the
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--gpu", action="store_true", help="serve on CUDA instead of the torch_cpu platform")
+    ap.add_argument("--probes", type=int, default=8, help="held-out eval prompts (opted out of training) served "
+                    "after every window of step 1 (default 8)")
     ap.add_argument("--duty-cycles", default="1.0,0.5,0.25",
                     help="comma-separated --online-train-duty-cycle settings measured in step 2 (default "
                          "1.0,0.5,0.25)")
@@ -125,9 +128,10 @@ def main(argv=None) -> int:
     ckpt = work / "accepted"
 
     print(f"1. online run from a random draft ({args.minutes:g} min of traffic)", flush=True)
+    probes = [record_prompt(r) for r in workload.prompts("A", "eval")[:args.probes]]
     online = run_online(workload.target_dir, draft, prompts, minutes=args.minutes, max_new_tokens=args.max_new_tokens,
                         window=args.window, concurrency=args.concurrency, log_dir=work / "logs", gpu=args.gpu,
-                        extra_args=["--online-train-checkpoint-dir", str(ckpt)])
+                        extra_args=["--online-train-checkpoint-dir", str(ckpt)], probes=probes)
     tail = online["rows"][-args.tail:]
     n_tail = sum(args.window for _ in tail)
     versions = sorted(p for p in ckpt.glob("version-*") if p.is_dir())
@@ -164,9 +168,9 @@ def main(argv=None) -> int:
 
     rows = online["rows"]
     print("\nadaptation curve (served tau per window, from /metrics)")
-    print(f"{'requests':>8} {'minutes':>7} {'tau':>6} {'version':>7}")
+    print(f"{'requests':>8} {'minutes':>7} {'tau':>6} {'probe tau':>9} {'version':>7}")
     for r in rows:
-        print(f"{r['requests']:8d} {r['t'] / 60:7.2f} {r['tau']:6.2f} {r['draft_version']:7.0f}")
+        print(f"{r['requests']:8d} {r['t'] / 60:7.2f} {r['tau']:6.2f} {r['probe_tau']:9.2f} {r['draft_version']:7.0f}")
     print(f"\ndecode throughput, same traffic ({args.concurrency} in flight, {args.max_new_tokens} new tokens)")
     print(f"{'server':<44} {'tau':>6} {'tok/s':>8} {'vs static':>9} {'trainer steps/min':>17}")
     for name, r in (("DFLASH + --online-train (step 1 tail)", online_tail),

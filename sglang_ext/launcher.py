@@ -61,11 +61,14 @@ class SGLangClient:
         return self.get_text("/metrics")
 
     def generate(self, text: str, images: list | None = None, max_new_tokens: int = 32,
-                 ignore_eos: bool = True, timeout: float = 600) -> dict:
+                 ignore_eos: bool = True, timeout: float = 600, custom_params: dict | None = None) -> dict:
         """Greedy /generate. `images`: PIL images or file paths; the text must hold one image placeholder
-        (<|vision_start|><|image_pad|><|vision_end|>) per image."""
+        (<|vision_start|><|image_pad|><|vision_end|>) per image. `custom_params`: SGLang's per-request field
+        (e.g. {"online_train_opt_out": True} keeps the request out of --online-train)."""
         body: dict = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                                                         "ignore_eos": ignore_eos}}
+        if custom_params:
+            body["sampling_params"]["custom_params"] = dict(custom_params)
         if images:
             body["image_data"] = [image_to_data_url(im) for im in images]
         return self.post("/generate", body, timeout=timeout)

@@ -11,6 +11,6 @@ import bench_swap  # noqa: E402
 def test_bench_swap_tiny(tmp_path):
     r = bench_swap.run(params=2e6, layers=2, dtype="bfloat16", device="cpu", repeats=2)
     assert r["params"] > 1e6 and r["old_stall_ms"] > 0 and r["staged_stall_ms"] > 0 and r["staging_ms"] > 0
-    assert "staged: device-to-device copy" in bench_swap.report(r)
+    assert "staged: bfloat16 slot, device-to-device copy" in bench_swap.report(r)
     assert bench_swap.main(["--params", "2e6", "--layers", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "swap.json").is_file()

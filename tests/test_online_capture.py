@@ -1,6 +1,7 @@
 """--online-train, part 1, against real SGLang on the CPU platform: serving is unchanged, the captured
 features are HF's pre-deepstack features and the very tensors the live draft consumed, the persisted shards
-hold exactly the finished requests, /metrics agrees with meta_info, and trainer/finetune.py trains on them."""
+hold exactly the finished requests (never one that opted out), /metrics agrees with meta_info, trainer/finetune.py
+trains on them, and radix-cache hits of multi-turn traffic are filled with the features first consumed."""
 import json
 import subprocess
 import sys
@@ -80,14 +81,26 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
             except ServerError as e:
                 return {"error": str(e)}
 
-        with ThreadPoolExecutor(8) as pool:
+        # ... and two requests that opted out of training (custom_params), through /generate and the OpenAI API.
+        opt_out = {"online_train_opt_out": True}
+        opted_out_rids = ["opted-out-generate", "opted-out-chat"]
+        opted_out_bodies = [
+            ("/generate", {"text": requests[0][0], "rid": opted_out_rids[0], "sampling_params": {
+                "max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True, "custom_params": opt_out}}),
+            ("/v1/chat/completions", {"model": "default", "rid": opted_out_rids[1], "max_tokens": 8,
+                                      "temperature": 0.0, "custom_params": opt_out,
+                                      "messages": [{"role": "user", "content": "Name a colour."}]})]
+
+        with ThreadPoolExecutor(10) as pool:
             long_futures = [pool.submit(long_request, rid) for rid in aborted_rids]
             futures = [pool.submit(server.generate, t, im, MAX_NEW) for t, im in concurrent_reqs]
+            opted_futures = [pool.submit(server.post, path, body) for path, body in opted_out_bodies]
             time.sleep(3.0)
             for rid in aborted_rids:
                 server.post("/abort_request", {"rid": rid})
             concurrent = [f.result() for f in futures]
             aborted = [f.result() for f in long_futures]
+            opted_generate, opted_chat = [f.result() for f in opted_futures]
 
         finished = sequential + concurrent
         deadline = time.monotonic() + 60
@@ -105,6 +118,10 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
         assert reason.get("type") == "abort", a
         assert len(a.get("output_ids", [])) < 1000
 
+    # Opted-out requests are served as usual (greedy output as plain serving) ...
+    assert opted_generate["output_ids"] == expected[0]
+    assert opted_chat["choices"][0]["message"]["content"]
+
     # 2. The shards hold exactly the finished requests, tokens in order, loss mask on generated tokens.
     reader = ReplayReader(persist)
     assert not reader.skipped
@@ -115,6 +132,10 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     finished_rids = [r["meta_info"]["id"] for r in finished]
     assert set(finished_rids) <= set(records)
     assert not set(aborted_rids) & set(records)
+    # Opted-out requests are recorded nowhere: not in the shards, which hold every record the buffer made (the
+    # trainer is fed the same records), and counted.
+    assert not set(opted_out_rids) & set(records)
+    assert metric_value(metrics, "sglang:online_train_dropped_requests_total", reason="opted_out") == 2
     assert len(set(records) - set(finished_rids)) <= 1            # SGLang's own startup warmup request
     hf = HFTarget(tiny.dense, device="cpu", dtype=torch.float32)
     for (text, images), result in zip(requests + concurrent_reqs, finished):
@@ -236,3 +257,93 @@ def test_online_train_moe_pre_deepstack(tiny, server_log_dir, tmp_path):
     image_rows = prompt.is_vision & covered
     assert image_rows.any()
     torch.testing.assert_close(consumed[covered], pre[covered], rtol=1e-4, atol=1e-4)
+
+
+def test_radix_hits_are_filled_from_the_prefix_store(tiny, server_log_dir, tmp_path):
+    """Multi-turn traffic: turn 2 and 3 of a chat are the earlier turns' whole conversation, and two requests
+    share a system prompt, so SGLang serves those prefixes from its radix cache and the target never recomputes
+    them. Their records are filled from the prefix feature store with exactly the rows the live draft consumed
+    when the prefix was first computed (the test plugin's debug dump); only positions never recorded (the last
+    token of a finished turn) stay gaps. A server with the store off leaves them all as gaps."""
+    from transformers import AutoTokenizer
+
+    from trainer.replay import ReplayReader
+
+    tok = AutoTokenizer.from_pretrained(tiny.dense)
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    system = "<|im_start|>system\n" + "You are a careful assistant who answers briefly. " * 6 + "<|im_end|>\n"
+    questions = ["def main(args):", "Now add a docstring.", "And a test for it."]
+
+    def run(store: str, name: str) -> tuple[dict, dict, str]:
+        persist, dump_dir = tmp_path / name / "replay", tmp_path / name / "dump"
+        dump_dir.mkdir(parents=True)
+        args = draft_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
+                                                "--online-train-persist-dir", str(persist),
+                                                "--online-train-prefix-store", store]
+        with launch_server(tiny.dense, args, log_dir=server_log_dir, name=f"online-{name}",
+                           env=plugin_env(dump_dir=dump_dir)) as server:
+            before = metric_value(server.metrics(), "sglang:online_train_recorded_records_total")   # warm-up
+            ids: list[int] = []
+            for turn, q in enumerate(questions):               # one chat, three turns, each the whole conversation
+                ids = ids + encode(("<|im_end|>\n" if turn else "") + f"<|im_start|>user\n{q}<|im_end|>\n"
+                                   "<|im_start|>assistant\n")
+                out = server.post("/generate", {"input_ids": ids, "rid": f"chat-{turn}", "sampling_params": {
+                    "max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}})
+                ids = ids + out["output_ids"]
+            for rid, q in (("system-a", "What is a list?"), ("system-b", "What is a dict?")):
+                server.post("/generate", {"input_ids": encode(system + chat_prompt(q)), "rid": rid, "sampling_params": {
+                    "max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}})
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                metrics = server.metrics()
+                if metric_value(metrics, "sglang:online_train_persisted_records_total") >= before + 5:
+                    break
+                time.sleep(0.5)
+        reader = ReplayReader(persist)
+        records = {reader.read(i).meta["rid"]: reader.read(i) for i in range(len(reader))}
+        return records, _dumps_by_rid(dump_dir), metrics
+
+    records, dumps, metrics = run("64MB", "prefix-store")
+    ours = ["chat-0", "chat-1", "chat-2", "system-a", "system-b"]
+    assert set(ours) <= set(records)
+    order = [rid for rid in records if rid not in ours] + ours   # SGLang's warm-up request came first
+
+    def first_consumed(later: str, pos: int) -> torch.Tensor:
+        """The row the live draft consumed at `pos` when the earliest request with `later`'s tokens up to
+        there computed it (SGLang's warm-up shares the chat template's first tokens)."""
+        ids = records[later].input_ids
+        for rid in order[:order.index(later)]:
+            other = records[rid].input_ids
+            if len(other) > pos and torch.equal(other[:pos + 1], ids[:pos + 1]):
+                for start, (feats, _) in dumps.get(rid, {}).items():
+                    if start <= pos < start + feats.shape[0]:
+                        return feats[pos - start]
+        raise AssertionError(f"{later}: no earlier request computed position {pos}")
+
+    filled_total = 0
+    for later, earlier in (("chat-1", "chat-0"), ("chat-2", "chat-1"), ("system-b", "system-a")):
+        rec, first = records[later], records[earlier]
+        filled = rec.meta["prefix_filled_rows"]
+        gaps = rec.meta["feature_gaps"]
+        assert filled > 0, (later, rec.meta)
+        # only the earlier request's last token (never recorded) may remain a gap, at most one row
+        assert sum(b - a for a, b in gaps) <= 1 and all(a == len(first) for a, _ in gaps), (later, gaps, len(first))
+        # what it consumed itself starts after the hit; below that, the rows were filled: they equal the rows the
+        # live draft consumed when that prefix was first computed
+        hit = min(dumps[later])
+        assert hit == filled + sum(b - a for a, b in gaps), (later, hit, filled, gaps)
+        for pos in range(hit):
+            if not any(a <= pos < b for a, b in gaps):
+                want = first_consumed(later, pos).to(torch.bfloat16).float()
+                assert torch.equal(rec.features[pos].float(), want), (later, pos)
+        filled_total += filled
+    assert metric_value(metrics, "sglang:online_train_prefix_rows_total", result="filled") >= filled_total
+
+    # the same traffic with the store off: those rows are gaps (zeros, out of the loss)
+    records_off, _, metrics_off = run("0", "no-prefix-store")
+    for later in ("chat-1", "chat-2", "system-b"):
+        rec = records_off[later]
+        assert rec.meta["prefix_filled_rows"] == 0
+        assert sum(b - a for a, b in rec.meta["feature_gaps"]) == records[later].meta["prefix_filled_rows"] + sum(
+            b - a for a, b in records[later].meta["feature_gaps"])
+    assert metric_value(metrics_off, "sglang:online_train_prefix_rows_total", result="filled") == 0

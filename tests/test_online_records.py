@@ -79,6 +79,67 @@ def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
     assert record.loss_mask.tolist() == [False] * 4 + [True] * 4
 
 
+def test_prefix_store_fills_radix_hits_with_the_rows_first_recorded():
+    """Turn 1 is recorded in full; turn 2 (turn 1's conversation + a new message) is served with a radix hit on
+    turn 1's tokens: its gap is filled with turn 1's rows, exactly; past the last recorded row nothing is
+    invented (it stays a gap), and the filled rows stay out of the loss (prompt)."""
+    from sglang_ext.online.prefix_store import PrefixFeatureStore
+
+    store = PrefixFeatureStore(budget_bytes=10**6, page=8)
+    rec, sink = make_recorder()
+    turn1 = fake_req("turn1", prompt=list(range(100, 120)), output=list(range(200, 210)))   # 30 tokens
+    rec.observe(SimpleNamespace(reqs=[turn1], prefix_lens=[0], extend_lens=[20]), rows(0, 20) * 3)
+    rec.observe(SimpleNamespace(reqs=[turn1]), rows(20, 12) * 3, starts=torch.tensor([20]),
+                commit_lens=torch.tensor([9]), stride=12)      # rows 20..28: the last token has no features
+    rec.release(turn1)
+    first = assemble_record(sink[0], include_prompt_loss=False, store=store)
+    assert first.meta["feature_gaps"] == [] and first.meta["prefix_filled_rows"] == 0 and len(first) == 29
+    # turn 2: the radix cache served turn 1's 30 tokens (rows 0..28 were recorded, row 29 never was)
+    prompt2 = list(range(100, 120)) + list(range(200, 210)) + [300, 301, 302]
+    turn2 = fake_req("turn2", prompt=prompt2, output=[400, 401])
+    rec.observe(SimpleNamespace(reqs=[turn2], prefix_lens=[30], extend_lens=[3]), rows(30, 3) * 5)
+    rec.observe(SimpleNamespace(reqs=[turn2]), rows(33, 4) * 5, starts=torch.tensor([33]),
+                commit_lens=torch.tensor([2]), stride=4)
+    rec.release(turn2)
+    second = assemble_record(sink[1], include_prompt_loss=False, store=store)
+    assert second.meta["prefix_filled_rows"] == 29 and second.meta["feature_gaps"] == [[29, 30]]
+    assert torch.equal(second.features[:29], first.features[:29])
+    assert second.features[29].abs().sum() == 0 and torch.equal(second.features[30:], rows(30, 5) * 5)
+    assert not second.loss_mask[:33].any()
+    # a third request that shares only 12 tokens with turn 1: 12 rows filled, the rest of its hit stays a gap
+    third = fake_req("other", prompt=list(range(100, 112)) + [999] * 10, output=[5])
+    rec.observe(SimpleNamespace(reqs=[third], prefix_lens=[20], extend_lens=[2]), rows(20, 2))
+    rec.release(third)
+    record = assemble_record(sink[2], include_prompt_loss=False, store=store)
+    assert record.meta["prefix_filled_rows"] == 12 and record.meta["feature_gaps"] == [[12, 20]]
+    assert torch.equal(record.features[:12], first.features[:12])
+
+
+def test_prefix_store_keys_and_budget():
+    """Image tokens carry SGLang's per-image pad value, so another image never matches; the store keeps to
+    its byte budget, least recently used pages first."""
+    from sglang_ext.online.prefix_store import PrefixFeatureStore
+
+    store = PrefixFeatureStore(budget_bytes=3 * 8 * F * 4, page=8)        # three pages of 8 fp32 rows
+    feats = torch.randn(24, F)
+    image_a = [7, 7] + [-(10**9 + 1)] * 14 + [8] * 8                      # pad values of image A
+    store.add(image_a, feats, torch.ones(24, dtype=torch.bool))
+    assert len(store) == 3 and store.nbytes == 24 * F * 4
+    image_b = [7, 7] + [-(10**9 + 2)] * 14 + [8] * 8
+    probe, covered = torch.zeros(24, F), torch.zeros(24, dtype=torch.bool)
+    stats = store.fill(image_b, probe, covered)
+    assert stats.filled == 2 and stats.left == 22                        # the 2 text tokens before the image
+    assert torch.equal(probe[:2], feats[:2])
+    # a fourth page evicts the least recently used one (page 0 was just used by the fill above)
+    store.add(list(range(50, 58)), torch.randn(8, F), torch.ones(8, dtype=torch.bool))
+    assert len(store) == 3 and store.nbytes <= store.budget_bytes
+    probe, covered = torch.zeros(24, F), torch.zeros(24, dtype=torch.bool)
+    stats = store.fill(image_a, probe, covered)         # page 1 was evicted: its rows stay a gap; pages 0 and 2
+    assert stats.filled == 16 and stats.left == 8       # are found (a page's key is its prefix's tokens, not
+    assert covered.tolist() == [True] * 8 + [False] * 8 + [True] * 8     # whether earlier pages are stored)
+    assert torch.equal(probe[:8], feats[:8]) and torch.equal(probe[16:], feats[16:])
+
+
 def test_aborted_too_long_retracted_and_health_checks():
     rec, sink = make_recorder(max_record_tokens=8)
     aborted = fake_req("a", [1, 2], [3], reason=FINISH_ABORT)
@@ -94,6 +155,23 @@ def test_aborted_too_long_retracted_and_health_checks():
     # Late rows of a released request (overlap scheduling) do not start a new record.
     rec.observe(SimpleNamespace(reqs=[aborted], prefix_lens=[2], extend_lens=[1]), rows(2, 1))
     assert "a" not in rec.pending
+
+
+def test_opted_out_requests_are_never_recorded():
+    """custom_params {"online_train_opt_out": true}: no rows kept, nothing handed on, counted once."""
+    rec, sink = make_recorder()
+    out = fake_req("private", [1, 2], [3])
+    out.sampling_params = SimpleNamespace(custom_params={"online_train_opt_out": True})
+    kept = fake_req("kept", [1, 2], [3])
+    kept.sampling_params = SimpleNamespace(custom_params={"online_train_opt_out": False, "other": 1})
+    batch = SimpleNamespace(reqs=[out, kept], prefix_lens=[0, 0], extend_lens=[2, 2])
+    rec.observe(batch, rows(0, 4))
+    rec.observe(SimpleNamespace(reqs=[out, kept]), rows(2, 8), **verify([2, 2], [1, 1]))
+    assert "private" not in rec.pending and "kept" in rec.pending
+    for req in (out, kept):
+        rec.release(req)
+    assert [p.rid for p in sink] == ["kept"]
+    assert rec.metrics.events.count(("dropped", ("opted_out",))) == 1
 
 
 def test_capture_stops_as_soon_as_a_request_passes_the_limit():

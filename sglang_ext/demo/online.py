@@ -11,9 +11,11 @@
    `--speculative-algorithm DFLASH` (or EAGLE3) `--online-train`, and sends it the workload's code prompts
    (4 in flight).
 4. Every window of requests it reads /metrics: the served tau of the window (from the
-   sglang:online_train_accept_length histogram), the live draft version, swaps, trainer steps and loss,
-   and prints one table row. At the end it writes the curve as <out>/online_tau.png (and .json) and prints
-   the final tau and the number of swaps.
+   sglang:online_train_accept_length histogram), the live draft version, swaps, trainer steps and loss.
+   Then it sends a fixed probe set of held-out prompts (the workload's eval code prompts, never in the
+   training traffic) that opt out of training (custom_params {"online_train_opt_out": true}), so their served
+   tau measures the live draft on requests it has never seen. One table row per window. At the end it writes
+   both curves as <out>/online_tau.png (and .json) and prints the final taus and the number of swaps.
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ def _histogram(text: str, name: str) -> tuple[float, float]:
 
 def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: float, max_new_tokens: int,
                window: int, concurrency: int, log_dir: Path, gpu: bool = False, extra_args: list | None = None,
-               out=print) -> dict:
-    """Serve `prompts` (cycled) for `minutes` with --online-train; one row per `window` requests."""
+               out=print, probes: list | None = None) -> dict:
+    """Serve `prompts` (cycled) for `minutes` with --online-train; one row per `window` requests. After each
+    window, `probes` (held-out prompts, opted out of training) are served once: their tau is the row's
+    `probe_tau` (the window's `tau` excludes them)."""
     from sglang_ext.demo.traffic import online_metrics, send_traffic, swaps_from_log
     from sglang_ext.launcher import draft_args, launch_server, metric_value
 
@@ -49,8 +53,8 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
     with launch_server(target_dir, args, log_dir=log_dir, cpu=not gpu, name="demo-online") as server:
         out(f"server ready in {time.monotonic() - t_start:.0f}s at {server.url}; sending traffic for "
             f"{minutes:g} min ({concurrency} requests in flight, {max_new_tokens} new tokens each)\n")
-        head = (f"{'time':>6} {'requests':>8} {'tau':>6} {'version':>7} {'swaps':>5} {'rejected':>8} "
-                f"{'steps':>6} {'loss':>7} {'held-out tau':>12} {'tok/s':>7}")
+        head = (f"{'time':>6} {'requests':>8} {'tau':>6} {'probe tau':>9} {'version':>7} {'swaps':>5} "
+                f"{'rejected':>8} {'steps':>6} {'loss':>7} {'trainer held-out':>16} {'tok/s':>7}")
         out(head + "\n" + "-" * len(head))
         t0 = time.monotonic()
         served = 0
@@ -65,15 +69,22 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
             text = server.metrics()
             acc_sum, acc_count = _histogram(text, "sglang:online_train_accept_length")
             tau = (acc_sum - prev_sum) / max(1.0, acc_count - prev_count)
-            prev_sum, prev_count = acc_sum, acc_count
             m = online_metrics(server)
             row = {"t": time.monotonic() - t0, "requests": served, "tau": tau,
                    "tau_meta": sum(s.accept_length for s in done) / len(done),
                    "tokens_per_s": len(done) * max_new_tokens / (time.monotonic() - t_w), **m}
+            probe_tau = float("nan")
+            if probes:                       # held-out, opted out: measured, never trained on
+                probe_done = send_traffic(server, probes, list(range(len(probes))), max_new_tokens=max_new_tokens,
+                                          concurrency=concurrency, opt_out=True)
+                probe_tau = sum(s.accept_length for s in probe_done) / len(probe_done)
+                acc_sum, acc_count = _histogram(server.metrics(), "sglang:online_train_accept_length")
+            prev_sum, prev_count = acc_sum, acc_count        # the next window's tau excludes the probes
+            row["probe_tau"] = probe_tau
             rows.append(row)
-            out(f"{row['t']:6.0f} {served:8d} {tau:6.2f} {m['draft_version']:7.0f} {m['swaps_total']:5.0f} "
-                f"{m['rejected_worse'] + m['rejected_nan']:8.0f} {m['trainer_steps']:6.0f} {m['trainer_loss']:7.3f} "
-                f"{m['heldout_accept_length']:12.2f} {row['tokens_per_s']:7.1f}")
+            out(f"{row['t']:6.0f} {served:8d} {tau:6.2f} {probe_tau:9.2f} {m['draft_version']:7.0f} "
+                f"{m['swaps_total']:5.0f} {m['rejected_worse'] + m['rejected_nan']:8.0f} {m['trainer_steps']:6.0f} "
+                f"{m['trainer_loss']:7.3f} {m['heldout_accept_length']:16.2f} {row['tokens_per_s']:7.1f}")
         swaps = swaps_from_log(server.log_path.read_text())
         final_text = server.metrics()
     return {"rows": rows, "swaps": [{"version": v, "ms": ms, "in_flight": n, "iteration_ms": it}
@@ -90,9 +101,13 @@ def plot(result: dict, path: Path, title: str) -> Path | None:
         return None
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["requests"] for r in rows], [r["tau"] for r in rows], marker="o", label="served tau (window)")
+    ax.plot([r["requests"] for r in rows], [r["tau"] for r in rows], marker="o",
+            label="served tau, training traffic (window)")
+    if any(r.get("probe_tau") == r.get("probe_tau") for r in rows):
+        ax.plot([r["requests"] for r in rows], [r.get("probe_tau", float("nan")) for r in rows], marker="s",
+                label="served tau, held-out probes (never trained on)")
     ax.plot([r["requests"] for r in rows], [r["heldout_accept_length"] or float("nan") for r in rows],
-            linestyle="--", label="held-out tau of the live draft (trainer)")
+            linestyle="--", label="trainer's offline tau on its held-out slice")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("requests served")
     ax.set_ylabel(f"tau (tokens per verify step, block {BLOCK_SIZE})")
@@ -122,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per request (greedy)")
     ap.add_argument("--window", type=int, default=24, help="requests per table row (default 24)")
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    ap.add_argument("--probes", type=int, default=8,
+                    help="held-out prompts (the workload's eval code prompts, opted out of training) served "
+                         "after every window to measure the live draft on unseen requests (default 8; 0: none)")
     ap.add_argument("--out", type=Path, default=Path("sglang_ext_demo"),
                     help="where the plot, the JSON and the server log go (default ./sglang_ext_demo)")
     ap.add_argument("--cache-dir", type=Path, default=None,
@@ -131,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("minutes", "workload_minutes", "max_new_tokens", "window", "concurrency"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if args.probes < 0:
+        ap.error("--probes must be >= 0")
 
     from sglang_ext.demo.traffic import make_random_draft
     from sglang_ext.demo.workload import build_workload, record_prompt
@@ -147,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [record_prompt(r) for r in workload.prompts("A", "train")]
     print(f"3. SGLang + {name.upper()} + --online-train, {len(prompts)} code prompts from the workload's train "
           "traffic", flush=True)
+    probes = [record_prompt(r) for r in workload.prompts("A", "eval")[:args.probes]]
+    if probes:
+        print(f"   after every {args.window} requests: {len(probes)} held-out probe prompts (eval split), opted out "
+              "of training", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="sglang-ext-demo-"))
     result = run_online(workload.target_dir, draft, prompts, minutes=args.minutes,
                         max_new_tokens=args.max_new_tokens, window=args.window, concurrency=args.concurrency,
-                        log_dir=log_dir, gpu=args.gpu)
+                        log_dir=log_dir, gpu=args.gpu, probes=probes)
     rows = result["rows"]
     (args.out / "online_tau.json").write_text(json.dumps(result, indent=2) + "\n")
     png = plot(result, args.out / "online_tau.png", f"sglang-ext: served tau while the {name} draft trains online")
@@ -158,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     lat = sorted(s["ms"] for s in result["swaps"])
     print(f"\nserved tau: {first:.2f} in the first window -> {last:.2f} in the last "
           f"({rows[-1]['requests']} requests, {rows[-1]['t'] / 60:.1f} min)")
+    if probes:
+        print(f"held-out probes (never trained on): {rows[0]['probe_tau']:.2f} after the first window -> "
+              f"{rows[-1]['probe_tau']:.2f} after the last")
     print(f"swaps: {int(result['final_swaps'])} (rejected by the guard: {int(rows[-1]['rejected_worse'])}, "
           f"NaN steps skipped: {int(rows[-1]['rejected_nan'])})"
           + (f"; swap latency median {lat[len(lat) // 2]:.2f} ms, max {lat[-1]:.2f} ms" if lat else ""))

@@ -15,6 +15,7 @@ import torch
 
 from sglang_ext.demo.tiny_models import tiny_draft_config
 from sglang_ext.launcher import metric_value
+from sglang_ext.online.config import OPT_OUT_KEY
 
 TRAINER_MODULE = "sglang_ext.online.trainer_worker"
 
@@ -81,15 +82,18 @@ class Served:
 
 
 def send_traffic(server, prompts: list[tuple[str, list]], order: list[int], *, max_new_tokens: int,
-                 concurrency: int = 4, on_done=None, t0: float | None = None) -> list[Served]:
-    """Send prompts[order[i]] with `concurrency` requests in flight; results in completion order."""
+                 concurrency: int = 4, on_done=None, t0: float | None = None,
+                 opt_out: bool = False) -> list[Served]:
+    """Send prompts[order[i]] with `concurrency` requests in flight; results in completion order. opt_out: the
+    requests ask --online-train not to record them (held-out probes)."""
     t0 = time.monotonic() if t0 is None else t0
     lock = threading.Lock()
     done: list[Served] = []
 
     def one(i: int) -> None:
         text, images = prompts[order[i]]
-        r = server.generate(text, images, max_new_tokens=max_new_tokens, ignore_eos=True)
+        r = server.generate(text, images, max_new_tokens=max_new_tokens, ignore_eos=True,
+                            custom_params={OPT_OUT_KEY: True} if opt_out else None)
         s = Served(i, order[i], time.monotonic() - t0, float(r["meta_info"].get("spec_accept_length", 0.0)),
                    r["output_ids"])
         with lock:

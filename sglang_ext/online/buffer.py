@@ -38,6 +38,10 @@ class ReplayBuffer:
         self.inbox: ByteQueue = ByteQueue(cfg.queue_bytes, size=lambda finished: finished.nbytes())
         self.writer = None
         self.on_record = None                 # e.g. TrainerSupervisor.offer: called with each new record
+        self.prefix_store = None              # radix-cache hits are filled from the rows of earlier records
+        if cfg.prefix_store_bytes > 0:
+            from sglang_ext.online.prefix_store import PrefixFeatureStore
+            self.prefix_store = PrefixFeatureStore(cfg.prefix_store_bytes)
         if cfg.persist_dir:
             from trainer.replay import ShardWriter
             self.writer = ShardWriter(cfg.persist_dir, spec, max_shard_tokens=cfg.shard_tokens)
@@ -63,12 +67,15 @@ class ReplayBuffer:
             self.metrics.queue("replay_inbox", self.inbox.nbytes, self.inbox.take_dropped())
             if finished is not None:
                 try:
-                    record = assemble_record(finished, self.cfg.include_prompt_loss)
+                    record = assemble_record(finished, self.cfg.include_prompt_loss, self.prefix_store)
                 except Exception:                      # never let one bad request kill the buffer
                     logger.exception("sglang_ext: could not assemble the record of request %s", finished.rid)
                     record = None
                 if record is not None:
                     self._add(record)
+                    self.metrics.prefix_rows(record.meta["prefix_filled_rows"],
+                                             sum(b - a for a, b in record.meta["feature_gaps"]),
+                                             self.prefix_store.nbytes if self.prefix_store is not None else 0)
                     if self.on_record is not None:
                         try:
                             self.on_record(record)

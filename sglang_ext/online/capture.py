@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sglang_ext.online.config import OPT_OUT_KEY
+
 try:                                    # SGLang's; the capture itself is plain torch (benchmarks/gpu_check.py
     from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX          # runs it where SGLang is not installed)
 except ImportError:
@@ -98,6 +100,7 @@ class CapturedRequest:
     parts: list[tuple[Feed, int]] = field(default_factory=list)     # feeds not yet split: (feed, member index)
     # set when the request finished (the replay buffer's thread assembles the record from these)
     token_ids: list[int] = field(default_factory=list)   # prompt + generated, as SGLang finished them
+    key_ids: list[int] = field(default_factory=list)     # the same with SGLang's image pad values (radix keys)
     prompt_len: int = 0
     mrope_prompt: torch.Tensor | None = None             # [3, prompt_len], None for text-only
     mrope_delta: torch.Tensor | int = 0
@@ -216,9 +219,11 @@ class Recorder:
         rid = req.rid
         self._forget(rid)
         p = self.pending.pop(rid, None)
-        if p is None:
-            return
         reason = type(req.finished_reason).__name__ if req.finished_reason is not None else "unknown"
+        if p is None:
+            if opted_out(req) and "ABORT" not in reason.upper():
+                self.metrics.dropped("opted_out")
+            return
         if "ABORT" in reason.upper():
             self.metrics.dropped("aborted")
             return
@@ -231,6 +236,7 @@ class Recorder:
         mrope = getattr(mm, "mrope_positions", None) if mm is not None else None
         delta = getattr(mm, "mrope_position_delta", None) if mm is not None else None
         p.token_ids, p.prompt_len, p.finish_reason = token_ids, len(req.origin_input_ids), reason
+        p.key_ids = list(req.origin_input_ids) + list(req.output_ids)
         p.mrope_prompt = None if mrope is None else _to_host(mrope, mrope.is_cuda)
         p.mrope_delta = 0 if delta is None else _to_host(delta, delta.is_cuda) if torch.is_tensor(delta) else delta
         if any(torch.is_tensor(t) and t.is_cuda for t in (mrope, delta)):
@@ -249,12 +255,20 @@ class Recorder:
         cfg = self.cfg
         if str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):      # /health_generate probes are not traffic
             return False
+        if opted_out(req):
+            return False
         if cfg.learn_from != "all" and (cfg.learn_from == "image") != _has_image(req):
             return False
         if cfg.sample_rate < 1.0:
             h = int(hashlib.sha1(str(req.rid).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             return h < cfg.sample_rate
         return True
+
+
+def opted_out(req) -> bool:
+    """The client asked that this request not be recorded (custom_params[OPT_OUT_KEY] is true)."""
+    params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    return isinstance(params, dict) and params.get(OPT_OUT_KEY) is True
 
 
 def _unpad_multimodal(token_ids: list[int], mm) -> list[int]:
@@ -278,12 +292,14 @@ def _has_image(req) -> bool:
     return bool(mm is not None and getattr(mm, "mm_items", None))
 
 
-def assemble_record(fin: CapturedRequest, include_prompt_loss: bool):
+def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None):
     """A finished CapturedRequest -> trainer.replay.ReplayRecord, or None when no row was captured.
 
     Covers positions [0, S) where S = end of the last captured row (capped at the finished length): the very
     last generated token never has target features. Positions the target did not recompute (a radix-cache
-    prefix hit) are a gap: zero features, out of the loss mask, listed in meta["feature_gaps"].
+    prefix hit) are filled from `store` (a PrefixFeatureStore: the rows recorded when that prefix was computed;
+    meta["prefix_filled_rows"] counts them); what it does not hold is a gap: zero features, out of the loss
+    mask, listed in meta["feature_gaps"]. The record's own rows then go into the store.
     """
     from trainer.replay import ReplayRecord
 
@@ -300,6 +316,12 @@ def assemble_record(fin: CapturedRequest, include_prompt_loss: bool):
         rows = rows[:end - start]
         features[start:start + rows.shape[0]] = rows
         covered[start:start + rows.shape[0]] = True
+    filled = 0
+    if store is not None:
+        keys = fin.key_ids if len(fin.key_ids) >= end else fin.token_ids
+        if not bool(covered.all()):
+            filled = store.fill(keys, features, covered).filled
+        store.add(keys, features, covered)
     gaps, i = [], 0
     while i < end:
         if not covered[i]:
@@ -321,6 +343,6 @@ def assemble_record(fin: CapturedRequest, include_prompt_loss: bool):
         positions[:, fin.prompt_len:] += fin.mrope_delta
     meta = {"rid": fin.rid, "prompt_len": fin.prompt_len, "num_tokens_finished": n_tokens,
             "finish_reason": fin.finish_reason, "has_image": fin.has_image, "feature_gaps": gaps,
-            "source": "online"}
+            "prefix_filled_rows": filled, "source": "online"}
     return ReplayRecord(input_ids=input_ids, features=features, positions=positions,
                         loss_mask=loss_mask, meta=meta)

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 ENV_VAR = "SGLANG_EXT_ONLINE_TRAIN"
+# A request whose `custom_params` (SGLang's per-request field: /generate `sampling_params.custom_params`, the
+# OpenAI APIs' `custom_params`) holds {OPT_OUT_KEY: true} is served as usual and never recorded or trained on.
+OPT_OUT_KEY = "online_train_opt_out"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -52,6 +55,7 @@ class OnlineTrainConfig:
     include_prompt_loss: bool = False            # loss mask over prompt tokens too (else generated only)
     max_record_tokens: int = 32768               # longer requests are dropped (counted), never truncated
     shard_tokens: int = 65536                    # tokens per persisted shard
+    prefix_store_bytes: int = 256 * 2**20        # features of recorded prefixes, to fill radix-cache hits (0: off)
     # -- the co-located trainer (part 2) --
     trainer: bool = True                         # False: capture only (no trainer process, no swaps)
     trainer_device: str = "auto"                 # auto (the serving device) | cpu | cuda | cuda:N
@@ -105,7 +109,7 @@ class OnlineTrainConfig:
         for name in ("lr", "gamma", "heartbeat_timeout_s", "queue_bytes"):
             if not float(getattr(self, name)) > 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance", "prefix_store_bytes"):
             if float(getattr(self, name)) < 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < float(self.duty_cycle) <= 1.0:
@@ -190,6 +194,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="put prompt tokens in the loss mask too (default: generated tokens only)")
     g.add_argument("--online-train-max-record-tokens", type=int, metavar="N",
                    help="requests longer than N tokens are not recorded (counted as dropped; default 32768)")
+    g.add_argument("--online-train-prefix-store", metavar="SIZE",
+                   help="bytes of recorded features kept by token prefix (default 256MiB; 0 turns it off): a "
+                        "prompt prefix served from SGLang's radix cache (a chat's earlier turns, a shared system "
+                        "prompt) is not recomputed, so its rows are filled from here; rows not found stay gaps "
+                        "(zero features, out of the loss), counted in sglang:online_train_prefix_rows_total")
     g.add_argument("--online-train-capture-only", action="store_true", default=None,
                    help="record traffic (and persist it) but start no trainer: the draft is never changed")
     g.add_argument("--online-train-device", metavar="DEV",
@@ -247,7 +256,7 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_keep_checkpoints": "keep_checkpoints",
                   "online_train_heartbeat_timeout": "heartbeat_timeout_s",
                   "online_train_max_memory": "max_memory_bytes", "online_train_duty_cycle": "duty_cycle",
-                  "online_train_queue_bytes": "queue_bytes"}
+                  "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes"}
 
 
 def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
@@ -270,10 +279,13 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
             values[field_name] = v
     if ns.online_train_capture_only:
         values["trainer"] = False
+    if str(values.get("prefix_store_bytes", "")).strip() in ("0", "off"):
+        values["prefix_store_bytes"] = 0
     for name, what in (("replay_budget_bytes", "--online-train-replay-budget"),
+                       ("prefix_store_bytes", "--online-train-prefix-store"),
                        ("max_memory_bytes", "--online-train-max-memory"),
                        ("queue_bytes", "--online-train-queue-bytes")):
-        if values.get(name) is not None:
+        if values.get(name) is not None and not (name == "prefix_store_bytes" and values[name] == 0):
             values[name] = parse_size(values[name], what)
     return OnlineTrainConfig(enabled=True, **values).validate()
 

@@ -11,9 +11,12 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_captured_tokens_total              feature rows captured
     sglang:online_train_captured_bytes_total               bytes of those rows
     sglang:online_train_recorded_records_total / _tokens_total   finished requests turned into records
-    sglang:online_train_dropped_requests_total{reason}     aborted / too_long
+    sglang:online_train_dropped_requests_total{reason}     aborted / too_long / opted_out (custom_params)
     sglang:online_train_replay_bytes, _replay_records, _replay_budget_bytes, _replay_dropped_records_total
     sglang:online_train_persisted_records_total            records written to shards
+    sglang:online_train_prefix_rows_total{result}          rows of radix-cache hits: filled (from the prefix
+                                                           feature store) | gap (not found: zeros, out of the loss)
+    sglang:online_train_prefix_store_bytes                 bytes held by the prefix feature store
   trainer and swaps (part 2):
     sglang:online_train_trainer_up                         1 while the trainer process runs and beats
     sglang:online_train_trainer_restarts_total             trainer processes restarted after an exit
@@ -72,6 +75,9 @@ class OnlineMetrics:
         self._replay_budget = gauge("replay_budget_bytes", "Byte budget of the in-memory replay buffer")
         self._replay_dropped = counter("replay_dropped_records", "Records evicted from the replay buffer (budget)")
         self._persisted = counter("persisted_records", "Records written to replay shards")
+        self._prefix_rows = counter("prefix_rows", "Rows of radix-cache prefix hits in records: filled from the "
+                                    "prefix feature store, or left as a gap", extra=("result",))
+        self._prefix_bytes = gauge("prefix_store_bytes", "Bytes held by the prefix feature store")
         self._trainer_up = gauge("trainer_up", "1 while the co-located trainer process runs")
         self._restarts = counter("trainer_restarts", "Trainer processes restarted after an exit")
         self._hung = counter("trainer_hung", "Trainer processes killed for a stale heartbeat or a stuck read")
@@ -101,6 +107,8 @@ class OnlineMetrics:
         self._hung.labels(**self.labels).inc(0)
         for reason in ("worse", "nan"):
             self._rejected.labels(**self.labels, reason=reason).inc(0)
+        for result in ("filled", "gap"):
+            self._prefix_rows.labels(**self.labels, result=result).inc(0)
 
     def verified(self, commit_lens: list[int], block_size: int) -> None:
         for c in commit_lens:
@@ -129,6 +137,13 @@ class OnlineMetrics:
 
     def replay_dropped(self) -> None:
         self._replay_dropped.labels(**self.labels).inc()
+
+    def prefix_rows(self, filled: int, gap: int, store_bytes: int) -> None:
+        if filled:
+            self._prefix_rows.labels(**self.labels, result="filled").inc(filled)
+        if gap:
+            self._prefix_rows.labels(**self.labels, result="gap").inc(gap)
+        self._prefix_bytes.labels(**self.labels).set(store_bytes)
 
     def persisted(self, n: int) -> None:
         self._persisted.labels(**self.labels).inc(n)
