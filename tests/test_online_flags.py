@@ -67,6 +67,9 @@ def test_bad_config_file_is_named(tmp_path):
     bad.write_text(json.dumps({"replay_budget": 1}))
     with pytest.raises(OnlineTrainConfigError, match="unknown key"):
         parse_argv(["--online-train", "--online-train-config", str(bad)])
+    bad.write_text(json.dumps({"replay_policy": "lifo"}))
+    with pytest.raises(OnlineTrainConfigError, match="--online-train-replay-policy must be uniform or recency"):
+        parse_argv(["--online-train", "--online-train-config", str(bad)])
 
 
 def test_persist_dir_that_is_a_file(tmp_path):
@@ -100,7 +103,8 @@ def test_real_launcher_help_and_fail_fast(tmp_path):
                  "--online-train-num-anchors", "--online-train-swap-every", "--online-train-min-records",
                  "--online-train-holdout-every", "--online-train-checkpoint-dir",
                  "--online-train-keep-checkpoints", "--online-train-heartbeat-timeout",
-                 "--online-train-max-memory", "--online-train-duty-cycle", "--online-train-queue-bytes"):
+                 "--online-train-max-memory", "--online-train-duty-cycle", "--online-train-queue-bytes",
+                 "--online-train-prefix-store", "--online-train-replay-policy"):
         assert flag in help_out.stdout, flag
     # Without a speculative algorithm: a clear error before any model is loaded.
     bad = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path),

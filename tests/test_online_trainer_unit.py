@@ -371,3 +371,24 @@ slot.publish(state)
         assert trainer.slot.can_publish()                         # and it may publish version 2 afresh
     finally:
         owner.close()
+
+
+def test_recency_replay_policy():
+    """--online-train-replay-policy recency: a record half_life records older is drawn half as often; draws
+    within a batch are distinct; uniform stays uniform."""
+    import collections
+    import random
+
+    from sglang_ext.online.trainer_worker import sample_by_recency
+
+    rng = random.Random(0)
+    counts = collections.Counter()
+    for _ in range(40000):
+        counts.update(sample_by_recency(200, 1, 50.0, rng))
+    newest, age50, age100 = counts[199], counts[149], counts[99]
+    assert 1.7 < newest / age50 < 2.3 and 3.4 < newest / age100 < 4.6, (newest, age50, age100)
+    batch = sample_by_recency(30, 12, 5.0, rng)
+    assert len(set(batch)) == 12 and all(0 <= i < 30 for i in batch)
+    assert sorted(sample_by_recency(8, 8, 1.0, rng)) == list(range(8))
+    cfg = OnlineTrainConfig(enabled=True, replay_policy="recency", recency_half_life=32)
+    assert (cfg.trainer_settings().replay_policy, cfg.trainer_settings().recency_half_life) == ("recency", 32.0)

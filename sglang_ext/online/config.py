@@ -79,6 +79,8 @@ class OnlineTrainConfig:
     queue_bytes: int = 256 * 2**20               # bound of each queue between the stages (oldest dropped, counted)
     duty_cycle: float = 1.0                      # fraction of wall time the trainer may compute (sleeps the rest)
     max_memory_bytes: int | None = None          # the trainer's memory budget on its device (None: what is free)
+    replay_policy: str = "uniform"               # uniform | recency: how training steps draw from the pool
+    recency_half_life: float = 64.0              # records (recency policy)
     # -- set at startup, not a setting: the draft's kind (trainer.draft_kind), from its config.json --
     draft_kind: str = ""
 
@@ -92,7 +94,8 @@ class OnlineTrainConfig:
             holdout_every=self.holdout_every, holdout_records=self.holdout_records,
             guard_tolerance=self.guard_tolerance, threads=self.trainer_threads, checkpoint_dir=self.checkpoint_dir,
             keep_checkpoints=self.keep_checkpoints, inbox_bytes=self.queue_bytes, duty_cycle=self.duty_cycle,
-            max_memory_bytes=self.max_memory_bytes)
+            max_memory_bytes=self.max_memory_bytes, replay_policy=self.replay_policy,
+            recency_half_life=self.recency_half_life)
 
     def validate(self) -> "OnlineTrainConfig":
         if self.storage_dtype not in ("bf16", "fp8"):
@@ -112,6 +115,12 @@ class OnlineTrainConfig:
         for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance", "prefix_store_bytes"):
             if float(getattr(self, name)) < 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be >= 0, got {getattr(self, name)}")
+        if self.replay_policy not in ("uniform", "recency"):
+            raise OnlineTrainConfigError(f"--online-train-replay-policy must be uniform or recency, "
+                                         f"got {self.replay_policy!r}")
+        if not float(self.recency_half_life) > 0:
+            raise OnlineTrainConfigError(f"online-train recency_half_life must be positive, "
+                                         f"got {self.recency_half_life}")
         if not 0.0 < float(self.duty_cycle) <= 1.0:
             raise OnlineTrainConfigError(f"--online-train-duty-cycle must be in (0, 1], got {self.duty_cycle}")
         if self.max_memory_bytes is not None and int(self.max_memory_bytes) <= 0:
@@ -215,6 +224,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fraction of wall time the trainer may compute, in (0, 1]; after each step it sleeps "
                         "so that it computes at most this share (default 1.0: no pause). Lower it when "
                         "training shares the serving device and serving throughput matters more")
+    g.add_argument("--online-train-replay-policy", choices=["uniform", "recency"],
+                   help="how each training step draws records from the trainer's pool: uniform (default), or "
+                        "recency (a record recency_half_life records older, default 64, is half as likely: "
+                        "adapts faster after a traffic shift, forgets faster)")
     g.add_argument("--online-train-queue-bytes", metavar="SIZE",
                    help="byte bound of each queue between capture, the replay buffer, the supervisor and the "
                         "trainer (default 256MiB); past it the oldest items are dropped and counted "
@@ -256,7 +269,8 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_keep_checkpoints": "keep_checkpoints",
                   "online_train_heartbeat_timeout": "heartbeat_timeout_s",
                   "online_train_max_memory": "max_memory_bytes", "online_train_duty_cycle": "duty_cycle",
-                  "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes"}
+                  "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes",
+                  "online_train_replay_policy": "replay_policy"}
 
 
 def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:

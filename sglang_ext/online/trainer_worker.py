@@ -77,6 +77,13 @@ def trainer_memory_need(draft_kind: str, draft_path: str, target_path: str, devi
                       target_head=head * dtype_bytes)
 
 
+def sample_by_recency(n: int, k: int, half_life: float, rng: random.Random) -> list[int]:
+    """k distinct indices of a pool of n (index n - 1 the newest), each draw weighted 2 ** (-age / half_life)
+    among the ones not drawn yet (Efraimidis-Spirakis keys)."""
+    keys = [rng.random() ** (1.0 / 2.0 ** (-(n - 1 - i) / half_life)) for i in range(n)]
+    return sorted(range(n), key=keys.__getitem__, reverse=True)[:k]
+
+
 class OnlineTrainer:
     def __init__(self, spec: TrainerSpec):
         self.spec = spec
@@ -167,8 +174,14 @@ class OnlineTrainer:
 
     # -- training ------------------------------------------------------------------------------------------
     def sample_batch(self) -> Batch:
-        """`batch_size` records drawn from the pool, padded."""
-        records = self.rng.sample(list(self.pool), min(self.settings.batch_size, len(self.pool)))
+        """`batch_size` records drawn from the pool without replacement, padded: uniformly, or (policy
+        "recency") with weight 2 ** (-age / recency_half_life), age counted in records, newest age 0."""
+        pool, k = list(self.pool), min(self.settings.batch_size, len(self.pool))
+        if self.settings.replay_policy == "recency":
+            picked = sample_by_recency(len(pool), k, self.settings.recency_half_life, self.rng)
+            records = [pool[i] for i in picked]
+        else:
+            records = self.rng.sample(pool, k)
         return pad_batch(records, self.settings.max_seq_len, self.step_fn.precision.dtype)
 
     def train_once(self) -> StepStats:
