@@ -79,6 +79,17 @@ def test_splits_are_disjoint(workload):
         assert not {json.dumps(r["messages"]) for r in train} & {json.dumps(r["messages"]) for r in held_out}
 
 
+def test_multi_turn_chats(workload):
+    """Workload.chats: 3-turn chats of consecutive text prompts of one prompt set; train and eval chats share
+    no message."""
+    train, held_out = workload.chats("A", "train"), workload.chats("A", "eval")
+    assert train and held_out
+    assert all(len(chat) == 3 and all(isinstance(m, str) and m for m in chat) for chat in train + held_out)
+    texts = [r["messages"][0]["content"] for r in workload.prompts("A", "train")]
+    assert train[0] == texts[:3] and train[1] == texts[3:6]
+    assert not {m for c in train for m in c} & {m for c in held_out for m in c}
+
+
 def test_training_data_excludes_held_out_sources(workload):
     """The target trains only on SampleMaker's train split: no held-out file / topic is in it."""
     from transformers import AutoTokenizer

@@ -19,6 +19,14 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
            "purple": (140, 60, 180), "orange": (240, 140, 30)}
 
 
+SYSTEM_PROMPT = ("You are a concise assistant for Python code. Continue the user's code or answer the question "
+                 "in a few lines, in the style of the standard library.")
+
+
+def system_turn(text: str = SYSTEM_PROMPT) -> str:
+    return f"<|im_start|>system\n{text}<|im_end|>\n"
+
+
 def chat_prompt(user_text: str, n_images: int = 0) -> str:
     """The tiny models' chat format, with one image placeholder per image before the text."""
     return f"<|im_start|>user\n{IMAGE_PLACEHOLDER * n_images}{user_text}<|im_end|>\n<|im_start|>assistant\n"

@@ -107,6 +107,44 @@ def send_traffic(server, prompts: list[tuple[str, list]], order: list[int], *, m
     return done
 
 
+@dataclass
+class ChatTurn:
+    chat: int            # index of the chat
+    turn: int            # 0, 1, ...
+    prompt_len: int      # tokens of this turn's prompt (the whole conversation so far)
+    accept_length: float
+    output_ids: list
+
+
+def send_chats(server, tokenizer, chats: list[list[str]], *, max_new_tokens: int, concurrency: int = 4,
+               system: str | None = None, opt_out: bool = False) -> list[ChatTurn]:
+    """Multi-turn traffic: each chat's turns in order, each turn's prompt = the whole conversation so far as
+    token ids (the earlier turns' prompts and generated tokens exactly, so the server's radix cache serves
+    them), `system` (a system turn, e.g. demo.prompts.system_turn()) first; `concurrency` chats at a time."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    lock = threading.Lock()
+    done: list[ChatTurn] = []
+
+    def one(c: int) -> None:
+        ids = encode(system) if system else []
+        for t, message in enumerate(chats[c]):
+            ids = ids + encode(("<|im_end|>\n" if t else "") + f"<|im_start|>user\n{message}<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+            params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+            if opt_out:
+                params["custom_params"] = {OPT_OUT_KEY: True}
+            r = server.post("/generate", {"input_ids": ids, "sampling_params": params})
+            with lock:
+                done.append(ChatTurn(c, t, len(ids), float(r["meta_info"].get("spec_accept_length", 0.0)),
+                                     r["output_ids"]))
+            ids = ids + r["output_ids"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(one, c) for c in range(len(chats))]:
+            f.result()
+    return done
+
+
 SWAP_LOG = re.compile(r"draft version (\d+) swapped in \(([\d.]+) ms, (\d+) requests in flight, "
                       r"scheduler iteration ([\d.]+) ms")
 

@@ -71,6 +71,15 @@ class Workload:
     def prompts(self, domain: str, split: str) -> list[dict]:
         return read_jsonl(self.prompt_file(domain, split))
 
+    def chats(self, domain: str, split: str, turns: int = 3) -> list[list[str]]:
+        """Multi-turn traffic: the user messages of chats of `turns` turns, consecutive text prompts of one
+        prompt set (a chat never mixes splits). Sent with `SYSTEM_PROMPT` and each turn carrying the whole
+        conversation so far (sglang_ext.demo.traffic.send_chats), so every turn after the first, and every
+        chat's system prompt, is a radix-cache hit on the server."""
+        texts = [r["messages"][0]["content"] for r in self.prompts(domain, split)
+                 if isinstance(r["messages"][0]["content"], str)]
+        return [texts[i:i + turns] for i in range(0, len(texts) - turns + 1, turns)]
+
 
 def load_target(target_dir: Path):
     """(model, processor) from a workload target directory, fp32, eval mode."""
