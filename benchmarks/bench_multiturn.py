@@ -8,8 +8,8 @@ were filled from the prefix feature store, in one run (real SGLang, CPU platform
    every system prompt are radix-cache hits) is captured twice by `--online-train --online-train-capture-only`
    servers with a random draft: once with the prefix store (`--online-train-prefix-store`, default) and once
    without (`0`: hits are zero-feature gaps, out of the loss).
-2. A DFlash draft is fine-tuned from scratch on each replay (`python -m trainer.finetune`, same seed, same
-   step count, --minutes each).
+2. A DFlash draft is fine-tuned from scratch on each replay (`python -m trainer.finetune`, same seed, the same
+   step count for both, calibrated to fill --minutes).
 3. Each draft is served (plain DFLASH, no online training) on held-out chats (eval split) and its served tau
    reported per turn. Also: rows of hits filled vs left as gaps, and bytes per token of the persisted shards.
 Prints a table; writes <out>/multiturn.json and <out>/multiturn.png (matplotlib).
@@ -31,8 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from bench_offline_pipeline import (BLOCK_SIZE, Settings, dir_bytes, export_random_draft, pyplot,  # noqa: E402
-                                    run_finetune, write_draft_config)
+from bench_offline_pipeline import (BLOCK_SIZE, Settings, calibrate_steps, dir_bytes,  # noqa: E402
+                                    export_random_draft, pyplot, run_finetune, write_draft_config)
 
 MODES = {"filled": "256MB", "gaps": "0"}     # --online-train-prefix-store of the two capture servers
 
@@ -121,13 +121,14 @@ def main(argv=None) -> int:
                                                     work / f"replay-{mode}", store,
                                                     max_new_tokens=args.max_new_tokens,
                                                     concurrency=args.concurrency, log_dir=work / "logs")}
-    steps = None
+    # one step count for both drafts (the learning-rate schedule spans it), calibrated to fill --minutes
+    calibration = calibrate_steps(work / "replay-filled", target_dir, config, work, s, progress=False)
+    result["calibration"] = calibration
     for mode in MODES:
-        print(f"finetune on the {mode} replay ({args.minutes:g} min) ...", flush=True)
+        print(f"finetune on the {mode} replay ({calibration['max_steps']} steps, ~{args.minutes:g} min) ...",
+              flush=True)
         run = run_finetune(mode, work / f"replay-{mode}", target_dir, config, work / f"draft-{mode}", s,
-                           max_steps=steps or 10**6, max_minutes=args.minutes * (2 if steps else 1),
-                           progress=False)
-        steps = steps or run.steps                 # the second draft gets the first one's step count
+                           max_steps=calibration["max_steps"], max_minutes=3 * args.minutes, progress=False)
         result["modes"][mode]["finetune"] = {"steps": run.steps, "wall_s": run.wall_s, "final_loss": run.final_loss}
     for name, draft in [("random", random_draft)] + [(m, work / f"draft-{m}") for m in MODES]:
         print(f"serve held-out chats with the {name} draft ...", flush=True)
