@@ -55,7 +55,7 @@ class OnlineTrainConfig:
     include_prompt_loss: bool = False            # loss mask over prompt tokens too (else generated only)
     max_record_tokens: int = 32768               # longer requests are dropped (counted), never truncated
     shard_tokens: int = 65536                    # tokens per persisted shard
-    prefix_store_bytes: int = 256 * 2**20        # features of recorded prefixes, to fill radix-cache hits (0: off)
+    prefix_store_bytes: int = 0                  # features of recorded prefixes, to fill radix-cache hits (0: off)
     # -- the co-located trainer (part 2) --
     trainer: bool = True                         # False: capture only (no trainer process, no swaps)
     trainer_device: str = "auto"                 # auto (the serving device) | cpu | cuda | cuda:N
@@ -204,10 +204,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--online-train-max-record-tokens", type=int, metavar="N",
                    help="requests longer than N tokens are not recorded (counted as dropped; default 32768)")
     g.add_argument("--online-train-prefix-store", metavar="SIZE",
-                   help="bytes of recorded features kept by token prefix (default 256MiB; 0 turns it off): a "
+                   help="bytes of recorded features kept by token prefix, e.g. 256MiB (default 0: off): a "
                         "prompt prefix served from SGLang's radix cache (a chat's earlier turns, a shared system "
                         "prompt) is not recomputed, so its rows are filled from here; rows not found stay gaps "
-                        "(zero features, out of the loss), counted in sglang:online_train_prefix_rows_total")
+                        "(zero features, out of the loss), counted in sglang:online_train_prefix_rows_total. Off "
+                        "by default: after a hot swap the draft's KV of cached prefixes still comes from the "
+                        "older draft version, so serving does not see what the filled rows teach")
     g.add_argument("--online-train-capture-only", action="store_true", default=None,
                    help="record traffic (and persist it) but start no trainer: the draft is never changed")
     g.add_argument("--online-train-device", metavar="DEV",
