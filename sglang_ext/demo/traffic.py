@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sglang_ext.demo.prompts import chat_prompt
 from sglang_ext.demo.tiny_models import tiny_draft_config
 from sglang_ext.launcher import metric_value
 from sglang_ext.online.config import OPT_OUT_KEY
@@ -128,8 +129,7 @@ def send_chats(server, tokenizer, chats: list[list[str]], *, max_new_tokens: int
     def one(c: int) -> None:
         ids = encode(system) if system else []
         for t, message in enumerate(chats[c]):
-            ids = ids + encode(("<|im_end|>\n" if t else "") + f"<|im_start|>user\n{message}<|im_end|>\n"
-                               "<|im_start|>assistant\n")
+            ids = ids + encode(("<|im_end|>\n" if t else "") + chat_prompt(message))
             params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
             if opt_out:
                 params["custom_params"] = {OPT_OUT_KEY: True}

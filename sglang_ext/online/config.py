@@ -27,8 +27,10 @@ class OnlineTrainConfigError(ValueError):
     pass
 
 
-def parse_size(text: str | int, what: str) -> int:
-    """'512MB', '2GiB', '1000000' -> bytes."""
+def parse_size(text: str | int, what: str, allow_zero: bool = False) -> int:
+    """'512MB', '2GiB', '1000000' -> bytes (allow_zero: also 0, '0' or 'off')."""
+    if allow_zero and str(text).strip().lower() in ("0", "off"):
+        return 0
     if isinstance(text, int):
         value = text
     else:
@@ -221,7 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="memory the trainer may use on its device, e.g. 6GiB: checked at startup against its "
                         "estimated need (draft, gradients, AdamW state, frozen embedding and lm_head) and against "
                         "what is free there after SGLang's pools; on CUDA also enforced (the trainer's "
-                        "allocator is capped, an out-of-memory step is skipped). Default: what is free")
+                        "allocator is capped: past it the trainer process fails and is restarted, serving goes on). "
+                        "Default: its estimated need, which must fit what is free")
     g.add_argument("--online-train-duty-cycle", type=float, metavar="F",
                    help="fraction of wall time the trainer may compute, in (0, 1]; after each step it sleeps "
                         "so that it computes at most this share (default 1.0: no pause). Lower it when "
@@ -295,14 +298,12 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
             values[field_name] = v
     if ns.online_train_capture_only:
         values["trainer"] = False
-    if str(values.get("prefix_store_bytes", "")).strip() in ("0", "off"):
-        values["prefix_store_bytes"] = 0
     for name, what in (("replay_budget_bytes", "--online-train-replay-budget"),
                        ("prefix_store_bytes", "--online-train-prefix-store"),
                        ("max_memory_bytes", "--online-train-max-memory"),
                        ("queue_bytes", "--online-train-queue-bytes")):
-        if values.get(name) is not None and not (name == "prefix_store_bytes" and values[name] == 0):
-            values[name] = parse_size(values[name], what)
+        if values.get(name) is not None:
+            values[name] = parse_size(values[name], what, allow_zero=name == "prefix_store_bytes")
     return OnlineTrainConfig(enabled=True, **values).validate()
 
 
