@@ -35,6 +35,50 @@ class ServerError(RuntimeError):
     pass
 
 
+class StartupHang(ServerError):
+    """The server neither exited nor became ready in time; `report`: its process tree's Python stacks + log tail."""
+
+    def __init__(self, message: str, report: str, report_path: Path):
+        super().__init__(message)
+        self.report, self.report_path = report, report_path
+
+
+STARTUP_HANGS: list[str] = []      # reports of every start that hung in this process (the test session prints them)
+
+
+def process_stacks(pid: int, timeout: float = 30) -> str:
+    """Each process under `pid` (and itself): name, state, CPU seconds, and its Python threads' stacks
+    (`py-spy dump`, when py-spy is on PATH)."""
+    import shutil
+
+    try:
+        import psutil
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except Exception as e:                  # noqa: BLE001 - diagnosis must not raise
+        return f"(no process tree: {e})"
+    py_spy = shutil.which("py-spy")
+    out = []
+    for p in procs:
+        try:
+            cpu = p.cpu_times()
+            out.append(f"=== pid {p.pid} {p.name()} state={p.status()} cpu user {cpu.user:.1f}s sys "
+                       f"{cpu.system:.1f}s: {' '.join(p.cmdline())[:160]}")
+        except Exception as e:              # noqa: BLE001
+            out.append(f"=== pid {p.pid}: {e}")
+            continue
+        if py_spy:
+            try:
+                dump = subprocess.run([py_spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True,
+                                      timeout=timeout)
+                out.append((dump.stdout or dump.stderr).strip())
+            except (subprocess.TimeoutExpired, OSError) as e:
+                out.append(f"(py-spy dump failed: {e})")
+    if not py_spy:
+        out.append("(py-spy not on PATH: no stacks)")
+    return "\n".join(out)
+
+
 class SGLangClient:
     """HTTP client of one SGLang server (JSON in, JSON out; HTTP errors carry the server's detail)."""
 
@@ -129,8 +173,8 @@ class launch_server:
     """
 
     def __init__(self, model_path: Path, extra_args: list[str] | None = None, *, log_dir: Path,
-                 cpu: bool = True, env: dict | None = None, startup_timeout: float = 600,
-                 name: str = "server"):
+                 cpu: bool = True, env: dict | None = None, startup_timeout: float = 480,
+                 name: str = "server", hang_retries: int = 1):
         self.model_path = Path(model_path)
         self.extra_args = list(extra_args or [])
         self.log_dir = Path(log_dir)
@@ -138,9 +182,22 @@ class launch_server:
         self.env = env or {}
         self.startup_timeout = startup_timeout
         self.name = name
+        self.hang_retries = hang_retries      # a start that hangs (no exit, never ready) is diagnosed, then retried
         self.server: SGLangServer | None = None
 
     def __enter__(self) -> SGLangServer:
+        for attempt in range(self.hang_retries + 1):
+            try:
+                return self._start()
+            except StartupHang as hang:
+                STARTUP_HANGS.append(hang.report)
+                if attempt == self.hang_retries:
+                    raise
+                sys.stderr.write(f"\nsglang_ext.launcher: {self.name} hung at startup, starting it again; "
+                                 f"diagnosis in {hang.report_path}\n")
+        raise AssertionError("unreachable")
+
+    def _start(self) -> SGLangServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(self.model_path),
@@ -173,7 +230,7 @@ class launch_server:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 raise ServerError(f"SGLang server exited with code {server.process.returncode} during startup; "
-                                  f"log {server.log_path}:\n{server.log_tail()}")
+                                  f"log {server.log_path}:\n{server.log_tail(3000)}")
             try:
                 with urllib.request.urlopen(server.url + "/health", timeout=5) as resp:
                     if resp.status == 200 and "fired up and ready" in server.log_tail(200_000):
@@ -181,8 +238,12 @@ class launch_server:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(1.0)
-        raise ServerError(f"SGLang server not ready after {self.startup_timeout:.0f}s; log {server.log_path}:\n"
-                          f"{server.log_tail()}")
+        report_path = server.log_path.with_suffix(".hang.txt")
+        report = (f"{self.name}: not ready after {self.startup_timeout:.0f}s (log {server.log_path})\n"
+                  f"{process_stacks(server.process.pid)}\n--- last lines of the log ---\n{server.log_tail(2500)}")
+        report_path.write_text(report)
+        raise StartupHang(f"SGLang server not ready after {self.startup_timeout:.0f}s; log {server.log_path}, "
+                          f"stacks and log tail in {report_path}:\n{report[-6000:]}", report, report_path)
 
     def _stop(self) -> None:
         proc = self.server.process

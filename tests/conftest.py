@@ -45,3 +45,29 @@ def quick_workload(workload_cache_dir):
     built = build_workload(workload_cache_dir, minutes=QUICK_WORKLOAD_MINUTES, quick=True, progress=False)
     built.stats["test_build_seconds"] = time.monotonic() - start
     return built
+
+
+def _compact_hang_report(report: str, frames_per_thread: int = 6, max_lines: int = 150) -> list[str]:
+    """A hang report (launcher.process_stacks + log tail) cut to what fits at the end of a CI log: each process,
+    the top frames of each thread, the last log lines."""
+    head, _, tail = report.partition("--- last lines of the log ---")
+    out, budget = [], 0
+    for line in head.splitlines():
+        if line.startswith(("===", "Thread", "Process", "(")) or line.startswith(report.split("\n", 1)[0]):
+            out.append(line)
+            budget = frames_per_thread if line.startswith("Thread") else 0
+        elif budget > 0 and line.strip():
+            out.append(line)
+            budget -= 1
+    out = out[:max_lines] + ["--- last lines of the server log ---"] + tail.strip().splitlines()[-15:]
+    return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Servers that hung at startup (the launcher retries them once): what each process was doing."""
+    from sglang_ext.launcher import STARTUP_HANGS
+
+    for report in STARTUP_HANGS:
+        terminalreporter.section("SGLang server startup hang (diagnosed, then retried)", sep="!")
+        for line in _compact_hang_report(report):
+            terminalreporter.write_line(line[:300])
