@@ -215,12 +215,15 @@ class FinetuneRun:
 
 def run_finetune(name: str, replay: Path, target_dir: Path, draft_config: Path, output: Path, s: Settings,
                  max_steps: int, max_minutes: float, checkpoint_every: int = 0, log_every: int = 10,
-                 progress: bool = True, objective_args: list[str] | None = None) -> FinetuneRun:
-    """`python -m trainer.finetune` from scratch in a subprocess; returns its summary and log. objective_args:
-    the draft kind's objective flags (default DFlash's --num-anchors)."""
+                 progress: bool = True, objective_args: list[str] | None = None,
+                 init_from: Path | None = None) -> FinetuneRun:
+    """`python -m trainer.finetune` in a subprocess, from scratch (`draft_config`) or from the weights of the
+    draft `init_from`; returns its summary and log. objective_args: the draft kind's objective flags (default
+    DFlash's --num-anchors)."""
     shutil.rmtree(output, ignore_errors=True)
     argv = [sys.executable, "-m", "trainer.finetune", "--replay", str(replay), "--target-model-path", str(target_dir),
-            "--draft-config", str(draft_config), "--output", str(output), "--block-size", str(BLOCK_SIZE),
+            *(["--draft-model-path", str(init_from)] if init_from else ["--draft-config", str(draft_config)]),
+            "--output", str(output), "--block-size", str(BLOCK_SIZE),
             "--max-minutes", f"{max_minutes:g}", "--max-steps", str(max_steps), "--lr", f"{s.lr:g}",
             *(objective_args if objective_args is not None else ["--num-anchors", str(s.num_anchors)]),
             "--batch-size", str(s.batch_size),
@@ -252,11 +255,12 @@ def run_finetune(name: str, replay: Path, target_dir: Path, draft_config: Path, 
 
 
 def calibrate_steps(replay: Path, target_dir: Path, draft_config: Path, work: Path, s: Settings,
-                    progress: bool = True, objective_args: list[str] | None = None) -> dict:
+                    progress: bool = True, objective_args: list[str] | None = None,
+                    init_from: Path | None = None) -> dict:
     """Seconds per optimiser step on this machine now (a short throw-away run); -> max_steps for the budget."""
     run = run_finetune("calibration", replay, target_dir, draft_config, work / "calibration", s,
                        max_steps=s.calibration_steps, max_minutes=s.minutes, log_every=1, progress=progress,
-                       objective_args=objective_args)
+                       objective_args=objective_args, init_from=init_from)
     skip = min(2, len(run.log) - 1)                  # the first steps include warm-up costs
     t_first, t_last = run.log[skip - 1]["elapsed_s"] if skip else 0.0, run.log[-1]["elapsed_s"]
     s_per_step = (t_last - t_first) / max(1, run.log[-1]["step"] - (run.log[skip - 1]["step"] if skip else 0))
