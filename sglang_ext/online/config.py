@@ -81,7 +81,7 @@ class OnlineTrainConfig:
     queue_bytes: int = 256 * 2**20               # bound of each queue between the stages (oldest dropped, counted)
     duty_cycle: float = 1.0                      # fraction of wall time the trainer may compute (sleeps the rest)
     max_memory_bytes: int | None = None          # the trainer's memory budget on its device (None: what is free)
-    replay_policy: str = "uniform"               # uniform | recency: how training steps draw from the pool
+    replay_policy: str = "recency"               # recency | uniform: how training steps draw from the pool
     recency_half_life: float = 64.0              # records (recency policy)
     # -- set at startup, not a setting: the draft's kind (trainer.draft_kind), from its config.json --
     draft_kind: str = ""
@@ -229,10 +229,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fraction of wall time the trainer may compute, in (0, 1]; after each step it sleeps "
                         "so that it computes at most this share (default 1.0: no pause). Lower it when "
                         "training shares the serving device and serving throughput matters more")
-    g.add_argument("--online-train-replay-policy", choices=["uniform", "recency"],
-                   help="how each training step draws records from the trainer's pool: uniform (default), or "
-                        "recency (a record recency_half_life records older, default 64, is half as likely: "
-                        "adapts faster after a traffic shift, forgets faster)")
+    g.add_argument("--online-train-replay-policy", choices=["recency", "uniform"],
+                   help="how each training step draws records from the trainer's pool: recency (default: a "
+                        "record recency_half_life records older, default 64, is half as likely; adapts faster "
+                        "after a traffic shift, forgets older traffic faster) or uniform (every pooled record "
+                        "alike). Compared by benchmarks/bench_adaptation.py")
     g.add_argument("--online-train-queue-bytes", metavar="SIZE",
                    help="byte bound of each queue between capture, the replay buffer, the supervisor and the "
                         "trainer (default 256MiB); past it the oldest items are dropped and counted "

@@ -42,7 +42,7 @@ class TrainerSettings:
     inbox_bytes: int = 256 << 20          # records received, not yet pooled (oldest dropped past it, counted)
     duty_cycle: float = 1.0               # fraction of wall time the trainer computes; it sleeps the rest
     max_memory_bytes: int | None = None   # cap of the trainer's CUDA allocator (None: no cap)
-    replay_policy: str = "uniform"        # how steps draw from the pool: uniform | recency
+    replay_policy: str = "recency"        # how steps draw from the pool: recency | uniform
     recency_half_life: float = 64.0       # records: with "recency", a record this much older is half as likely
 
 
