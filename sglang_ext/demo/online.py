@@ -36,12 +36,14 @@ def _histogram(text: str, name: str) -> tuple[float, float]:
 
 def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: float, max_new_tokens: int,
                window: int, concurrency: int, log_dir: Path, gpu: bool = False, extra_args: list | None = None,
-               out=print, probes: list | None = None) -> dict:
+               out=None, probes: list | None = None) -> dict:
     """Serve `prompts` (cycled) for `minutes` with --online-train; one row per `window` requests. After each
     window, `probes` (held-out prompts, opted out of training) are served once: their tau is the row's
     `probe_tau` (the window's `tau` excludes them)."""
     from sglang_ext.demo.traffic import online_metrics, send_traffic, swaps_from_log
     from sglang_ext.launcher import draft_args, launch_server, metric_value
+
+    out = out or (lambda line: print(line, flush=True))     # rows as they come, also into a pipe or a file
 
     args = draft_args(draft_dir, BLOCK_SIZE) + ["--online-train", "--online-train-lr", "1e-3",
                                                  "--online-train-swap-every", "10",
