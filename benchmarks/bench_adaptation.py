@@ -49,14 +49,6 @@ GOAL_REQUESTS = (500, 300, 300)     # phase 1: reach GOAL_RATIO x reference with
 ONLINE_ARGS = ["--online-train-lr", "1e-3", "--online-train-swap-every", "10", "--online-train-min-records", "8"]
 
 
-def probe_tau(server, probes: list, *, max_new_tokens: int, concurrency: int) -> float:
-    """Served tau of held-out prompts that opt out of training (mean over requests)."""
-    from sglang_ext.demo.traffic import send_traffic
-    done = send_traffic(server, probes, list(range(len(probes))), max_new_tokens=max_new_tokens,
-                        concurrency=concurrency, opt_out=True)
-    return statistics.fmean(s.accept_length for s in done)
-
-
 def wait_persisted(server, timeout: float = 120) -> dict:
     """Wait until every recorded request is in a shard; -> the counters."""
     from sglang_ext.launcher import metric_value
@@ -73,8 +65,9 @@ def wait_persisted(server, timeout: float = 120) -> dict:
 def run_policy(policy: str, target_dir: Path, draft: Path, phases: list[dict], *, window: int, max_new_tokens: int,
                concurrency: int, log_dir: Path, persist: Path | None, gpu: bool) -> dict:
     """One online run through every phase; rows every `window` requests, all-domain probes at boundaries."""
-    from sglang_ext.demo.traffic import online_metrics, send_traffic
+    from sglang_ext.demo.traffic import online_metrics, probe_tau, send_traffic
     from sglang_ext.launcher import draft_args, launch_server
+    from trainer.replay import read_manifest
 
     args = draft_args(draft, BLOCK_SIZE) + ["--online-train", "--online-train-replay-policy", policy] + ONLINE_ARGS
     if persist is not None:
@@ -112,8 +105,7 @@ def run_policy(policy: str, target_dir: Path, draft: Path, phases: list[dict], *
                       f"steps {row['trainer_steps']:.0f} ({row['t'] / 60:.1f} min)", flush=True)
             if persist is not None:
                 counts = wait_persisted(server)
-                manifest = json.loads((persist / "manifest.json").read_text())
-                shards_at_end.append({"shards": len(manifest["shards"]), **counts})
+                shards_at_end.append({"shards": len(read_manifest(persist)["shards"]), **counts})
         boundaries.append({"before_phase": len(phases), "requests": served,
                            "probe_tau": {p["domain"]: probe(p["probes"]) for p in phases}})
     return {"rows": rows, "boundaries": boundaries, "shards_at_end": shards_at_end,
@@ -122,13 +114,15 @@ def run_policy(policy: str, target_dir: Path, draft: Path, phases: list[dict], *
 
 def replay_prefix(replay: Path, n_shards: int, out: Path) -> Path:
     """A replay directory holding the first `n_shards` shards of `replay` (links + a cut manifest)."""
+    from trainer.replay import MANIFEST, read_manifest
+
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    manifest = json.loads((replay / "manifest.json").read_text())
+    manifest = read_manifest(replay)
     manifest["shards"] = manifest["shards"][:n_shards]
     for shard in manifest["shards"]:
         os.symlink(replay / shard["file"], out / shard["file"])
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 
@@ -156,7 +150,9 @@ def reference_drafts(replay: Path, shards_at_end: list[dict], target_dir: Path, 
 
 def serve_references(refs: list[dict], phases: list[dict], target_dir: Path, *, max_new_tokens: int,
                      concurrency: int, log_dir: Path, gpu: bool) -> None:
+    from sglang_ext.demo.traffic import probe_tau
     from sglang_ext.launcher import draft_args, launch_server
+
     for ref in refs:
         args = draft_args(Path(ref["draft"]), BLOCK_SIZE) + (["--dtype", "float32"] if gpu else [])
         with launch_server(target_dir, args, log_dir=log_dir, cpu=not gpu, name=f"ref-{ref['phase']}") as server:

@@ -51,9 +51,10 @@ def _compact_hang_report(report: str, frames_per_thread: int = 6, max_lines: int
     """A hang report (launcher.process_stacks + log tail) cut to what fits at the end of a CI log: each process,
     the top frames of each thread, the last log lines."""
     head, _, tail = report.partition("--- last lines of the log ---")
-    out, budget = [], 0
-    for line in head.splitlines():
-        if line.startswith(("===", "Thread", "Process", "(")) or line.startswith(report.split("\n", 1)[0]):
+    title, _, stacks = head.partition("\n")
+    out, budget = [title], 0
+    for line in stacks.splitlines():
+        if line.startswith(("===", "Thread", "Process", "(")):
             out.append(line)
             budget = frames_per_thread if line.startswith("Thread") else 0
         elif budget > 0 and line.strip():

@@ -40,7 +40,7 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
     """Serve `prompts` (cycled) for `minutes` with --online-train; one row per `window` requests. After each
     window, `probes` (held-out prompts, opted out of training) are served once: their tau is the row's
     `probe_tau` (the window's `tau` excludes them)."""
-    from sglang_ext.demo.traffic import online_metrics, send_traffic, swaps_from_log
+    from sglang_ext.demo.traffic import online_metrics, probe_tau, send_traffic, swaps_from_log
     from sglang_ext.launcher import draft_args, launch_server, metric_value
 
     out = out or (lambda line: print(line, flush=True))     # rows as they come, also into a pipe or a file
@@ -75,16 +75,14 @@ def run_online(target_dir: Path, draft_dir: Path, prompts: list, *, minutes: flo
             row = {"t": time.monotonic() - t0, "requests": served, "tau": tau,
                    "tau_meta": sum(s.accept_length for s in done) / len(done),
                    "tokens_per_s": len(done) * max_new_tokens / (time.monotonic() - t_w), **m}
-            probe_tau = float("nan")
+            held_out = float("nan")
             if probes:                       # held-out, opted out: measured, never trained on
-                probe_done = send_traffic(server, probes, list(range(len(probes))), max_new_tokens=max_new_tokens,
-                                          concurrency=concurrency, opt_out=True)
-                probe_tau = sum(s.accept_length for s in probe_done) / len(probe_done)
+                held_out = probe_tau(server, probes, max_new_tokens=max_new_tokens, concurrency=concurrency)
                 acc_sum, acc_count = _histogram(server.metrics(), "sglang:online_train_accept_length")
             prev_sum, prev_count = acc_sum, acc_count        # the next window's tau excludes the probes
-            row["probe_tau"] = probe_tau
+            row["probe_tau"] = held_out
             rows.append(row)
-            out(f"{row['t']:6.0f} {served:8d} {tau:6.2f} {probe_tau:9.2f} {m['draft_version']:7.0f} "
+            out(f"{row['t']:6.0f} {served:8d} {tau:6.2f} {held_out:9.2f} {m['draft_version']:7.0f} "
                 f"{m['swaps_total']:5.0f} {m['rejected_worse'] + m['rejected_nan']:8.0f} {m['trainer_steps']:6.0f} "
                 f"{m['trainer_loss']:7.3f} {m['heldout_accept_length']:16.2f} {row['tokens_per_s']:7.1f}")
         swaps = swaps_from_log(server.log_path.read_text())

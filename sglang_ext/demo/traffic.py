@@ -108,6 +108,13 @@ def send_traffic(server, prompts: list[tuple[str, list]], order: list[int], *, m
     return done
 
 
+
+def probe_tau(server, probes: list[tuple[str, list]], *, max_new_tokens: int, concurrency: int = 4) -> float:
+    """Served tau (mean over requests) of held-out prompts sent once each, opted out of training."""
+    done = send_traffic(server, probes, list(range(len(probes))), max_new_tokens=max_new_tokens,
+                        concurrency=concurrency, opt_out=True)
+    return sum(s.accept_length for s in done) / len(done)
+
 @dataclass
 class ChatTurn:
     chat: int            # index of the chat
