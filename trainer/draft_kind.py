@@ -49,6 +49,11 @@ class ObjectiveOutput:
     accept_sum: torch.Tensor      # scalar: sum over fully labelled proposals of 1 + leading correct positions
     full_blocks: torch.Tensor     # scalar long: how many fully labelled proposals
     weight_sum: torch.Tensor      # scalar: sum of loss weights (the loss denominator)
+    # loss == sum(numerator / denominator for numerator, denominator in loss_terms): the loss as ratios of sums
+    # over the batch, so data-parallel ranks can divide their numerators by the denominators summed over all
+    # ranks and together get the gradient of one process on the whole batch (trainer.train_step). Empty: the
+    # loss is one weighted mean, ((loss * weight_sum, weight_sum),).
+    loss_terms: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
     @property
     def accuracy(self) -> float:

@@ -107,6 +107,7 @@ def eagle3_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, los
     idx = torch.arange(S, device=device)
     loss = outs[0].sum() * 0.0
     weight_sum = 0.0
+    terms = []                                                               # (w * sum of CE, rows) per step
     correct = torch.zeros(T, b, S, dtype=torch.bool, device=device)
     valid = torch.zeros(T, b, S, dtype=torch.bool, device=device)
     for s in range(T):
@@ -116,6 +117,7 @@ def eagle3_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, los
         v = trainable[:, pc] & in_seq                                       # [b, S]
         valid[s] = v
         if not v.any():
+            terms.append((outs[s].new_zeros((), dtype=torch.float32), torch.tensor(0.0)))   # same length on every rank
             continue
         rows = outs[s][v]                                                    # [m, H]
         probs = t_probs[:, pc][v] if t_probs is not None else to_draft[t_greedy[:, pc][v]]   # [m, Vd] or [m]
@@ -123,6 +125,7 @@ def eagle3_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, los
         w = step_decay ** s
         loss = loss + w * ce.mean()
         weight_sum += w
+        terms.append((w * ce.sum(), torch.tensor(float(ce.numel()))))
         with torch.no_grad():
             hit = torch.zeros(b, S, dtype=torch.bool, device=device)
             hit[v] = to_target[pred] == t_greedy[:, pc][v]
@@ -136,4 +139,4 @@ def eagle3_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, los
         slot_correct = (correct & valid).sum((1, 2))
         slot_count = valid.sum((1, 2))
     return ObjectiveOutput(loss=loss, slot_correct=slot_correct, slot_count=slot_count, accept_sum=accept_sum,
-                           full_blocks=full.sum(), weight_sum=torch.tensor(weight_sum))
+                           full_blocks=full.sum(), weight_sum=torch.tensor(weight_sum), loss_terms=tuple(terms))

@@ -52,15 +52,20 @@ def valid_anchor_mask(loss_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sample_anchors(loss_mask: torch.Tensor, num_anchors: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """[b, S] loss mask -> anchors [b, N] long, sorted per row, -1 padded; N = max anchors in the batch
-    (<= num_anchors). Sampling is uniform without replacement among valid positions (on CPU)."""
+    (<= num_anchors). Sampling is uniform without replacement among valid positions (on CPU). `generator`:
+    one for the whole batch (rows draw from it in turn), or a list with one per row, so a sequence's anchors
+    do not depend on which other sequences share its batch (finetune: the same anchors on any number of ranks)."""
     valid = valid_anchor_mask(loss_mask).cpu()
+    if isinstance(generator, (list, tuple)) and len(generator) != valid.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {valid.shape[0]} sequences")
     rows = []
-    for row in valid:
+    for i, row in enumerate(valid):
         pos = row.nonzero().flatten()
         if pos.numel() > num_anchors:
-            pos = pos[torch.randperm(pos.numel(), generator=generator)[:num_anchors]]
+            gen = generator[i] if isinstance(generator, (list, tuple)) else generator
+            pos = pos[torch.randperm(pos.numel(), generator=gen)[:num_anchors]]
         rows.append(pos.sort().values)
     n = max([r.numel() for r in rows] + [1])
     anchors = torch.full((len(rows), n), -1, dtype=torch.long)
@@ -116,12 +121,12 @@ def weighted_ce(hidden: torch.Tensor, lm_head: torch.Tensor, labels: torch.Tenso
 
 def dflash_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, *,
                 num_anchors: int = 512, block_size: int | None = None, gamma: float = 7.0,
-                anchors: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                anchors: torch.Tensor | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                 backend: str = "auto", chunk_rows: int = 2048) -> ObjectiveOutput:
     """
     draft          trainer.dflash_draft.DFlashDraft with the target embedding / lm_head attached
     target_hidden  [b, S, K*H]  input_ids [b, S]  loss_mask [b, S] (False on padding)
-    anchors        [b, N] to fix the blocks (tests); otherwise sampled with `generator`
+    anchors        [b, N] to fix the blocks (tests); otherwise sampled with `generator` (one, or one per row)
     """
     B = block_size or draft.cfg.block_size
     if anchors is None:
@@ -149,7 +154,8 @@ def dflash_loss(draft, target_hidden: torch.Tensor, input_ids: torch.Tensor, los
         leading = correct[:, :, 1:].long().cumprod(-1).sum(-1)                             # [b, N]
         accept_sum = ((1 + leading) * full).sum().float()
     return ObjectiveOutput(loss=loss, slot_correct=slot_correct, slot_count=slot_count, accept_sum=accept_sum,
-                           full_blocks=full.sum(), weight_sum=weight_sum.detach())
+                           full_blocks=full.sum(), weight_sum=weight_sum.detach(),
+                           loss_terms=((loss_sum, weight_sum.detach()),))
 
 
 def slot_weights(block_size: int, gamma: float = 7.0) -> list[float]:
