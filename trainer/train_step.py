@@ -9,6 +9,12 @@ clipping -> optimizer step, and a `StepStats`. A non-finite loss or gradient nor
 gradients are dropped and `stats.applied` is False with the reason, and the caller decides (the online
 trainer skips and counts, finetune stops).
 
+Data parallel (trainer.finetune under torchrun): give `model` (the draft wrapped by trainer.distributed.wrap)
+and `world_size`. Each rank then runs its share of every micro-batch and backpropagates its loss numerators over
+the denominators summed over all ranks (`ObjectiveOutput.loss_terms`), times world_size; the wrapper averages
+gradients over ranks, so the step is the one-process step on the whole micro-batch. Losses and counts in
+`StepStats` are then those of the whole micro-batch (all ranks), the same on every rank.
+
 Precision (`Precision.for_device`): on CUDA, bf16 autocast with fp32 master weights, so the block-attention
 kernel runs its bf16 tiles (backend "auto" picks the Triton kernel for CUDA tensors); on CPU, plain fp32 with
 the PyTorch reference attention. The frozen target head is kept in the compute dtype.
@@ -20,6 +26,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,7 +121,7 @@ class StepStats:
     loss: float                   # mean over the micro-batches
     grad_norm: float
     lr: float
-    tokens: int                   # real tokens in the micro-batches
+    tokens: int                   # real tokens in the micro-batches (all ranks)
     correct: int = 0              # labelled draft positions predicted right / labelled in all
     labelled: int = 0
     accept_sum: float = 0.0       # acceptance proxy: sum of (1 + leading correct) over full proposals
@@ -135,16 +143,18 @@ class TrainStep:
 
     def __init__(self, kind, draft: torch.nn.Module, precision: Precision, *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, grad_clip: float = 1.0,
-                 objective: dict | None = None):
+                 objective: dict | None = None, model: torch.nn.Module | None = None, world_size: int = 1):
         self.kind = kind
         self.draft = draft
+        self.model = draft if model is None else model   # what runs forward: the draft or its DDP/FSDP wrapper
+        self.world_size = world_size
         self.precision = precision
         self.lr = lr
         self.betas = tuple(betas)
         self.weight_decay = weight_decay
         self.grad_clip = grad_clip
         self.objective = dict(objective or {})           # the kind's objective knobs (num_anchors, gamma, ...)
-        self.params = [p for p in draft.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.new_optimizer()
 
     def new_optimizer(self) -> torch.optim.Optimizer:
@@ -168,17 +178,18 @@ class TrainStep:
                 group["lr"] = lr
         lr_now = self.optimizer.param_groups[0]["lr"]
         generators = generators or [None] * len(batches)
-        self.draft.train()
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats = StepStats(applied=False, skipped=None, loss=float("nan"), grad_norm=float("nan"), lr=lr_now,
                           tokens=sum(b.num_tokens for b in batches))
-        for batch, gen in zip(batches, generators):
-            out = self.loss(self.draft, batch, gen)
-            loss_val = float(out.loss.detach())
-            stats.micro_losses.append(loss_val)
-            if not math.isfinite(loss_val):
-                return self._skip(stats, f"loss is {loss_val}")
-            (out.loss / len(batches)).backward()
+        for i, (batch, gen) in enumerate(zip(batches, generators)):
+            with self._no_sync() if i < len(batches) - 1 else nullcontext():
+                out = self.loss(self.model, batch, gen)
+                objective, loss_val = self._objective(out)
+                stats.micro_losses.append(loss_val)
+                if not math.isfinite(loss_val):
+                    return self._skip(stats, f"loss is {loss_val}")
+                (objective / len(batches)).backward()
             stats.correct += int(out.slot_correct.sum())
             stats.labelled += int(out.slot_count.sum())
             stats.accept_sum += float(out.accept_sum)
@@ -186,12 +197,47 @@ class TrainStep:
         stats.loss = sum(stats.micro_losses) / len(stats.micro_losses)
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(grad_norm, "full_tensor"):                # FSDP: a DTensor (already the norm over all shards)
+            grad_norm = grad_norm.full_tensor()
         stats.grad_norm = float(grad_norm)
         if not math.isfinite(stats.grad_norm):
             return self._skip(stats, f"gradient norm is {stats.grad_norm}")
         self.optimizer.step()
         stats.applied = True
+        if self.world_size > 1:
+            self._sum_counts_over_ranks(stats)
         return stats
+
+    def _objective(self, out) -> tuple[torch.Tensor, float]:
+        """(what this rank backpropagates, the micro-batch loss). One process: the kind's loss. Data parallel:
+        sum(numerator / global denominator) * world_size, so the ranks' averaged gradient is the gradient of the
+        loss on the whole micro-batch, which is returned (the same on every rank, non-finite on every rank)."""
+        if self.world_size == 1:
+            return out.loss, float(out.loss.detach())
+        terms = out.loss_terms or ((out.loss * out.weight_sum, out.weight_sum),)
+        k = len(terms)
+        sums = torch.tensor([float(den) for _, den in terms] + [float(num.detach()) for num, _ in terms],
+                            dtype=torch.float64, device=self.precision.device)
+        dist.all_reduce(sums)                                       # [denominators..., numerators...] of all ranks
+        dens, nums = sums[:k].tolist(), sums[k:].tolist()
+        loss_val = sum(n / d for n, d in zip(nums, dens) if d > 0)
+        objective = out.loss * 0.0                                  # keeps every parameter in the graph (DDP)
+        for (num, _), den in zip(terms, dens):
+            if den > 0:
+                objective = objective + num * (self.world_size / den)
+        return objective, loss_val
+
+    def _no_sync(self):
+        """DDP: no gradient all-reduce in this micro-batch's backward (all but a step's last micro-batch)."""
+        return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else nullcontext()
+
+    def _sum_counts_over_ranks(self, stats: StepStats) -> None:
+        counts = torch.tensor([stats.tokens, stats.correct, stats.labelled, stats.accept_sum, stats.full_blocks],
+                              dtype=torch.float64, device=self.precision.device)
+        dist.all_reduce(counts)
+        tokens, correct, labelled, accept_sum, full_blocks = counts.tolist()
+        stats.tokens, stats.correct, stats.labelled = int(tokens), int(correct), int(labelled)
+        stats.accept_sum, stats.full_blocks = accept_sum, int(full_blocks)
 
     def _skip(self, stats: StepStats, why: str) -> StepStats:
         self.optimizer.zero_grad(set_to_none=True)
