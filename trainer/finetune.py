@@ -9,6 +9,14 @@ The draft's kind (DFlash or EAGLE3) comes from its config.json `architectures` (
 is `trainer.train_step.TrainStep`, the same step the online trainer runs. Runs on CPU (fp32) or CUDA (bf16
 autocast, fp32 master weights). Everything is checked before the first step: target checkpoint, draft config,
 replay layer ids / hidden size / target identity.
+
+Data parallel (trainer.distributed):
+
+    torchrun --nproc-per-node N -m trainer.finetune ... [--fsdp]
+
+--batch-size / --max-tokens-per-batch describe the global micro-batch: every rank plans the same micro-batches
+and trains on every N-th sequence of each, so N processes follow the same loss curve as one process (up to
+float rounding) and a checkpoint resumes on any number of processes. Rank 0 alone logs, checkpoints and exports.
 """
 from __future__ import annotations
 
@@ -28,10 +36,12 @@ from pathlib import Path
 
 import torch
 
+from trainer import distributed
+from trainer.distributed import Dist
 from trainer.draft_kind import kind_for_draft
 from trainer.replay import ReplayReader
 from trainer.target import load_target_head, target_info
-from trainer.train_step import DTYPES, Batch, Precision, TrainStep, pad_batch, resolve_device
+from trainer.train_step import DTYPES, Batch, Precision, TrainStep, pad_batch
 
 log = logging.getLogger("trainer.finetune")
 STATE_FILE = "trainer_state.pt"
@@ -89,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("runtime")
     run.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and anchor sampling")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    run.add_argument("--device", default="auto",
+                     help="cpu, cuda, cuda:N, or auto (cuda when available); under torchrun each rank uses "
+                          "cuda:LOCAL_RANK (pass auto or cuda) or the CPU (gloo)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="compute dtype (autocast; master weights stay fp32). Default: bfloat16 on CUDA, "
                           "float32 on CPU")
@@ -102,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save a resumable checkpoint every N steps (0: only at the end)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the newest checkpoint in OUTPUT/checkpoints (fresh start if none)")
+                     help="continue from the newest checkpoint in OUTPUT/checkpoints (fresh start if none); "
+                          "the number of torchrun processes may differ from the run that wrote it")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard the draft's weights, gradients and optimizer state over the "
+                          "processes (FSDP2 fully_shard) instead of a full copy per process (DDP), for drafts "
+                          "whose training state does not fit one device; ignored in a single process")
     run.add_argument("--export-dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of exported weights")
     run.add_argument("--log-every", type=int, default=10, help="steps between train_log.jsonl lines")
     run.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
@@ -140,6 +157,21 @@ def plan_batches(lengths: list[int], *, batch_size: int, max_tokens: int, genera
 def collate(reader: ReplayReader, indices: list[int], max_seq_len: int, dtype: torch.dtype) -> Batch:
     """Read records from the replay and pad them into one Batch (trainer.train_step.pad_batch)."""
     return pad_batch([reader.read(i, dtype=dtype) for i in indices], max_seq_len, dtype)
+
+
+def stand_in_batch(reader: ReplayReader, dtype: torch.dtype, length: int = 8) -> Batch:
+    """A batch with nothing in the loss, for a rank whose share of a micro-batch is empty (fewer sequences than
+    ranks): it still runs forward/backward, as DDP/FSDP need, and adds nothing to the gradient."""
+    width = len(reader.spec.layer_ids) * reader.spec.hidden_size
+    return Batch(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, length, width, dtype=dtype),
+                 torch.zeros(1, length, dtype=torch.bool), 0)
+
+
+def anchor_generators(seed: int, step: int, batch_pos: int, records: list[int]) -> list[torch.Generator]:
+    """One generator per sequence, seeded by (seed, step, micro-batch position in the epoch, record index): a
+    sequence gets the same random anchors whichever rank trains it, so ranks together match one process."""
+    key = lambda r: (((seed * 1_000_003 + step) * 1_000_003 + batch_pos) * 1_000_003 + r) % (1 << 63)  # noqa: E731
+    return [torch.Generator().manual_seed(key(r)) for r in records]
 
 
 def prefetch(iterator, depth: int = 2):
@@ -181,14 +213,28 @@ def latest_checkpoint(output: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(output: Path, draft, optimizer, scheduler, state: dict, keep: int) -> Path:
+def export_draft(kind, cfg, draft, full_weights: dict, sharded: bool, out_dir: Path, dtype: torch.dtype) -> None:
+    """Rank 0: write the draft for SGLang (config.json + model.safetensors). Under FSDP the draft holds shards,
+    so an unsharded copy is made of the gathered weights (trainer.distributed.full_weights)."""
+    if sharded:
+        draft = kind.model_class(cfg)
+        draft.load_state_dict(full_weights)
+    draft.export(out_dir, dtype=dtype)
+
+
+def save_checkpoint(output: Path, export, optimizer_state: dict, scheduler_state: dict, state: dict,
+                    keep: int) -> Path:
+    """Rank 0: OUTPUT/checkpoints/step-N/ = the fp32 draft (`export(dir)` writes it in the export layout) +
+    trainer_state.pt: the optimizer state keyed by parameter name (trainer.distributed.full_optimizer_state),
+    the scheduler and the global step / data position. Nothing in it depends on the number of processes."""
     root = output / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:08d}"
     tmp = root / f"step-{state['step']:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    draft.export(tmp, dtype=torch.float32)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state}, tmp / STATE_FILE)
+    export(tmp)
+    torch.save({"optimizer": optimizer_state, "optimizer_format": "by_name", "scheduler": scheduler_state, **state},
+               tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -237,16 +283,29 @@ def setup(args) -> tuple:
 
 
 def train(args) -> TrainResult:
-    output = Path(args.output)
-    precision = Precision.for_device(resolve_device(args.device), args.dtype, args.attention_backend)
-    device = precision.device
+    """Run finetune in this process: alone, or as one rank of a torchrun job (trainer.distributed)."""
     for name in ("lr", "batch_size", "max_tokens_per_batch", "max_seq_len", "num_anchors", "grad_accum"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
+    d, device = distributed.init(args.device)
+    result = _train(args, d, device)     # on an error no barrier: torchrun stops the other ranks
+    distributed.shutdown(d)
+    return result
+
+
+def _train(args, d: Dist, device: torch.device) -> TrainResult:
+    output = Path(args.output)
+    precision = Precision.for_device(device, args.dtype, args.attention_backend)
     kind, cfg, embed, lm_head, tinfo, reader = setup(args)
     kind.set_block_size(cfg, cfg.block_size)          # validates a block size that came from the config
+    if not distributed.all_equal((len(reader), reader.num_tokens), d):
+        raise ValueError("the ranks read different replay records (a shard changed or failed its check on some "
+                         "ranks only); every rank must see the same replay")
+    if args.fsdp and not d.enabled:
+        log.warning("--fsdp ignored: one process (start with torchrun --nproc-per-node N to shard)")
+    sharded = args.fsdp and d.enabled
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -260,12 +319,14 @@ def train(args) -> TrainResult:
     else:
         draft = kind.from_scratch(cfg, seed=args.seed)
     draft.to(device)
+    if resume_dir is None and not args.draft_model_path:
+        kind.init_from_replay(draft, reader)
+    model = distributed.wrap(draft, d, device, fsdp=sharded)    # the draft itself in a single process
     kind.attach_target(draft, embed.to(device, precision.dtype), lm_head.to(device, precision.dtype),
                        args.target_model_path)
     del embed, lm_head
-    if resume_dir is None and not args.draft_model_path:
-        kind.init_from_replay(draft, reader)
 
+    # The global micro-batches: the same plan on every rank and for any number of ranks.
     lengths = [min(r.length, args.max_seq_len) for r in reader.records]
     max_tokens = max(args.max_tokens_per_batch, 1)
     epoch_batches = lambda epoch: plan_batches(  # noqa: E731
@@ -278,25 +339,44 @@ def train(args) -> TrainResult:
     step_fn = TrainStep(kind, draft, precision, lr=args.lr, betas=tuple(args.adam_betas),
                         weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                         objective=kind.objective_settings(num_anchors=args.num_anchors, gamma=args.gamma,
-                                                          chunk_rows=args.ce_chunk_rows, ttt_steps=args.ttt_steps))
+                                                          chunk_rows=args.ce_chunk_rows, ttt_steps=args.ttt_steps),
+                        model=model, world_size=d.world_size)
     optimizer = step_fn.optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.min_lr_ratio))
 
     step, epoch, batch_pos, tokens_seen, first_loss = 0, 0, 0, 0, None
     if resume_dir is not None:
-        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
         if state["draft_config"] != cfg.to_dict():
             raise ValueError(f"{resume_dir}: checkpoint was made with a different draft config")
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer_format") == "by_name":
+            distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+        elif sharded:
+            raise ValueError(f"{resume_dir}: an older checkpoint (optimizer state by position) cannot resume "
+                             f"with --fsdp; resume it once without --fsdp")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
         tokens_seen, first_loss = state["tokens_seen"], state.get("first_loss")
         total_steps = state["total_steps"] if args.max_steps is None else total_steps
         sched.load_state_dict(state["scheduler"])
-        log.info("resumed from %s at step %d", resume_dir, step)
+        log.info("resumed from %s at step %d (%s process(es) now, %s then)", resume_dir, step, d.world_size,
+                 state.get("world_size", 1))
 
-    output.mkdir(parents=True, exist_ok=True)
-    log_file = open(output / "train_log.jsonl", "a")
+    def save(state: dict) -> dict | None:
+        """Checkpoint: gathered on every rank (collective under FSDP), written by rank 0. Returns the gathered
+        weights (FSDP, rank 0) for the export."""
+        weights = distributed.full_weights(model) if sharded else None
+        optim_state = distributed.full_optimizer_state(model, optimizer)
+        if d.is_main:
+            save_checkpoint(output, lambda out: export_draft(kind, cfg, draft, weights, sharded, out, torch.float32),
+                            optim_state, sched.state_dict(), state, args.keep_checkpoints)
+        return weights
+
+    if d.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    log_file = open(output / "train_log.jsonl", "a") if d.is_main else None
     start = time.monotonic()
     deadline = start + args.max_minutes * 60 if args.max_minutes else None
     window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0, "t": start}
@@ -304,15 +384,28 @@ def train(args) -> TrainResult:
     stopped = "completed"
 
     def micro_batches(ep: int, pos: int):
-        """(epoch, batches consumed in that epoch, Batch), forever, starting after `pos` batches of `ep`."""
+        """(epoch, batches consumed in that epoch, this rank's Batch, its record indices), forever, starting
+        after `pos` batches of `ep`. A rank reads only the records of its share of each global micro-batch."""
         while True:
             batches = epoch_batches(ep)
             for i in range(pos, len(batches)):
-                yield ep, i + 1, collate(reader, batches[i], args.max_seq_len, precision.dtype)
+                share = distributed.rank_share(batches[i], d)
+                batch = (collate(reader, share, args.max_seq_len, precision.dtype) if share
+                         else stand_in_batch(reader, precision.dtype))
+                yield ep, i + 1, batch, share
             ep, pos = ep + 1, 0
 
+    def out_of_time(now: float) -> bool:
+        """Past --max-minutes; agreed by all ranks (rank 0's clock), so they stop at the same step."""
+        if deadline is None:
+            return False
+        flag = torch.tensor([float(now >= deadline)], device=device)
+        if d.enabled:
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and d.is_main:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc=kind.name, dynamic_ncols=True, file=sys.stderr)
     stream = prefetch(micro_batches(epoch, batch_pos))
@@ -320,11 +413,11 @@ def train(args) -> TrainResult:
         while step < total_steps:
             batches, generators = [], []
             for _ in range(args.grad_accum):
-                epoch, batch_pos, batch = next(stream)
+                epoch, batch_pos, batch, records = next(stream)
                 batches.append(batch)
-                generators.append(torch.Generator().manual_seed(args.seed * 7919 + step * 131 + batch_pos))
+                generators.append(anchor_generators(args.seed, step, batch_pos, records) or None)
             stats = step_fn.run(batches, generators=generators)
-            if not stats.applied:              # offline, a non-finite loss or gradient stops the run
+            if not stats.applied:              # offline, a non-finite loss or gradient stops the run (all ranks)
                 raise FloatingPointError(f"{stats.skipped} at step {step} (epoch {epoch}, batch {batch_pos})")
             sched.step()
             step += 1
@@ -339,7 +432,8 @@ def train(args) -> TrainResult:
             tokens_seen += stats.tokens
 
             now = time.monotonic()
-            if step % args.log_every == 0 or step == total_steps or (deadline and now >= deadline):
+            timed_out = out_of_time(now)
+            if step % args.log_every == 0 or step == total_steps or timed_out:
                 row = {
                     "step": step, "epoch": epoch, "loss": window["loss"] / max(1, window["n"]),
                     "accuracy": window["correct"] / window["count"] if window["count"] else None,
@@ -348,8 +442,9 @@ def train(args) -> TrainResult:
                     "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "tokens_seen": tokens_seen,
                     "elapsed_s": now - start,
                 }
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
+                if log_file is not None:                          # rank 0
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
                 last = {"loss": row["loss"], "acc": row["accuracy"], "accept": row["accept_len"]}
                 window = {"loss": 0.0, "n": 0, "correct": 0, "count": 0, "accept": 0.0, "blocks": 0, "tokens": 0,
                           "t": now}
@@ -362,35 +457,40 @@ def train(args) -> TrainResult:
                 bar.update(1)
             state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
                      "total_steps": total_steps, "first_loss": first_loss, "draft_config": cfg.to_dict(),
-                     "args": {k: v for k, v in vars(args).items()}}
+                     "world_size": d.world_size, "args": {k: v for k, v in vars(args).items()}}
             if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(output, draft, optimizer, sched, state, args.keep_checkpoints)
-            if deadline and now >= deadline and step < total_steps:
+                save(state)
+            if timed_out and step < total_steps:
                 stopped = "max_minutes"
                 break
     finally:
         if bar is not None:
             bar.close()
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
 
     state = {"step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
              "total_steps": total_steps, "first_loss": first_loss, "draft_config": cfg.to_dict(),
-             "args": {k: v for k, v in vars(args).items()}}
-    save_checkpoint(output, draft, optimizer, sched, state, args.keep_checkpoints)
-    draft.export(output, dtype=DTYPES[args.export_dtype])
+             "world_size": d.world_size, "args": {k: v for k, v in vars(args).items()}}
+    weights = save(state)
     result = TrainResult(output=str(output), steps=step, total_steps=total_steps, first_loss=first_loss,
                          final_loss=last["loss"], final_accuracy=last["acc"], final_accept_len=last["accept"],
                          tokens=tokens_seen, stopped=stopped, resumed_from=str(resume_dir) if resume_dir else None)
-    (output / "training_summary.json").write_text(json.dumps(
-        {**asdict(result), "draft_kind": kind.name, "target": tinfo.identity.to_dict(),
-         "replay": [str(d) for d in args.replay], "replay_records": len(reader),
-         "skipped_shards": [str(s.path) for s in reader.skipped]}, indent=2) + "\n")
+    if d.is_main:
+        export_draft(kind, cfg, draft, weights, sharded, output, DTYPES[args.export_dtype])
+        (output / "training_summary.json").write_text(json.dumps(
+            {**asdict(result), "draft_kind": kind.name, "target": tinfo.identity.to_dict(),
+             "replay": [str(r) for r in args.replay], "replay_records": len(reader),
+             "skipped_shards": [str(s.path) for s in reader.skipped], "world_size": d.world_size,
+             "fsdp": sharded}, indent=2) + "\n")
     return result
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = distributed.from_env().rank                 # ranks other than 0 only report problems
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(levelname)s %(name)s{f' [rank {rank}]' if rank else ''}: %(message)s")
     try:
         result = train(args)
     except (ValueError, FileNotFoundError) as e:
