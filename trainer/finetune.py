@@ -87,9 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="EAGLE3: training-time-test steps unrolled per position (step s weighted 0.8^s)")
 
     data = p.add_argument_group("data and length")
-    data.add_argument("--batch-size", type=int, default=8, help="max sequences per micro-batch")
+    data.add_argument("--batch-size", type=int, default=8,
+                      help="max sequences per micro-batch; under torchrun the micro-batch of all processes "
+                           "together (each trains on every N-th sequence), so N processes take the same steps as one")
     data.add_argument("--max-tokens-per-batch", type=int, default=16384,
-                      help="token budget per micro-batch, counted with padding (sequences x longest)")
+                      help="token budget per micro-batch (all processes together), counted with padding "
+                           "(sequences x longest)")
     data.add_argument("--max-seq-len", type=int, default=4096, help="longer records are truncated to this")
     length = data.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, default=None, help="optimiser steps to run (overrides --epochs)")
