@@ -146,6 +146,30 @@ def torch_native_draft_decode_backend(original, self, *args, **kwargs):
     return TorchNativeMultiStepDraftBackend(self.draft_model_runner, self.topk, self.speculative_num_steps)
 
 
+# (tp a) srt/distributed/bootstrap.py `_bind_threads_if_cpu`: asserts the ranks fit the host's NUMA nodes (one
+#     here, so --tp 2 fails at startup). Its binding only feeds sgl_kernel's CPU thread set-up, which this
+#     platform never runs: bind nothing.
+def no_cpu_thread_binding(*args, **kwargs):
+    return None
+
+
+# (tp b) srt/distributed/parallel_state.py `GroupCoordinator.all_gather_into_tensor` / `reduce_scatter_tensor`:
+#     take the direct gloo path only when SGLANG_USE_CPU_ENGINE is set, else call `sglang::reg_*` custom ops
+#     that exist only for PrivateUse1 (NotImplementedError for CPU tensors, hit by DFLASH's vocab-parallel greedy
+#     sampling under --tp 2). Route CPU tensors to the group's own gloo implementation, as the in-tree CPU
+#     branch does.
+def all_gather_into_tensor_on_cpu(original, self, output, input, *args, **kwargs):
+    if input.device.type == "cpu":
+        return self._all_gather_into_tensor(output, input)
+    return original(self, output, input, *args, **kwargs)
+
+
+def reduce_scatter_tensor_on_cpu(original, self, output, input, *args, **kwargs):
+    if input.device.type == "cpu":
+        return self._reduce_scatter_tensor(output, input)
+    return original(self, output, input, *args, **kwargs)
+
+
 def register_cpu_hooks() -> None:
     """All torch_cpu hooks, in one place."""
     reg = HookRegistry.register
@@ -171,3 +195,9 @@ def register_cpu_hooks() -> None:
         torch_native_draft_decode_backend, HookType.AROUND)
     reg("sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend",
         torch_native_draft_extend_backend, HookType.AROUND)
+    # tensor parallelism (--tp N) on CPU: gloo groups
+    reg("sglang.srt.distributed.bootstrap._bind_threads_if_cpu", no_cpu_thread_binding, HookType.REPLACE)
+    reg("sglang.srt.distributed.parallel_state.GroupCoordinator.all_gather_into_tensor",
+        all_gather_into_tensor_on_cpu, HookType.AROUND)
+    reg("sglang.srt.distributed.parallel_state.GroupCoordinator.reduce_scatter_tensor",
+        reduce_scatter_tensor_on_cpu, HookType.AROUND)
