@@ -90,6 +90,18 @@ def test_needs_dflash_and_a_draft():
     check_server_args(cfg, SimpleNamespace(speculative_algorithm="DFLASH", speculative_draft_model_path="d"))
 
 
+@pytest.mark.parametrize("field,value,flag", [("dp_size", 2, "--dp-size"), ("attn_dp_size", 2, "--attn-dp-size"),
+                                              ("pp_size", 2, "--pp-size"),
+                                              ("enable_dp_attention", True, "--enable-dp-attention")])
+def test_data_parallel_and_pipeline_stages_are_refused(field, value, flag):
+    """One learner per server: --tp is supported (TP rank 0 trains); DP replicas and pipeline stages are not."""
+    cfg = OnlineTrainConfig(enabled=True)
+    args = dict(speculative_algorithm="DFLASH", speculative_draft_model_path="d", tp_size=2)
+    check_server_args(cfg, SimpleNamespace(**args))
+    with pytest.raises(OnlineTrainConfigError, match=flag):
+        check_server_args(cfg, SimpleNamespace(**args, **{field: value}))
+
+
 def test_real_launcher_help_and_fail_fast(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "SGLANG_PLATFORM")}
     help_out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True,

@@ -9,9 +9,10 @@ live draft's fc consumed (the plugin's debug dump) and HF's pre-deepstack featur
 trains from them. DFlash also: a trainer that stops reading is detected, killed and replaced, and with a small
 --online-train-queue-bytes every queue stays under it, drops are counted and the scheduler's RSS stays flat."""
 import os
+import random
+import re
 import subprocess
 import sys
-import random
 import threading
 import time
 
@@ -241,3 +242,75 @@ def check_eagle3_records(target_dir, draft, traffic, persist, dump_dir, tmp_path
                            "--ttt-steps", "3", "--no-progress"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "finetuned" / "model.safetensors").is_file()
+
+
+TP_TARGET_TAU = 1.5
+TP_MAX_ROUNDS = 10
+TP_SWAP_LINE = re.compile(r"TP rank (\d+) applied draft version (\d+) at scheduler iteration (\d+)")
+
+
+def test_online_training_under_tensor_parallelism(quick_workload, traffic, plain_outputs, server_log_dir, tmp_path):
+    """--tp 2 with DFLASH and --online-train (real SGLang, two scheduler processes over gloo): greedy output equal
+    to tp 1 plain serving throughout; one trainer process and one set of shards for the server; every rank applies
+    each version at the same scheduler iteration (their swap log lines); served tau rises; /metrics carries each
+    online series once; kill -9 of the trainer: serving goes on and a new trainer starts."""
+    draft = make_random_draft(quick_workload.target_dir, tmp_path / "random-draft", block_size=BLOCK)
+    persist = tmp_path / "replay"
+    args = draft_args(draft, BLOCK) + [
+        "--tp", "2", "--disable-custom-all-reduce",
+        "--online-train", "--online-train-lr", "1e-3", "--online-train-swap-every", "5",
+        "--online-train-min-records", "4", "--online-train-holdout-every", "5",
+        "--online-train-persist-dir", str(persist)]
+    rng = random.Random(1)
+    rounds, sent, killed = [], 0, None
+    with launch_server(quick_workload.target_dir, args, log_dir=server_log_dir, name="online-train-tp2") as server:
+        t0 = time.monotonic()
+        (first_trainer,) = _wait_for(lambda: trainer_pids(server), 180, "the trainer process")
+        for r in range(TP_MAX_ROUNDS):
+            if r == 1:                                     # kill -9 the trainer while requests are in flight
+                killed = first_trainer
+                threading.Timer(2.0, os.kill, (first_trainer, 9)).start()
+            order = list(range(len(traffic)))
+            rng.shuffle(order)
+            done = send_traffic(server, traffic, order, max_new_tokens=MAX_NEW, t0=t0)
+            sent += len(done)
+            for s in done:                                 # every token equals tp-1 plain greedy serving
+                assert s.output_ids == plain_outputs[s.prompt], (r, s.prompt)
+            pids = trainer_pids(server)
+            assert len(pids) <= 1, pids                    # one trainer for the server, not one per rank
+            m = online_metrics(server)
+            tau = sum(s.accept_length for s in done) / len(done)
+            first = sorted(done, key=lambda s: s.t_done)[:4]
+            rounds.append({"round": r, "tau": tau, "tau_first4": sum(s.accept_length for s in first) / len(first), **m})
+            print(f"tp2 round {r}: t={time.monotonic() - t0:.0f}s tau={tau:.3f} version={m['draft_version']:.0f} "
+                  f"steps={m['trainer_steps']:.0f} restarts={m['trainer_restarts_total']:.0f} trainers={pids}",
+                  flush=True)
+            if r >= 2 and tau >= TP_TARGET_TAU and m["swaps_total"] >= 2 and m["trainer_restarts_total"] >= 1:
+                break
+        (trainer,) = _wait_for(lambda: trainer_pids(server), 120, "the restarted trainer")
+        metrics_text = server.metrics()
+        final = online_metrics(server)
+        log_text = server.log_path.read_text()
+
+    assert trainer != killed and final["trainer_restarts_total"] >= 1
+    assert rounds[0]["tau_first4"] < 1.3, rounds[0]
+    assert rounds[-1]["tau"] >= TP_TARGET_TAU, [round(x["tau"], 3) for x in rounds]
+    # /metrics: each online series once (only TP rank 0 registers them)
+    for name in ("sglang:online_train_swaps_total", "sglang:online_train_trainer_up",
+                 "sglang:online_train_recorded_records_total", "sglang:online_train_draft_version"):
+        series = [line for line in metrics_text.splitlines() if line.startswith(name + " ") or
+                  line.startswith(name + "{")]
+        assert len(series) == 1, series
+    # every rank applied every version, at the same scheduler iteration
+    applied: dict[int, dict[int, int]] = {}
+    for rank, version, iteration in TP_SWAP_LINE.findall(log_text):
+        applied.setdefault(int(rank), {})[int(version)] = int(iteration)
+    assert set(applied) == {0, 1}, log_text[-3000:]
+    assert applied[0] == applied[1], applied
+    assert len(applied[0]) >= final["swaps_total"] >= 2, (applied, final["swaps_total"])
+    assert "staged swap off" not in log_text                # each rank's shard is placed by the staged swap
+    # one set of shards: every finished request recorded once, by one writer
+    from trainer.replay import ReplayReader
+    persisted = len(ReplayReader([persist]))           # read after the server flushed its last records
+    assert persisted >= metric_value(metrics_text, "sglang:online_train_persisted_records_total") > 0
+    assert sent // 2 < persisted <= sent, (persisted, sent)   # a writer per rank would hold each request twice

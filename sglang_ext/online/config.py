@@ -325,6 +325,16 @@ def check_server_args(cfg: OnlineTrainConfig, server_args) -> None:
             f"(got {algo!r}): it trains the speculative draft")
     if not getattr(server_args, "speculative_draft_model_path", None):
         raise OnlineTrainConfigError("--online-train needs --speculative-draft-model-path (the draft to train)")
+    # One learner per server: it runs on TP rank 0 (the others follow its swaps). Data-parallel replicas or
+    # pipeline stages would each start their own, or see only part of the model: refused until supported.
+    for flag, attr in (("--dp-size", "dp_size"), ("--attn-dp-size", "attn_dp_size"), ("--pp-size", "pp_size")):
+        if int(getattr(server_args, attr, 1) or 1) > 1:
+            raise OnlineTrainConfigError(f"--online-train does not support {flag} > 1 yet (got "
+                                         f"{getattr(server_args, attr)}): serve with --tp only, or run one server "
+                                         f"per replica")
+    if getattr(server_args, "enable_dp_attention", False):
+        raise OnlineTrainConfigError("--online-train does not support --enable-dp-attention (--attn-dp-size > 1) "
+                                     "yet: serve with --tp only")
 
 
 def resolve_draft_kind(server_args) -> str:

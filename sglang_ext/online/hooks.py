@@ -89,8 +89,8 @@ def pre_deepstack_aux_hidden_states(original, self, *args, **kwargs):
 # pipeline when the speculative worker starts, so a bad persist directory or draft fails the server at startup.
 def start_online_pipeline(result, self, *args, **kwargs):
     global _pipeline
-    from sglang_ext.online.pipeline import build_pipeline
-    _pipeline = build_pipeline(OnlineTrainConfig.from_env(), self, self.server_args)
+    from sglang_ext.online.pipeline import start_pipeline
+    _pipeline = start_pipeline(OnlineTrainConfig.from_env(), self, self.server_args)
 
 
 # <worker>.forward_batch_generation: remember the batch being run, so a capture whose feed method is not given
@@ -114,7 +114,8 @@ def row_layout(worker, kwargs) -> dict:
 
 
 def _observe(batch, target_hidden, **layout) -> None:
-    if _pipeline is None or batch is None or target_hidden is None or not target_hidden.numel():
+    if _pipeline is None or _pipeline.recorder is None or batch is None or target_hidden is None \
+            or not target_hidden.numel():
         return
     try:
         _pipeline.recorder.observe(batch, target_hidden, **layout)
@@ -160,7 +161,7 @@ CAPTURE_HOOKS = {
 # srt/mem_cache/common.py `release_kv_cache`: called once a request finishes, is aborted or retracted.
 def finish_request(original, req, *args, **kwargs):
     out = original(req, *args, **kwargs)
-    if _pipeline is not None:
+    if _pipeline is not None and _pipeline.recorder is not None:
         try:
             _pipeline.recorder.release(req)
         except Exception:
@@ -171,12 +172,11 @@ def finish_request(original, req, *args, **kwargs):
 # ---- hot swap ---------------------------------------------------------------------------------------------
 
 # srt/managers/scheduler.py `Scheduler.ingest_requests`: called at the top of every scheduler iteration, when
-# no forward is running: the one point where the live draft's weights may change.
+# no forward is running (on every TP rank, in step): the one point where the live draft's weights may change.
 def swap_between_iterations(scheduler, *args, **kwargs):
-    supervisor = _pipeline.supervisor if _pipeline is not None else None
-    if supervisor is not None:
+    if _pipeline is not None:
         try:
-            supervisor.tick(scheduler)
+            _pipeline.tick(scheduler)
         except Exception:                   # a failed swap must not take serving down
             logger.exception("sglang_ext: hot swap / trainer bookkeeping failed; serving goes on")
     return None

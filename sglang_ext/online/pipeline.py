@@ -3,8 +3,10 @@
     capture (Recorder) -> replay buffer (ReplayBuffer, + shards) -> supervisor (TrainerSupervisor)
         -> trainer process (trainer_worker) -> weight slot -> hot swap (TrainerSupervisor.tick) -> metrics
 
-`build_pipeline` is called once, when SGLang's speculative worker of the draft's kind has started
-(sglang_ext/online/hooks.py); the hooks then only ever talk to the `OnlinePipeline` it returns.
+`start_pipeline` is called once, when SGLang's speculative worker of the draft's kind has started
+(sglang_ext/online/hooks.py); the hooks then only ever talk to the `OnlinePipeline` it returns. Under tensor
+parallelism (--tp N) the whole path runs on TP rank 0 only; the other ranks get a pipeline that holds only a
+`SwapFollower`, which applies the versions rank 0 swaps in, at the same iteration (sglang_ext/online/tp.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from sglang_ext.online.capture import Recorder
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.metrics import OnlineMetrics
 from sglang_ext.online.supervisor import TrainerSupervisor
+from sglang_ext.online.tp import SlotHandle, SwapFollower, TPGroup, tp_group
 from trainer.draft_kind import DraftKind, get_kind
 from trainer.replay import ReplaySpec
 from trainer.target import target_identity
@@ -29,14 +32,48 @@ class OnlinePipeline:
     cfg: OnlineTrainConfig
     kind: DraftKind                        # the served draft's kind
     block_size: int                        # tokens per verify step the worker runs with
-    spec: ReplaySpec                       # what the records hold (target, layers, hidden size, storage dtype)
-    metrics: OnlineMetrics
-    recorder: Recorder                     # scheduler thread: rows of running requests
-    buffer: ReplayBuffer                   # its own thread: records, budget, shards
+    spec: ReplaySpec | None                # what the records hold (target, layers, hidden size, storage dtype)
+    metrics: OnlineMetrics | None
+    recorder: Recorder | None              # scheduler thread: rows of running requests (None on TP ranks > 0)
+    buffer: ReplayBuffer | None            # its own thread: records, budget, shards (None on TP ranks > 0)
     supervisor: TrainerSupervisor | None   # its own thread + the trainer process; None with capture only
+    follower: SwapFollower | None = None   # TP ranks > 0 (with the trainer on): swaps when rank 0 does
+    tp: TPGroup | None = None              # None without tensor parallelism
+
+    def tick(self, scheduler) -> None:
+        """Top of a scheduler iteration: the swap point (sglang_ext/online/hooks.py)."""
+        swapper = self.supervisor or self.follower
+        if swapper is not None:
+            swapper.tick(scheduler)
 
 
-def build_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipeline:
+def start_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipeline:
+    """The online path of this scheduler process: the whole of it without tensor parallelism or on TP rank 0
+    (which then tells the other ranks where its weight slot is, or that it failed to start); a swap follower on
+    the other TP ranks."""
+    tp = tp_group()
+    if tp is None:
+        return build_pipeline(cfg, worker, server_args)
+    if tp.rank == 0:
+        try:
+            pipeline = build_pipeline(cfg, worker, server_args, tp)
+        except Exception as e:
+            tp.broadcast_object({"error": f"{type(e).__name__}: {e}"})
+            raise
+        tp.broadcast_object(pipeline.supervisor.slot_handle() if pipeline.supervisor else None)
+        return pipeline
+    handle = tp.broadcast_object(None)
+    if isinstance(handle, dict):
+        raise RuntimeError(f"--online-train: TP rank 0 could not start the online path: {handle['error']}")
+    kind = get_kind(cfg.draft_kind or "dflash")
+    follower = SwapFollower(kind, worker, tp, handle) if isinstance(handle, SlotHandle) else None
+    logger.info("sglang_ext: TP rank %d of %d: the online path runs on TP rank 0; this rank %s", tp.rank, tp.size,
+                "follows its draft swaps" if follower else "only serves (capture only)")
+    return OnlinePipeline(cfg=cfg, kind=kind, block_size=kind.served_block_size(worker), spec=None, metrics=None,
+                          recorder=None, buffer=None, supervisor=None, follower=follower, tp=tp)
+
+
+def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | None = None) -> OnlinePipeline:
     """Everything --online-train runs in the scheduler process, for `worker` (SGLang's speculative worker).
     Raises on a bad setting (persist directory, draft names), so the server fails at startup."""
     kind = get_kind(cfg.draft_kind or "dflash")
@@ -53,7 +90,7 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipelin
     supervisor = None
     if cfg.trainer:
         supervisor = TrainerSupervisor(cfg, kind, worker, metrics, target_path=server_args.model_path,
-                                       draft_path=draft_path, block_size=block_size)
+                                       draft_path=draft_path, block_size=block_size, tp=tp)
         buffer.on_record = supervisor.offer                     # buffer -> trainer
         supervisor.start(lambda: [record for record, _ in buffer.snapshot()])   # restarts get the backlog
         atexit.register(supervisor.stop)
@@ -62,4 +99,4 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipelin
                 cfg.persist_dir, f"on {supervisor.device}, needs {supervisor.memory_need.describe()}, duty cycle "
                 f"{cfg.duty_cycle:g}" if supervisor else "off (capture only)")
     return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, recorder=recorder,
-                          buffer=buffer, supervisor=supervisor)
+                          buffer=buffer, supervisor=supervisor, tp=tp)

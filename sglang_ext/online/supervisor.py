@@ -37,6 +37,7 @@ from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import TrainerSpec, encode_record
 from sglang_ext.online.queues import ByteQueue
 from sglang_ext.online.swap import StagedSwap, plan_placements
+from sglang_ext.online.tp import SlotHandle, TPGroup, apply_version, swap_log
 from sglang_ext.online.trainer_worker import trainer_memory_need
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,10 @@ def check_trainer_memory(need, device: str, max_memory: int | None, free: int | 
 class TrainerSupervisor:
     RESTART_BACKOFF_S = (1.0, 30.0)
 
-    def __init__(self, cfg, kind, worker, metrics, *, target_path: str, draft_path: str, block_size: int):
+    def __init__(self, cfg, kind, worker, metrics, *, target_path: str, draft_path: str, block_size: int,
+                 tp: TPGroup | None = None):
         self.cfg = cfg
+        self.tp = tp                                # TP rank 0 of a --tp N server (sglang_ext/online/tp.py), or None
         self.kind = kind                            # trainer.draft_kind.DraftKind of the served draft
         self.worker = worker                        # SGLang's speculative worker (the kind's serving.worker_class)
         self.draft_model = draft_module(kind, worker)
@@ -145,9 +148,15 @@ class TrainerSupervisor:
         self._seen_inbox_dropped = 0
         self._last_metrics_t = 0.0
         self._last_tick: float | None = None
+        self.iterations = 0                         # scheduler iterations seen
         self.iteration_s: float | None = None
         self._stopping = False
         self.thread = threading.Thread(target=self._supervise, name="sglang-ext-trainer", daemon=True)
+
+    def slot_handle(self) -> SlotHandle:
+        """How the other TP ranks reach this process's weight slot."""
+        return SlotHandle(pid=os.getpid(), fd=self.slot.fd, layout=[(n, list(s)) for n, s in self.layout],
+                          dtype=ws.dtype_name(self.slot.dtype))
 
     def start(self, snapshot_fn) -> None:
         self.snapshot_fn = snapshot_fn
@@ -278,9 +287,16 @@ class TrainerSupervisor:
         if self._last_tick is not None:      # typical scheduler iteration, to compare swap latency against
             gap = t - self._last_tick
             self.iteration_s = gap if self.iteration_s is None else 0.95 * self.iteration_s + 0.05 * gap
+        self.iterations += 1
         stager = self.stager
-        if slot.published > slot.applied and (stager is None or stager.version == slot.published):
-            self._swap(scheduler)
+        ready = slot.published > slot.applied and (stager is None or stager.version == slot.published)
+        if self.tp is None:
+            if ready:
+                self._swap(scheduler, slot.published)
+        else:                                # every TP rank swaps at this iteration, or none does
+            version = self.tp.broadcast_version(slot.published if ready else 0)
+            if version:
+                self._swap(scheduler, version)
         self._last_tick = time.perf_counter()
         now = time.monotonic()
         if now - self._last_metrics_t >= 1.0:
@@ -288,26 +304,22 @@ class TrainerSupervisor:
             self._update_metrics(now)
 
     @torch.no_grad()
-    def _swap(self, scheduler) -> None:
+    def _swap(self, scheduler, version: int) -> None:
         slot, draft = self.slot, self.draft_model
-        version = slot.published
         in_flight = _requests_in_flight(scheduler)
         t0 = time.perf_counter()
         storage = [p.data_ptr() for p in draft.parameters()]
-        if self.stager is not None:            # device-to-device copies, fenced on the device (no host sync)
-            self.stager.apply(getattr(scheduler, "forward_stream", None),
-                              then=lambda: self.kind.after_swap(self.worker))
-        else:
-            cuda = next(draft.parameters()).is_cuda
-            if cuda:
-                torch.cuda.synchronize()       # the overlap scheduler may still run the previous forward
-            draft.load_weights(list(slot.weights.items()))
-            self.kind.after_swap(self.worker)
-            if cuda:
-                torch.cuda.synchronize()
+        try:
+            apply_version(self.kind, self.worker, draft, self.stager, slot.weights_of(version), version,
+                          getattr(scheduler, "forward_stream", None))
+        finally:
+            if self.tp is not None:
+                self.tp.barrier()              # every rank has read the version: the slot buffer may be reused
         if storage != [p.data_ptr() for p in draft.parameters()]:
             logger.error("sglang_ext: draft parameter storage moved during the swap (CUDA graphs would be stale)")
         latency = time.perf_counter() - t0
+        if self.tp is not None:
+            swap_log(self.tp.rank, version, self.iterations, getattr(scheduler, "forward_ct", None), latency)
         slot.acknowledge(version)
         self.version = version
         self.swaps += 1

@@ -2,9 +2,10 @@
 scheduler iterations) only copies device memory into device memory.
 
     plan_placements   once, at startup (no forward runs yet): where SGLang's own `load_weights` puts each weight
-                      of the slot: one SGLang parameter and a block of its rows (q/k/v and gate/up are stacked).
-                      Found by loading probe tensors into scratch copies of the parameters, so no SGLang naming
-                      rule is restated here.
+                      of the slot: one SGLang parameter and a block of its rows (q/k/v and gate/up are stacked),
+                      and which part of the weight lands there (all of it; under tensor parallelism this rank's
+                      rows or columns). Found by loading probe tensors (each element its row or column number)
+                      into scratch copies of the parameters, so no SGLang naming or sharding rule is restated.
     StagedSwap.stage  supervisor thread, off the critical path: the published version (float32 in the shared
                       slot) -> host memory in the parameters' dtype (pinned on CUDA) -> device staging buffers,
                       asynchronously on a side stream, with an event.
@@ -31,12 +32,23 @@ class Placement:
     name: str            # the slot weight (our name)
     param: str           # the SGLang parameter (its named_parameters() name) that load_weights writes it into
     rows: tuple[int, int]   # the rows [a, b) of that parameter (dim 0; all of it for a 1-D parameter)
+    src_rows: tuple[int, int] | None = None   # the slot weight's rows that land there (None: all; a TP shard)
+    src_cols: tuple[int, int] | None = None   # ... and columns (None: all; a row-parallel shard)
+
+    def source(self, weight: torch.Tensor) -> torch.Tensor:
+        """The part of the full slot weight this placement holds."""
+        if self.src_rows is not None:
+            weight = weight[self.src_rows[0]:self.src_rows[1]]
+        if self.src_cols is not None:
+            weight = weight[:, self.src_cols[0]:self.src_cols[1]]
+        return weight
 
 
 @torch.no_grad()
 def plan_placements(kind, draft_module: torch.nn.Module, layout) -> list[Placement] | None:
     """Where each slot weight lands in SGLang's draft, or None (with a warning) when some weight does not land
-    as one block of rows of the parameter the kind names (the swap then goes through load_weights)."""
+    as one block of rows of the parameter the kind names, holding one block of the weight (the swap then goes
+    through load_weights)."""
     params = dict(draft_module.named_parameters())
     by_short = {n.removeprefix("model."): n for n in params}
     targets: dict[str, str] = {}
@@ -47,32 +59,63 @@ def plan_placements(kind, draft_module: torch.nn.Module, layout) -> list[Placeme
             return None
         targets[name] = full
     live = {n: params[n].data for n in set(targets.values())}
-    scratch = {n: torch.zeros_like(t) for n, t in live.items()}
+    # float32 host scratch: probe values (row / column numbers) stay exact whatever the served dtype, and the
+    # serving device needs no room for it
+    scratch = {n: torch.zeros(t.shape, dtype=torch.float32) for n, t in live.items()}
     placements = []
     try:
         for n in live:
             params[n].data = scratch[n]
         for name, shape in layout:
-            full = targets[name]
-            draft_module.load_weights([(name, torch.ones(shape, dtype=torch.float32))])
-            touched = [n for n, t in scratch.items() if t.any()]
-            block = scratch[full].reshape(scratch[full].shape[0], -1) if scratch[full].dim() else scratch[full]
-            rows = torch.nonzero(block.ne(0).any(-1) if block.dim() > 1 else block.ne(0)).flatten()
-            a, b = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            region = block[a:b]
-            if touched != [full] or region.numel() != numel or not bool((region == 1).all()):
+            placement = _probe(draft_module, scratch, name, tuple(int(d) for d in shape), targets[name])
+            if placement is None:
                 logger.warning("sglang_ext: staged swap off: %s does not land as one block of rows of %s", name,
-                               full)
+                               targets[name])
                 return None
-            placements.append(Placement(name, full, (a, b)))
-            scratch[full].zero_()
+            placements.append(placement)
+        stray = [n for n, t in scratch.items() if t.any()]   # a weight also wrote into a parameter not its own
+        if stray:
+            logger.warning("sglang_ext: staged swap off: loading the draft's weights also writes %s", stray[:4])
+            return None
     finally:
         for n, t in live.items():
             params[n].data = t
     return placements
+
+
+def _probe(draft_module, scratch: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], full: str
+           ) -> Placement | None:
+    """Load weight `name` with its elements numbered by row, then (2-D) by column, and read back which rows of
+    parameter `full` it lands in and which block of the weight lands there; None unless that block lands whole
+    and in order."""
+    if not shape:
+        return None
+    numbered = [torch.arange(1, shape[0] + 1, dtype=torch.float32).view(-1, *([1] * (len(shape) - 1))).expand(shape)]
+    if len(shape) == 2:
+        numbered.append(torch.arange(1, shape[1] + 1, dtype=torch.float32).expand(shape))
+    rows, spans, landed = None, [], []
+    dst = scratch[full]                  # every scratch parameter is zero here (plan_placements checks the rest)
+    for probe in numbered:
+        dst.zero_()
+        draft_module.load_weights([(name, probe.contiguous())])
+        if not dst.any():
+            return None
+        block = dst.reshape(dst.shape[0], -1) if dst.dim() else dst.reshape(1, 1)
+        hit = torch.nonzero(block.ne(0).any(-1)).flatten()
+        a, b = int(hit[0]), int(hit[-1]) + 1
+        if rows not in (None, (a, b)):
+            return None
+        rows = (a, b)
+        landed.append(block[a:b].clone())
+        spans.append((int(landed[-1].min()) - 1, int(landed[-1].max())))    # the weight's rows / columns there
+    dst.zero_()
+    (r0, r1), (c0, c1) = spans[0], spans[1] if len(spans) > 1 else (0, shape[-1])
+    for probe, got in zip(numbered, landed):
+        want = probe[r0:r1, c0:c1] if len(shape) == 2 else probe[r0:r1]
+        if got.numel() != want.numel() or not torch.equal(got.reshape(-1), want.reshape(-1)):
+            return None
+    return Placement(name, full, rows, None if (r0, r1) == (0, shape[0]) else (r0, r1),
+                     None if len(shape) < 2 or (c0, c1) == (0, shape[1]) else (c0, c1))
 
 
 def _merged_rows(placements: list[Placement]) -> dict[str, list[tuple[int, int]]]:
@@ -110,7 +153,7 @@ class StagedSwap:
         stages a version only after the previous one was applied."""
         for p in self.placements:
             dst = _rows(self.host[p.param], *p.rows)
-            dst.copy_(weights[p.name].reshape(dst.shape))
+            dst.copy_(p.source(weights[p.name]).reshape(dst.shape))
         if self.cuda:
             with torch.cuda.stream(self.side):
                 if self.applied_event is not None:

@@ -153,6 +153,18 @@ class WeightSlot:
         """Trainer side: the descriptor inherited from the scheduler."""
         return cls(fd, layout, owner=False, dtype=dtype)
 
+    @classmethod
+    def open_shared(cls, pid: int, fd: int, layout: Layout, dtype: torch.dtype = torch.float32) -> "WeightSlot":
+        """Another process of the same server (a tensor-parallel rank): the slot descriptor `fd` that process
+        `pid` holds, reopened through /proc (Linux; same user). The slot stays nameless."""
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            own = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise RuntimeError(f"weight slot: cannot open {path} (the slot of the tensor-parallel rank 0 "
+                               f"scheduler): {e}") from None
+        return cls(own, layout, owner=False, dtype=dtype)
+
     # -- header ----------------------------------------------------------------------------------------
     @property
     def published(self) -> int:
@@ -166,6 +178,10 @@ class WeightSlot:
     def weights(self) -> dict[str, torch.Tensor]:
         """The newest published version's weights (views into the slot)."""
         return self._buffers[self.published % 2]
+
+    def weights_of(self, version: int) -> dict[str, torch.Tensor]:
+        """The weights of `version` (views; valid while it is the newest or the one before it)."""
+        return self._buffers[version % 2]
 
     def acknowledge(self, version: int) -> None:
         """Scheduler side: `version` is now live; the trainer may write the slot again."""
