@@ -60,7 +60,8 @@ class OnlineTrainConfig:
     prefix_store_bytes: int = 0                  # features of recorded prefixes, to fill radix-cache hits (0: off)
     # -- the co-located trainer (part 2) --
     trainer: bool = True                         # False: capture only (no trainer process, no swaps)
-    trainer_device: str = "auto"                 # auto (the serving device) | cpu | cuda | cuda:N
+    trainer_device: str = "auto"                 # auto (the serving device) | cpu | cuda | cuda:N, or a list
+                                                 # "cuda:1,cuda:2" / "cpu,cpu": one DDP trainer rank per entry
     trainer_threads: int = 1                     # torch CPU threads of the trainer process
     lr: float = 6e-4                             # AdamW peak learning rate (constant after warmup)
     warmup_steps: int = 20
@@ -127,13 +128,46 @@ class OnlineTrainConfig:
             raise OnlineTrainConfigError(f"--online-train-duty-cycle must be in (0, 1], got {self.duty_cycle}")
         if self.max_memory_bytes is not None and int(self.max_memory_bytes) <= 0:
             raise OnlineTrainConfigError(f"--online-train-max-memory must be positive, got {self.max_memory_bytes}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.trainer_device)):
-            raise OnlineTrainConfigError(f"--online-train-device must be auto, cpu, cuda or cuda:N, "
-                                         f"got {self.trainer_device!r}")
+        self.trainer_device = ",".join(self._check_devices())
         for name in ("persist_dir", "checkpoint_dir"):
             if getattr(self, name) is not None:
                 self._check_dir(name)
         return self
+
+    @property
+    def trainer_devices(self) -> list[str]:
+        """--online-train-device as a list: one entry per trainer rank (one entry: a single trainer process)."""
+        value = self.trainer_device              # a config file may give a JSON list
+        return [str(d).strip() for d in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+
+    def _check_devices(self) -> list[str]:
+        """The trainer's devices, checked as far as can be without touching CUDA (the index range is checked in
+        the scheduler process, sglang_ext.online.supervisor.resolve_trainer_devices)."""
+        devices = self.trainer_devices
+        given = ",".join(devices)
+        flag = "--online-train-device"
+        for d in devices:
+            if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", d):
+                raise OnlineTrainConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, or a comma-separated list "
+                                             f"of cpu or cuda:N entries (one trainer rank each), got {given!r}")
+        if len(devices) == 1:
+            return devices
+        if "auto" in devices:
+            raise OnlineTrainConfigError(f"{flag} {given}: auto stands alone; list the devices of the trainer "
+                                         f"ranks (e.g. cuda:1,cuda:2 or cpu,cpu)")
+        if "cuda" in devices:
+            raise OnlineTrainConfigError(f"{flag} {given}: name each GPU of a list as cuda:N")
+        if len({d.split(":")[0] for d in devices}) > 1:
+            raise OnlineTrainConfigError(f"{flag} {given}: mixes cpu and cuda; the trainer ranks are one DDP "
+                                         f"group (gloo on cpu, nccl on cuda), all cpu or all cuda:N")
+        repeated = sorted({d for d in devices if d != "cpu" and devices.count(d) > 1})
+        if repeated:
+            raise OnlineTrainConfigError(f"{flag} {given}: {', '.join(repeated)} listed more than once (one trainer "
+                                         f"rank per GPU; repeat only cpu, for gloo ranks on this host)")
+        if not self.trainer:
+            raise OnlineTrainConfigError(f"{flag} {given} ({len(devices)} trainer ranks) with "
+                                         f"--online-train-capture-only: capture only starts no trainer")
+        return devices
 
     def _check_dir(self, name: str) -> None:
         flag = "--online-train-" + name.replace("_", "-")
@@ -216,7 +250,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="record traffic (and persist it) but start no trainer: the draft is never changed")
     g.add_argument("--online-train-device", metavar="DEV",
                    help="where the trainer process trains: auto (the serving device, default), cpu, cuda or "
-                        "cuda:N (another GPU)")
+                        "cuda:N (another GPU); or a comma-separated list, e.g. cuda:1,cuda:2, for a data-parallel "
+                        "trainer (DDP, one process per device: nccl on GPUs; cpu,cpu gives gloo ranks on this "
+                        "host) that publishes through the same guard and staged swap. A list is all cuda:N "
+                        "(each once, each present) or all cpu, and cannot go with --online-train-capture-only")
     g.add_argument("--online-train-threads", type=int, metavar="N",
                    help="torch CPU threads of the trainer process (default 1, leaving the rest to serving)")
     g.add_argument("--online-train-max-memory", metavar="SIZE",
@@ -259,7 +296,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="accepted versions kept in --online-train-checkpoint-dir (default 3)")
     g.add_argument("--online-train-heartbeat-timeout", type=float, metavar="SECONDS",
                    help="a trainer process whose heartbeat is older than this (hung, or not reading its records) "
-                        "is reported down (trainer_up 0), killed and restarted; serving goes on (default 60)")
+                        "is reported down (trainer_up 0), killed and restarted; serving goes on (default 60). "
+                        "With a device list the whole group is killed and restarted when rank 0's heartbeat is "
+                        "this old (a hung rank stalls rank 0 in the next collective) or any rank exits")
 
 
 _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_train_persist_dir": "persist_dir",

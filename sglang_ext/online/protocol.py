@@ -1,7 +1,8 @@
 """What crosses the process boundary between the scheduler and the trainer process (no SGLang here):
 
     TrainerSpec     argv[1] of `python -m sglang_ext.online.trainer_worker`: the trainer's settings, the target
-                    and draft, the devices and the inherited file descriptors (JSON, type-checked both ways)
+                    and draft, the device (of this rank) and the inherited file descriptors (JSON, type-checked
+                    both ways); a multi-device trainer is world_size such processes, $RANK / $MASTER_PORT apart
     records         one `ReplayRecord` per message on the socket (`encode_record` / `decode_record`)
     weights+status  the shared `WeightSlot` (sglang_ext/online/weight_slot.py)
 """
@@ -57,6 +58,9 @@ class TrainerSpec:
     slot_fd: int                          # the WeightSlot's memfd, inherited
     records_fd: int = -1                  # our end of the records socket, inherited
     slot_dtype: str = "float32"           # the slot's weight dtype: the live draft's (serving) dtype
+    world_size: int = 1                   # ranks of the trainer group (--online-train-device list); this
+                                          # process's rank is $RANK. Rank 0 alone gets records_fd and slot_fd
+    seed: int | None = None               # seed of the batch / anchor draws (None: the process id)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -3,12 +3,17 @@ and hot-swap the weights it publishes into the live draft. What is specific to t
 parameter names, what to rebuild after a swap) comes from its `trainer.draft_kind.DraftKind`.
 
 Two threads of the scheduler process touch this:
-  * the supervisor thread (ours): (re)starts `python -m sglang_ext.online.trainer_worker` with a fresh
-    socket, sends it the records the replay buffer finished (on a restart, first what the buffer still
-    holds), and notices when the process dies or hangs (trainer down, restart after a backoff). A trainer
-    whose heartbeat is older than `heartbeat_timeout_s`, or that stops reading (a send times out), is
-    killed and replaced. Records wait in a queue bounded in bytes (`queue_bytes`; the oldest are dropped,
-    counted), so a slow or stuck trainer never grows the scheduler's memory;
+  * the supervisor thread (ours, `TrainerGroupSupervisor`, which needs no SGLang): (re)starts
+    `python -m sglang_ext.online.trainer_worker` with a fresh socket, sends it the records the replay buffer
+    finished (on a restart, first what the buffer still holds), and notices when the process dies or hangs
+    (trainer down, restart after a backoff). A trainer whose heartbeat is older than `heartbeat_timeout_s`,
+    or that stops reading (a send times out), is killed and replaced. Records wait in a queue bounded in
+    bytes (`queue_bytes`; the oldest are dropped, counted), so a slow or stuck trainer never grows the
+    scheduler's memory. With a device list (--online-train-device cuda:1,cuda:2) the trainer is one process
+    per device started as a group (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, a fresh port per start):
+    rank 0 gets the socket and the slot and beats; if any rank exits, or rank 0's heartbeat goes stale (a
+    hung rank stalls it in the next collective), every rank is killed and the group restarted as one
+    (one restart, or one hang, counted);
   * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
     trainer published a version the scheduler has not applied, it copies it into the live draft in place
     (storage addresses kept, so CUDA graphs stay valid), lets the kind rebuild what the worker derived from
@@ -63,14 +68,50 @@ def draft_module(kind, worker) -> torch.nn.Module:
 
 
 def resolve_trainer_device(cfg, serving_device) -> str:
-    if cfg.trainer_device != "auto":
-        if cfg.trainer_device.startswith("cuda") and not torch.cuda.is_available():
+    """The device of a one-process trainer (the first of a device list)."""
+    return resolve_trainer_devices(cfg, serving_device)[0]
+
+
+def resolve_trainer_devices(cfg, serving_device) -> list[str]:
+    """One device per trainer rank; a list's CUDA indices are checked against this process's GPUs."""
+    devices = cfg.trainer_devices
+    if devices == ["auto"]:
+        dev = torch.device(serving_device)
+        if dev.type != "cuda":
+            return ["cpu"]
+        return [f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"]   # the serving GPU
+    if any(d.startswith("cuda") for d in devices):
+        if not torch.cuda.is_available():
             raise ValueError(f"--online-train-device {cfg.trainer_device}: no CUDA device in this process")
-        return cfg.trainer_device
-    dev = torch.device(serving_device)
-    if dev.type != "cuda":
-        return "cpu"
-    return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"   # the serving GPU
+        count = torch.cuda.device_count()
+        missing = [d for d in devices if d != "cuda" and int(d.split(":")[1]) >= count]
+        if missing:
+            raise ValueError(f"--online-train-device {cfg.trainer_device}: {', '.join(missing)} out of range, "
+                             f"this process sees {count} GPU(s) (cuda:0..cuda:{count - 1}; CUDA_VISIBLE_DEVICES "
+                             f"renumbers them)")
+    return devices
+
+
+def check_group_memory(need, devices: list[str], max_memory: int | None, free_fn=None) -> None:
+    """`check_trainer_memory` for every device of a trainer group; ranks sharing host memory (cpu entries)
+    are checked together: their needs add up."""
+    free_fn = free_fn or device_free_bytes
+    for device in dict.fromkeys(devices):
+        ranks = devices.count(device)
+        if ranks == 1:
+            check_trainer_memory(need, device, max_memory, free_fn(device))
+            continue
+        total = dataclasses.replace(need, trainable=need.trainable * ranks, fixed=need.fixed * ranks,
+                                    target_head=need.target_head * ranks)
+        check_trainer_memory(total, f"{device} ({ranks} trainer ranks)",
+                             None if max_memory is None else max_memory * ranks, free_fn(device))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the group's rendezvous; taken again by rank 0 a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def device_free_bytes(device: str) -> int | None:
@@ -110,53 +151,37 @@ def check_trainer_memory(need, device: str, max_memory: int | None, free: int | 
                          f"(cpu or another cuda:N)")
 
 
-class TrainerSupervisor:
+class TrainerGroupSupervisor:
+    """Start, feed, watch and restart the trainer: one process, or one group of processes (a device list).
+    No SGLang here: `TrainerSupervisor` adds the hot swap into the live draft."""
     RESTART_BACKOFF_S = (1.0, 30.0)
+    stager: StagedSwap | None = None               # TrainerSupervisor: versions staged ahead of the swap
 
-    def __init__(self, cfg, kind, worker, metrics, *, target_path: str, draft_path: str, block_size: int,
-                 tp: TPGroup | None = None):
+    def __init__(self, cfg, spec: TrainerSpec, slot: ws.WeightSlot, metrics, devices: list[str]):
         self.cfg = cfg
-        self.tp = tp                                # TP rank 0 of a --tp N server (sglang_ext/online/tp.py), or None
-        self.kind = kind                            # trainer.draft_kind.DraftKind of the served draft
-        self.worker = worker                        # SGLang's speculative worker (the kind's serving.worker_class)
-        self.draft_model = draft_module(kind, worker)
         self.metrics = metrics
-        self.layout = ws.draft_layout(draft_path, exclude=kind.serving.fixed_weights)
-        check_draft_names(kind, self.draft_model, self.layout)
-        # Staged swap: versions reach the device off the critical path; None: through load_weights at the swap
-        placements = plan_placements(kind, self.draft_model, self.layout)
-        self.stager = StagedSwap(self.draft_model, placements) if placements else None
-        self.device = resolve_trainer_device(cfg, getattr(worker, "device", "cpu"))
-        self.memory_need = trainer_memory_need(kind.name, draft_path, target_path, self.device)
-        check_trainer_memory(self.memory_need, self.device, cfg.max_memory_bytes, device_free_bytes(self.device))
-        serving_dtype = next(self.draft_model.parameters()).dtype   # versions cross in the dtype served
-        self.slot = ws.WeightSlot.create(self.layout, serving_dtype)
-        self.spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
-                                draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size),
-                                device=self.device, slot_fd=self.slot.fd, slot_dtype=ws.dtype_name(serving_dtype))
+        self.slot = slot
+        self.spec = spec                            # rank 0's spec; each rank gets its device, fds, world size
+        self.devices = list(devices)                # one per trainer rank
+        self.device = ",".join(self.devices)
         self.outbox: ByteQueue[bytes] = ByteQueue(cfg.queue_bytes)   # encoded records for the trainer
         self.snapshot_fn = None                     # -> records to resend after a restart
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []     # the current trainer group, rank order; [] when none runs
         self.conn: Connection | None = None
         self.starts = 0
-        self.started_wall = 0.0                     # time.time() when the current trainer process was started
-        self.version = 0
-        self.swaps = 0
-        self.last_swap_t: float | None = None
-        self.swap_latencies_s: list[float] = []
-        self._seen = {"rejected_worse": 0, "rejected_nan": 0}
-        self._seen_inbox_dropped = 0
-        self._last_metrics_t = 0.0
-        self._last_tick: float | None = None
-        self.iterations = 0                         # scheduler iterations seen
-        self.iteration_s: float | None = None
+        self.started_wall = 0.0                     # time.time() when the current trainer group was started
+        self.version = 0                            # the draft version serving uses
         self._stopping = False
         self.thread = threading.Thread(target=self._supervise, name="sglang-ext-trainer", daemon=True)
 
-    def slot_handle(self) -> SlotHandle:
-        """How the other TP ranks reach this process's weight slot."""
-        return SlotHandle(pid=os.getpid(), fd=self.slot.fd, layout=[(n, list(s)) for n, s in self.layout],
-                          dtype=ws.dtype_name(self.slot.dtype))
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """Rank 0 of the current trainer group (the trainer process when there is one device)."""
+        return self.procs[0] if self.procs else None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
 
     def start(self, snapshot_fn) -> None:
         self.snapshot_fn = snapshot_fn
@@ -173,13 +198,28 @@ class TrainerSupervisor:
         return now - max(self.slot.header.heartbeat, self.started_wall)
 
     def trainer_alive(self) -> bool:
-        """The process runs and beats."""
-        return (self.proc is not None and self.proc.poll() is None
+        """Every process of the group runs, and rank 0 beats."""
+        return (bool(self.procs) and all(p.poll() is None for p in self.procs)
                 and self.heartbeat_age() <= self.cfg.heartbeat_timeout_s)
 
     def trainer_command(self, spec: TrainerSpec) -> list[str]:
-        """argv of the trainer process."""
+        """argv of a trainer process (of each rank)."""
         return [sys.executable, "-m", TRAINER_MODULE, spec.to_json()]
+
+    def rank_spec(self, rank: int, records_fd: int) -> TrainerSpec:
+        """Rank 0 gets the records socket and the slot; the others train only."""
+        return dataclasses.replace(self.spec, device=self.devices[rank], world_size=self.world_size,
+                                   records_fd=records_fd if rank == 0 else -1,
+                                   slot_fd=self.slot.fd if rank == 0 else -1)
+
+    def rank_env(self, rank: int, port: int | None) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.devices[rank] == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        if self.world_size > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(self.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return env
 
     def _launch(self) -> None:
         parent, child = socket.socketpair()
@@ -188,18 +228,28 @@ class TrainerSupervisor:
         timeout = min(10.0, self.cfg.heartbeat_timeout_s)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                           struct.pack("ll", int(timeout), int((timeout % 1) * 1e6)))
-        spec = dataclasses.replace(self.spec, records_fd=child.fileno())
-        env = dict(os.environ)
-        if self.device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        self.proc = subprocess.Popen(self.trainer_command(spec), pass_fds=[child.fileno(), self.slot.fd], env=env,
-                                     close_fds=True)
-        child.close()
+        port = free_port() if self.world_size > 1 else None
+        try:
+            for rank in range(self.world_size):
+                fds = [child.fileno(), self.slot.fd] if rank == 0 else []
+                self.procs.append(subprocess.Popen(self.trainer_command(self.rank_spec(rank, child.fileno())),
+                                                   pass_fds=fds, env=self.rank_env(rank, port), close_fds=True))
+        except BaseException:
+            self._kill_group()
+            self.procs = []
+            parent.close()
+            raise
+        finally:
+            child.close()
         self.conn = Connection(parent.detach())
         self.started_wall = time.time()
         self.starts += 1
-        logger.info("sglang_ext: trainer process started (pid %d, device %s, start #%d)", self.proc.pid,
-                    self.device, self.starts)
+        if self.world_size == 1:
+            logger.info("sglang_ext: trainer process started (pid %d, device %s, start #%d)", self.proc.pid,
+                        self.device, self.starts)
+        else:
+            logger.info("sglang_ext: trainer group started (%d ranks, pids %s, devices %s, port %d, start #%d)",
+                        self.world_size, [p.pid for p in self.procs], self.device, port, self.starts)
         if self.starts > 1:
             self.metrics.trainer_restarted()
             # A fresh trainer has no records: give it what the replay buffer still holds (newest first kept).
@@ -212,7 +262,7 @@ class TrainerSupervisor:
         backoff = self.RESTART_BACKOFF_S[0]
         while not self._stopping:
             self._stage_published()            # a version published just before a trainer died still goes live
-            if self.proc is None:
+            if not self.procs:
                 try:
                     self._launch()
                     started = time.monotonic()
@@ -223,12 +273,17 @@ class TrainerSupervisor:
                     continue
             if self.proc.poll() is None and self.heartbeat_age() > self.cfg.heartbeat_timeout_s:
                 self._kill_hung(f"no heartbeat for {self.heartbeat_age():.0f}s")
-            if self.proc.poll() is not None:
+            if any(p.poll() is not None for p in self.procs):
                 self._on_exit()
                 if time.monotonic() - started > 60:
                     backoff = self.RESTART_BACKOFF_S[0]
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.RESTART_BACKOFF_S[1])
+                continue
+            if self.slot.header.heartbeat < self.started_wall:
+                # Not up yet (imports, loading, the ranks meeting): records wait here, bounded, not in the
+                # socket, where a burst (the backlog after a restart) would time a send out as "stopped reading"
+                time.sleep(0.1)
                 continue
             payload = self.outbox.get(timeout=0.1 if self.stager is not None else 0.5)
             if payload is not None:
@@ -238,6 +293,86 @@ class TrainerSupervisor:
                     self.outbox.put(payload, front=True)
                     if self.proc.poll() is None:
                         self._kill_hung(f"sending it a record failed ({type(e).__name__}: it stopped reading)")
+
+    def _stage_published(self) -> None:
+        """Supervisor thread: what to do with a newly published version before the swap (nothing here)."""
+
+    def _kill_group(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait()
+
+    def _kill_hung(self, why: str) -> None:
+        what = "process" if self.world_size == 1 else "group (rank 0)"
+        logger.error("sglang_ext: trainer %s %d is hung (%s): killing %s; serving goes on with draft "
+                     "version %d", what, self.proc.pid, why, "it" if self.world_size == 1 else "every rank",
+                     self.version)
+        self.metrics.trainer_hung()
+        self._kill_group()
+
+    def _on_exit(self) -> None:
+        exited = [(rank, p.pid, p.returncode) for rank, p in enumerate(self.procs) if p.poll() is not None]
+        if self.world_size == 1:
+            logger.error("sglang_ext: trainer process %d exited with code %s; serving goes on with draft version "
+                         "%d; restarting it", self.proc.pid, self.proc.returncode, self.version)
+        else:
+            logger.error("sglang_ext: trainer rank(s) %s exited (rank, pid, code); serving goes on with draft "
+                         "version %d; killing the group's other ranks and restarting it", exited, self.version)
+        self._kill_group()
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        self.procs, self.conn = [], None
+
+    def stop(self) -> None:
+        self._stopping = True
+        for p in list(self.procs):
+            if p.poll() is None:
+                p.kill()
+        self.slot.close()
+
+
+class TrainerSupervisor(TrainerGroupSupervisor):
+    """The trainer group plus the hot swap of what it publishes into SGLang's live draft."""
+
+    def __init__(self, cfg, kind, worker, metrics, *, target_path: str, draft_path: str, block_size: int,
+                 tp: TPGroup | None = None):
+        self.tp = tp                                # TP rank 0 of a --tp N server (sglang_ext/online/tp.py), or None
+        self.kind = kind                            # trainer.draft_kind.DraftKind of the served draft
+        self.worker = worker                        # SGLang's speculative worker (the kind's serving.worker_class)
+        self.draft_model = draft_module(kind, worker)
+        self.layout = ws.draft_layout(draft_path, exclude=kind.serving.fixed_weights)
+        check_draft_names(kind, self.draft_model, self.layout)
+        # Staged swap: versions reach the device off the critical path; None: through load_weights at the swap
+        placements = plan_placements(kind, self.draft_model, self.layout)
+        self.stager = StagedSwap(self.draft_model, placements) if placements else None
+        devices = resolve_trainer_devices(cfg, getattr(worker, "device", "cpu"))
+        self.memory_need = trainer_memory_need(kind.name, draft_path, target_path, devices[0])
+        check_group_memory(self.memory_need, devices, cfg.max_memory_bytes)
+        serving_dtype = next(self.draft_model.parameters()).dtype   # versions cross in the dtype served
+        slot = ws.WeightSlot.create(self.layout, serving_dtype)
+        spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
+                           draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size),
+                           device=devices[0], slot_fd=slot.fd, slot_dtype=ws.dtype_name(serving_dtype),
+                           world_size=len(devices))
+        super().__init__(cfg, spec, slot, metrics, devices)
+        self.swaps = 0
+        self.last_swap_t: float | None = None
+        self.swap_latencies_s: list[float] = []
+        self._seen = {"rejected_worse": 0, "rejected_nan": 0}
+        self._seen_inbox_dropped = 0
+        self._last_metrics_t = 0.0
+        self._last_tick: float | None = None
+        self.iterations = 0                         # scheduler iterations seen
+        self.iteration_s: float | None = None
+
+    def slot_handle(self) -> SlotHandle:
+        """How the other TP ranks reach this process's weight slot."""
+        return SlotHandle(pid=os.getpid(), fd=self.slot.fd, layout=[(n, list(s)) for n, s in self.layout],
+                          dtype=ws.dtype_name(self.slot.dtype))
 
     def _stage_published(self) -> None:
         """Supervisor thread: bring a newly published version to the staging buffers (once the previous one
@@ -254,30 +389,6 @@ class TrainerSupervisor:
                 logger.exception("sglang_ext: staging draft version %d failed; swapping through load_weights",
                                  version)
                 self.stager = None
-
-    def _kill_hung(self, why: str) -> None:
-        logger.error("sglang_ext: trainer process %d is hung (%s): killing it; serving goes on with draft "
-                     "version %d", self.proc.pid, why, self.version)
-        self.metrics.trainer_hung()
-        self.proc.kill()
-        self.proc.wait()
-
-    def _on_exit(self) -> None:
-        code = self.proc.returncode
-        logger.error("sglang_ext: trainer process %d exited with code %s; serving goes on with draft version "
-                     "%d; restarting it", self.proc.pid, code, self.version)
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-        self.proc, self.conn = None, None
-
-    def stop(self) -> None:
-        self._stopping = True
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        self.slot.close()
 
     # -- scheduler thread ----------------------------------------------------------------------------------
     def tick(self, scheduler=None) -> None:

@@ -13,9 +13,21 @@ autocast on CUDA, AdamW, gradient clipping) with a warmup and then a constant ra
 gradient skips the step (counted). Every `swap_every` steps the candidate is scored against the live draft on
 the held-out slice (the objective's acceptance proxy: the acceptance length greedy verification would give
 on those records, same proposals for both) and published only if it is not worse.
+
+A multi-device trainer (--online-train-device cuda:1,cuda:2, or cpu,cpu) is `spec.world_size` such processes in
+one process group (the supervisor sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; gloo on CPU, nccl on
+CUDA), the draft wrapped in DDP (trainer.distributed.wrap) and trained through the same TrainStep with
+world_size, so the averaged gradient is the one-process gradient of the whole batch. Rank 0 is the trainer
+above: it alone has the records socket, the pool, the held-out slice, the guard, the slot and the heartbeat.
+Each step it draws the batch (and one anchor seed per record) and hands every rank its share in one
+collective (`Command`: rank r trains records r, r + N, ...; a rank without records runs a zero-weight
+stand-in), so the group takes the step one process would take on the same draws. The other ranks only follow
+commands. While rank 0 waits for records it sends a keep-alive command every few seconds, so a hung rank
+stalls rank 0 in that collective and stops its heartbeat: the supervisor then replaces the whole group.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -33,6 +45,8 @@ import torch
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import TrainerSpec, decode_record, record_nbytes
 from sglang_ext.online.queues import ByteQueue
+from trainer import distributed
+from trainer.distributed import Dist
 from trainer.draft_kind import get_kind
 from trainer.replay import ReplayRecord
 from trainer.target import load_target_head, target_info
@@ -41,6 +55,8 @@ from trainer.train_step import Batch, Precision, StepStats, TrainStep, pad_batch
 log = logging.getLogger("sglang_ext.trainer")
 GUARD_ANCHORS = 256             # proposals scored per held-out record by the guard
 MAX_BAD_STEPS = 10              # non-finite steps in a row before going back to the live draft
+KEEPALIVE_S = 2.0               # a multi-device trainer's rank 0 reaches every rank at least this often
+GROUP_TIMEOUT = datetime.timedelta(hours=6)   # collectives: hangs are the supervisor's to find (heartbeat)
 
 
 LOWEST_STREAM_PRIORITY = 1 << 20   # torch maps a priority past the range to the lowest one the device has
@@ -77,6 +93,28 @@ def trainer_memory_need(draft_kind: str, draft_path: str, target_path: str, devi
                       target_head=head * dtype_bytes)
 
 
+@dataclass
+class Command:
+    """What rank 0 of a multi-device trainer sends each rank (one `scatter_object_list` per command)."""
+    op: str                                   # "step" | "idle" (keep-alive) | "reset" (to `state`)
+    lr: float = 0.0
+    records: list | None = None               # this rank's share of the step's records
+    seeds: list | None = None                 # their anchor seeds
+    width: int = 0                            # feature width, for a zero-weight stand-in batch
+    state: dict | None = None                 # reset: the weights to go back to
+
+
+def stand_in_batch(width: int, dtype: torch.dtype, length: int = 8) -> Batch:
+    """Nothing in the loss: a rank without records in a step still runs forward/backward (as DDP needs)."""
+    return Batch(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, length, width, dtype=dtype),
+                 torch.zeros(1, length, dtype=torch.bool), 0)
+
+
+def anchor_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One generator per record: a record gets the same anchors whichever rank trains it."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
 def sample_by_recency(n: int, k: int, half_life: float, rng: random.Random) -> list[int]:
     """k distinct indices of a pool of n (index n - 1 the newest), each draw weighted 2 ** (-age / half_life)
     among the ones not drawn yet (Efraimidis-Spirakis keys)."""
@@ -85,37 +123,61 @@ def sample_by_recency(n: int, k: int, half_life: float, rng: random.Random) -> l
 
 
 class OnlineTrainer:
-    def __init__(self, spec: TrainerSpec):
+    def __init__(self, spec: TrainerSpec, group: Dist | None = None, conn=None):
+        """group: this process's place in a multi-device trainer (default: one process), whose process group is
+        joined here; conn: rank 0's records socket, read from here on (before the models load and the ranks
+        meet, which may take a while), else the caller starts the receiver."""
         self.spec = spec
         self.settings = s = spec.settings
+        self.group = group or Dist()
+        if self.group.world_size != spec.world_size:
+            raise ValueError(f"trainer spec: world_size {spec.world_size}, but the process group has "
+                             f"{self.group.world_size}")
+        self.main = self.group.is_main      # rank 0: records, pool, guard, slot, heartbeat
         self.kind = get_kind(spec.draft_kind)
         cfg = self.kind.load_config(spec.draft_path)
         self.kind.set_block_size(cfg, spec.block_size)
         self.fixed = self.kind.serving.fixed_weights   # loaded, trained around, never published
-        self.slot = ws.WeightSlot.attach(spec.slot_fd, ws.draft_layout(spec.draft_path, exclude=self.fixed),
-                                         ws.dtype_from_name(spec.slot_dtype))
+        self.slot = (ws.WeightSlot.attach(spec.slot_fd, ws.draft_layout(spec.draft_path, exclude=self.fixed),
+                                          ws.dtype_from_name(spec.slot_dtype)) if self.main else None)
+        self.inbox: ByteQueue[ReplayRecord] = ByteQueue(s.inbox_bytes, size=record_nbytes)
+        if conn is not None:
+            self.start_receiver(conn)
+        if self.group.enabled and not torch.distributed.is_initialized():
+            init_group(spec)
         precision = Precision.for_device(spec.device)
         embed, lm_head, _ = load_target_head(spec.target_path, dtype=precision.dtype)
 
         self.draft = self.kind.from_pretrained(spec.draft_path, cfg)
-        names = set(self.draft.state_dict()) - set(self.fixed)
-        if names != {n for n, _ in self.slot.layout}:
-            raise ValueError(f"draft state dict {sorted(names)[:4]}... does not match the slot layout")
-        self.resumed_version = self.slot.published
-        if self.resumed_version > 0:        # a restart: go on from the newest accepted version
-            self.load_published(self.draft, self.slot.read_state())
-        self.live = self.kind.from_scratch(cfg)   # the guard's reference: the weights last published (or loaded)
-        self.live.load_state_dict(self.draft.state_dict())
+        self.resumed_version = 0
+        if self.main:
+            names = set(self.draft.state_dict()) - set(self.fixed)
+            if names != {n for n, _ in self.slot.layout}:
+                raise ValueError(f"draft state dict {sorted(names)[:4]}... does not match the slot layout")
+            self.resumed_version = self.slot.published
+            if self.resumed_version > 0:    # a restart: go on from the newest accepted version
+                self.load_published(self.draft, self.slot.read_state())
+        # Several ranks: DDP, which broadcasts rank 0's weights (the resumed version) to every rank. Wrapped
+        # before the frozen target head is attached (DDP would broadcast it too).
+        self.draft.to(precision.device)
+        self.model = distributed.wrap(self.draft, self.group, precision.device)
+        self.live = None
+        if self.main:
+            self.live = self.kind.from_scratch(cfg)   # the guard's reference: the weights last published (or loaded)
+            self.live.load_state_dict(self.draft.state_dict())
         self.embed, self.lm_head = embed.to(precision.device), lm_head.to(precision.device)   # frozen target parts
         for model in (self.draft, self.live):
-            self.attach(model)
-        self.live.eval()
+            if model is not None:
+                self.attach(model)
+        if self.live is not None:
+            self.live.eval()
         # EAGLE-style kinds unroll as many draft steps as the server runs (block size - 1)
         self.objective = self.kind.objective_settings(num_anchors=s.num_anchors, gamma=s.gamma,
                                                       ttt_steps=max(1, spec.block_size - 1))
         self.step_fn = TrainStep(self.kind, self.draft, precision, lr=s.lr, weight_decay=s.weight_decay,
-                                 grad_clip=s.grad_clip, objective=self.objective)
-        self.step = self.slot.header.steps  # optimizer steps applied, across restarts
+                                 grad_clip=s.grad_clip, objective=self.objective, model=self.model,
+                                 world_size=self.group.world_size)
+        self.step = self.slot.header.steps if self.main else 0   # optimizer steps applied, across restarts
         self.local_steps = 0                # attempted steps of this process
         self.bad_steps = 0                  # non-finite steps in a row
         self.pool: deque[ReplayRecord] = deque()
@@ -124,8 +186,9 @@ class OnlineTrainer:
         self.received = 0
         self.candidates = 0
         self.want_publish = False
-        self.rng = random.Random(os.getpid())
-        self.inbox: ByteQueue[ReplayRecord] = ByteQueue(s.inbox_bytes, size=record_nbytes)
+        self.rng = random.Random(os.getpid() if spec.seed is None else spec.seed)
+        self.batch_seeds: list[int] = []    # anchor seeds of the records of the latest sample_batch()
+        self.last_command = time.monotonic()
         self.tokens = 0
         self.rate = None
 
@@ -173,23 +236,39 @@ class OnlineTrainer:
         h.inbox_bytes = self.inbox.nbytes
 
     # -- training ------------------------------------------------------------------------------------------
-    def sample_batch(self) -> Batch:
-        """`batch_size` records drawn from the pool without replacement, padded: uniformly, or (policy
-        "recency") with weight 2 ** (-age / recency_half_life), age counted in records, newest age 0."""
+    def draw(self) -> tuple[list[ReplayRecord], list[int]]:
+        """`batch_size` records drawn from the pool without replacement, and one anchor seed each: uniformly,
+        or (policy "recency") with weight 2 ** (-age / recency_half_life), age counted in records, newest age 0."""
         pool, k = list(self.pool), min(self.settings.batch_size, len(self.pool))
         if self.settings.replay_policy == "recency":
             picked = sample_by_recency(len(pool), k, self.settings.recency_half_life, self.rng)
             records = [pool[i] for i in picked]
         else:
             records = self.rng.sample(pool, k)
+        return records, [self.rng.randrange(2**63) for _ in records]
+
+    def sample_batch(self) -> Batch:
+        """One process: the drawn records, padded (their anchor seeds in `batch_seeds`)."""
+        records, self.batch_seeds = self.draw()
+        return self.local_batch(records)
+
+    def local_batch(self, records: list[ReplayRecord]) -> Batch:
         return pad_batch(records, self.settings.max_seq_len, self.step_fn.precision.dtype)
 
     def train_once(self) -> StepStats:
         s = self.settings
-        batch = self.sample_batch()
         lr = s.lr * min(1.0, (self.local_steps + 1) / max(1, s.warmup_steps))
+        if self.group.enabled:              # rank 0 of several: every rank gets its share of the draw
+            records, seeds = self.draw()
+            width = records[0].features.shape[1]
+            n = self.group.world_size
+            mine = self.command_all([Command("step", lr, records[r::n], seeds[r::n], width) for r in range(n)])
+            batch, seeds = self.share_batch(mine), mine.seeds
+        else:
+            batch = self.sample_batch()
+            seeds = self.batch_seeds
         t0 = time.monotonic()
-        stats = self.step_fn.run([batch], lr=lr, generators=[torch.Generator().manual_seed(self.rng.randrange(2**31))])
+        stats = self.step_fn.run([batch], lr=lr, generators=[anchor_generators(seeds) or None])
         self.local_steps += 1
         if not stats.applied:
             self._skip(stats.skipped)
@@ -212,9 +291,46 @@ class OnlineTrainer:
         log.warning("step %d skipped: %s (no update, counted)", self.step + 1, why)
         if self.bad_steps >= MAX_BAD_STEPS:   # stuck: go back to the live draft with a fresh optimizer
             log.error("%d non-finite steps in a row: restarting from the live draft", self.bad_steps)
-            self.draft.load_state_dict(self.live.state_dict())
+            state = self.live.state_dict()
+            if self.group.enabled:          # every rank goes back to the same weights
+                self.command_all([Command("reset", state={k: v.cpu() for k, v in state.items()})] *
+                                 self.group.world_size)
+            self.draft.load_state_dict(state)
             self.step_fn.reset_optimizer()
             self.bad_steps = 0
+
+    # -- multi-device group --------------------------------------------------------------------------------
+    def command_all(self, commands: list[Command]) -> Command:
+        """Rank 0: commands[r] to rank r (one collective); returns its own."""
+        out = [None]
+        torch.distributed.scatter_object_list(out, commands, src=0)
+        self.last_command = time.monotonic()
+        return out[0]
+
+    def keepalive(self) -> None:
+        """Rank 0 while not stepping: reach every rank now and then (a hung one stalls this, and the heartbeat)."""
+        if self.group.enabled and time.monotonic() - self.last_command >= KEEPALIVE_S:
+            self.command_all([Command("idle")] * self.group.world_size)
+
+    def share_batch(self, command: Command) -> Batch:
+        if command.records:
+            return self.local_batch(command.records)
+        return stand_in_batch(command.width, self.step_fn.precision.dtype)
+
+    def follow(self) -> None:
+        """Ranks > 0: take part in every step rank 0 commands, until the group is torn down."""
+        log.info("trainer rank %d of %d up (pid %d, device %s)", self.group.rank, self.group.world_size,
+                 os.getpid(), self.step_fn.precision.device)
+        while True:
+            out = [None]
+            torch.distributed.scatter_object_list(out, None, src=0)
+            command: Command = out[0]
+            if command.op == "step":
+                self.step_fn.run([self.share_batch(command)], lr=command.lr,
+                                 generators=[anchor_generators(command.seeds) or None])
+            elif command.op == "reset":
+                self.draft.load_state_dict(command.state)
+                self.step_fn.reset_optimizer()
 
     # -- guard + publish -----------------------------------------------------------------------------------
     def score(self, model) -> float:
@@ -283,10 +399,15 @@ class OnlineTrainer:
             log.exception("could not write the checkpoint of version %d to %s", version, out)
 
     def run(self) -> None:
+        if not self.main:
+            self.follow()
+            return
         h = self.slot.header
         h.pid = os.getpid()
-        log.info("trainer up (pid %d, %s draft, device %s, %s, %s)", os.getpid(), self.kind.name,
-                 self.step_fn.precision.device, str(self.step_fn.precision.dtype).removeprefix("torch."),
+        log.info("trainer up (pid %d, %s draft, device %s%s, %s, %s)", os.getpid(), self.kind.name,
+                 self.step_fn.precision.device,
+                 f", rank 0 of {self.group.world_size}" if self.group.enabled else "",
+                 str(self.step_fn.precision.dtype).removeprefix("torch."),
                  f"resuming from version {self.resumed_version} at step {self.step}" if self.resumed_version
                  else "starting from the loaded draft")
         device = self.step_fn.precision.device
@@ -298,6 +419,7 @@ class OnlineTrainer:
                 h.heartbeat = time.time()
                 self.drain()
                 if len(self.pool) < self.settings.min_records:
+                    self.keepalive()
                     time.sleep(0.1)
                     continue
                 t0 = time.monotonic()
@@ -311,6 +433,7 @@ class OnlineTrainer:
         until = time.monotonic() + busy_s * (1.0 - duty) / duty
         while (left := until - time.monotonic()) > 0:
             self.slot.header.heartbeat = time.time()
+            self.keepalive()
             time.sleep(min(left, 1.0))
 
 
@@ -326,11 +449,49 @@ def main(argv: list[str] | None = None, trainer_cls: type[OnlineTrainer] = Onlin
     if device.type == "cuda" and spec.settings.max_memory_bytes:   # past the budget the trainer fails, not serving
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec.settings.max_memory_bytes / total), device)
-    conn = Connection(spec.records_fd)
-    trainer = trainer_cls(spec)
-    trainer.start_receiver(conn)
-    trainer.run()
+    if spec.world_size == 1:                # one process, as before multi-device trainers
+        trainer = trainer_cls(spec)
+        trainer.start_receiver(Connection(spec.records_fd))
+        trainer.run()
+        return 0
+    group = group_from_env(spec)
+    if not group.is_main:
+        watch_parent()
+    conn = Connection(spec.records_fd) if group.is_main else None
+    trainer_cls(spec, group=group, conn=conn).run()
     return 0
+
+
+def group_from_env(spec: TrainerSpec) -> Dist:
+    """This rank of a multi-device trainer (the supervisor set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    group = Dist(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                 local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+    if group.world_size != spec.world_size:
+        raise ValueError(f"$WORLD_SIZE {group.world_size} but the trainer spec says {spec.world_size}")
+    return group
+
+
+def init_group(spec: TrainerSpec) -> None:
+    """Join the trainer's process group: gloo on CPU, nccl on CUDA (this rank's device)."""
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device, timeout=GROUP_TIMEOUT)
+    else:
+        torch.distributed.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+
+
+def watch_parent() -> None:
+    """Ranks > 0 have no records socket to see the server go: leave when the scheduler process is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.info("scheduler process gone; trainer rank exits")
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":
