@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sglang_ext.demo.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, make_image, mixed_requests
+from sglang_ext.demo.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, make_image
 from sglang_ext.launcher import draft_args, launch_server
+from support.servers import launch_servers, run_concurrently
 from trainer.draft_kind import get_kind
 
 pytestmark = pytest.mark.server
@@ -73,15 +74,12 @@ def second_guess_draft(trained_draft, tmp_path_factory):
     return out
 
 
-def plain_outputs(target, log_dir):
-    requests = mixed_requests(n_text=6, n_image=2)
-    with launch_server(target, log_dir=log_dir, name="plain-for-eagle3") as server:
-        return requests, [server.generate(t, im, max_new_tokens=MAX_NEW)["output_ids"] for t, im in requests]
-
-
 @pytest.fixture(scope="module")
-def plain(tiny, server_log_dir):
-    return plain_outputs(tiny.dense, server_log_dir)
+def plain(plain_reference):
+    """mixed_requests(6, 2) and a plain server's greedy outputs (conftest's session-wide plain_reference; both
+    targets' plain servers start together)."""
+    plain_reference.prefetch("dense", "moe")
+    return plain_reference("dense", MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +88,9 @@ def moe_trained_draft(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def moe_plain(tiny, server_log_dir):
-    return plain_outputs(tiny.moe, server_log_dir)
+def moe_plain(plain_reference):
+    plain_reference.prefetch("dense", "moe")
+    return plain_reference("moe", MAX_NEW)
 
 
 def mixed_prompts_file(directory: Path) -> Path:
@@ -105,21 +104,41 @@ def mixed_prompts_file(directory: Path) -> Path:
     return directory / "prompts.jsonl"
 
 
+@pytest.fixture(scope="module")
+def chain_runs(tiny, trained_draft, moe_trained_draft, plain, moe_plain, server_log_dir, tmp_path_factory):
+    """Both chain servers (topk 1; dense and MoE, each with its trained draft), started together: per variant,
+    the greedy /generate answers to the plain requests and the served evaluator's report (the prompts file
+    through the same server)."""
+    from trainer.evaluate import evaluate_served
+
+    variants = {"dense": (trained_draft, plain[0]), "moe": (moe_trained_draft, moe_plain[0])}
+    prompts = mixed_prompts_file(tmp_path_factory.mktemp("chain-prompts"))
+
+    def serve(server, variant):
+        draft, requests = variants[variant]
+        results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
+        served = evaluate_served(getattr(tiny, variant), draft, prompts, BLOCK, MAX_NEW, url=server.url,
+                                 progress=False)
+        return results, served
+
+    with launch_servers(*(launch_server(getattr(tiny, v), draft_args(variants[v][0], BLOCK), log_dir=server_log_dir,
+                                        name=f"eagle3-chain-{v}") for v in variants)) as servers:
+        runs = run_concurrently(*(lambda s=s, v=v: serve(s, v) for s, v in zip(servers, variants)))
+    return {"prompts": prompts, **dict(zip(variants, runs))}
+
+
+# The first one's setup trains both drafts and starts four servers (plain, chain; both targets): more than
+# pytest's default 900 s limit on a loaded 2-core machine.
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("variant", ["dense", "moe"])
-def test_eagle3_chain_serves_greedy_exactly_and_served_tau_equals_offline(tiny, server_log_dir, tmp_path, request,
-                                                                           variant):
-    from trainer.evaluate import evaluate_offline, evaluate_served
+def test_eagle3_chain_serves_greedy_exactly_and_served_tau_equals_offline(tiny, chain_runs, request, variant):
+    from trainer.evaluate import evaluate_offline
 
     target = getattr(tiny, variant)
     prefix = "" if variant == "dense" else "moe_"            # module fixtures, shared with the tree tests
-    draft, (requests, expected) = request.getfixturevalue(f"{prefix}trained_draft"), request.getfixturevalue(
-        f"{prefix}plain")
-    prompts = mixed_prompts_file(tmp_path)
-    with launch_server(target, draft_args(draft, BLOCK), log_dir=server_log_dir,
-                       name=f"eagle3-chain-{variant}") as server:
-        results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
-        served = evaluate_served(target, draft, prompts, BLOCK, MAX_NEW,
-                                 url=server.url, progress=False)
+    draft, (_, expected) = request.getfixturevalue(f"{prefix}trained_draft"), request.getfixturevalue(f"{prefix}plain")
+    prompts = chain_runs["prompts"]
+    results, served = chain_runs[variant]
     assert [r["output_ids"] for r in results] == expected
     taus = [r["meta_info"]["spec_accept_length"] for r in results]
     assert sum(taus) / len(taus) > 1.8, taus                 # a random draft gets ~1.0
@@ -148,19 +167,45 @@ def test_second_guess_draft_chain_accepts_little(second_guess_chain_taus):
     assert sum(second_guess_chain_taus[:6]) / 6 < 1.3, second_guess_chain_taus
 
 
+TREES = {  # name: (variant, topk, num draft tokens)
+    "topk2": ("dense", 2, 6), "topk4": ("dense", 4, 8), "moe-topk2": ("moe", 2, 6)}
+
+
+@pytest.fixture(scope="module")
+def tree_runs(tiny, second_guess_draft, moe_trained_draft, plain, moe_plain, server_log_dir):
+    """The three tree servers, started together: dense topk 2 and 4 with the second-guess draft (greedy answers
+    to the plain requests, and sampled answers to the first 4), MoE topk 2 with the trained MoE draft (greedy)."""
+    drafts = {"dense": second_guess_draft, "moe": moe_trained_draft}
+    requests = {"dense": plain[0], "moe": moe_plain[0]}
+
+    def launcher(name):
+        variant, topk, draft_tokens = TREES[name]
+        args = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(drafts[variant]),
+                "--speculative-num-steps", str(BLOCK - 1), "--speculative-eagle-topk", str(topk),
+                "--speculative-num-draft-tokens", str(draft_tokens)]
+        return launch_server(getattr(tiny, variant), args, log_dir=server_log_dir, name=f"eagle3-{name}")
+
+    def serve(server, name):
+        variant = TREES[name][0]
+        results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests[variant]]
+        sampled = None
+        if variant == "dense":
+            # Sampled serving (temperature 0.7) runs the torch port of SGLang's tree speculative sampling, whose
+            # output distribution tests/test_cpu_ops.py checks against the target's.
+            sampled = [server.post("/generate", {"text": t, "sampling_params": {
+                "max_new_tokens": MAX_NEW, "temperature": 0.7, "ignore_eos": True}}) for t, _ in requests[variant][:4]]
+        return results, sampled
+
+    with launch_servers(*(launcher(name) for name in TREES)) as servers:
+        runs = run_concurrently(*(lambda s=s, n=n: serve(s, n) for s, n in zip(servers, TREES)))
+    return dict(zip(TREES, runs))
+
+
 @pytest.mark.parametrize("topk,draft_tokens", [(2, 6), (4, 8)])
-def test_eagle3_tree_serves_greedy_exactly(tiny, second_guess_draft, second_guess_chain_taus, plain, server_log_dir,
-                                           topk, draft_tokens):
+def test_eagle3_tree_serves_greedy_exactly(second_guess_chain_taus, plain, tree_runs, topk, draft_tokens):
     requests, expected = plain
-    args = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(second_guess_draft),
-            "--speculative-num-steps", str(BLOCK - 1), "--speculative-eagle-topk", str(topk),
-            "--speculative-num-draft-tokens", str(draft_tokens)]
-    with launch_server(tiny.dense, args, log_dir=server_log_dir, name=f"eagle3-topk{topk}") as server:
-        results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
-        # Sampled serving (temperature 0.7) runs the torch port of SGLang's tree speculative sampling, whose
-        # output distribution tests/test_cpu_ops.py checks against the target's.
-        sampled = [server.post("/generate", {"text": t, "sampling_params": {
-            "max_new_tokens": MAX_NEW, "temperature": 0.7, "ignore_eos": True}}) for t, _ in requests[:4]]
+    assert TREES[f"topk{topk}"] == ("dense", topk, draft_tokens)
+    results, sampled = tree_runs[f"topk{topk}"]
     assert [r["output_ids"] for r in results] == expected
     # Side branches are accepted: on the same requests the tree gets more than the chain of the same draft
     # (offline chain; the chain test above shows offline == served for a chain).
@@ -172,14 +217,10 @@ def test_eagle3_tree_serves_greedy_exactly(tiny, second_guess_draft, second_gues
     assert any(r["output_ids"] != e for r, e in zip(sampled, expected[:4]))   # it really sampled
 
 
-def test_eagle3_tree_on_moe_serves_greedy_exactly(tiny, moe_trained_draft, moe_plain, server_log_dir):
+def test_eagle3_tree_on_moe_serves_greedy_exactly(moe_plain, tree_runs):
     """The MoE target verifies a topk-2 tree under the tree mask too: greedy output equals plain serving."""
     requests, expected = moe_plain
-    args = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(moe_trained_draft),
-            "--speculative-num-steps", str(BLOCK - 1), "--speculative-eagle-topk", "2",
-            "--speculative-num-draft-tokens", "6"]
-    with launch_server(tiny.moe, args, log_dir=server_log_dir, name="eagle3-moe-topk2") as server:
-        results = [server.generate(t, im, max_new_tokens=MAX_NEW) for t, im in requests]
+    results, _ = tree_runs["moe-topk2"]
     assert [r["output_ids"] for r in results] == expected
     taus = [r["meta_info"]["spec_accept_length"] for r in results]
     assert sum(taus) / len(taus) > 1.8, taus

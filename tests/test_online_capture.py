@@ -15,6 +15,7 @@ import torch
 from sglang_ext.demo.prompts import chat_prompt, make_image, mixed_requests
 from sglang_ext.launcher import ServerError, draft_args, launch_server, metric_value
 from support.plugin import plugin_env
+from support.servers import launch_servers, run_concurrently
 
 pytestmark = pytest.mark.server
 MAX_NEW = 20
@@ -43,10 +44,9 @@ def _assemble(chunks: dict, length: int, feature_dim: int) -> tuple[torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(tiny, server_log_dir):
-    requests = mixed_requests(n_text=6, n_image=2)
-    with launch_server(tiny.dense, log_dir=server_log_dir, name="plain-for-online") as plain:
-        return requests, [plain.generate(t, im, max_new_tokens=MAX_NEW)["output_ids"] for t, im in requests]
+def plain_outputs(plain_reference):
+    """mixed_requests(6, 2) and a plain server's greedy outputs (conftest's session-wide plain_reference)."""
+    return plain_reference("dense", MAX_NEW)
 
 
 def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_path):
@@ -274,36 +274,45 @@ def test_radix_hits_are_filled_from_the_prefix_store(tiny, server_log_dir, tmp_p
     system = "<|im_start|>system\n" + "You are a careful assistant who answers briefly. " * 6 + "<|im_end|>\n"
     questions = ["def main(args):", "Now add a docstring.", "And a test for it."]
 
-    def run(store: str, name: str) -> tuple[dict, dict, str]:
+    def launcher(store: str, name: str) -> launch_server:
         persist, dump_dir = tmp_path / name / "replay", tmp_path / name / "dump"
         dump_dir.mkdir(parents=True)
         args = draft_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
                                                 "--online-train-persist-dir", str(persist),
                                                 "--online-train-prefix-store", store]
-        with launch_server(tiny.dense, args, log_dir=server_log_dir, name=f"online-{name}",
-                           env=plugin_env(dump_dir=dump_dir)) as server:
-            before = metric_value(server.metrics(), "sglang:online_train_recorded_records_total")   # warm-up
-            ids: list[int] = []
-            for turn, q in enumerate(questions):               # one chat, three turns, each the whole conversation
-                ids = ids + encode(("<|im_end|>\n" if turn else "") + f"<|im_start|>user\n{q}<|im_end|>\n"
-                                   "<|im_start|>assistant\n")
-                out = server.post("/generate", {"input_ids": ids, "rid": f"chat-{turn}", "sampling_params": {
-                    "max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}})
-                ids = ids + out["output_ids"]
-            for rid, q in (("system-a", "What is a list?"), ("system-b", "What is a dict?")):
-                server.post("/generate", {"input_ids": encode(system + chat_prompt(q)), "rid": rid, "sampling_params": {
-                    "max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}})
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                metrics = server.metrics()
-                if metric_value(metrics, "sglang:online_train_persisted_records_total") >= before + 5:
-                    break
-                time.sleep(0.5)
-        reader = ReplayReader(persist)
-        records = {reader.read(i).meta["rid"]: reader.read(i) for i in range(len(reader))}
-        return records, _dumps_by_rid(dump_dir), metrics
+        return launch_server(tiny.dense, args, log_dir=server_log_dir, name=f"online-{name}",
+                             env=plugin_env(dump_dir=dump_dir))
 
-    records, dumps, metrics = run("64MB", "prefix-store")
+    def traffic(server) -> str:
+        before = metric_value(server.metrics(), "sglang:online_train_recorded_records_total")   # warm-up
+        ids: list[int] = []
+        for turn, q in enumerate(questions):               # one chat, three turns, each the whole conversation
+            ids = ids + encode(("<|im_end|>\n" if turn else "") + f"<|im_start|>user\n{q}<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+            out = server.post("/generate", {"input_ids": ids, "rid": f"chat-{turn}", "sampling_params": {
+                "max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}})
+            ids = ids + out["output_ids"]
+        for rid, q in (("system-a", "What is a list?"), ("system-b", "What is a dict?")):
+            server.post("/generate", {"input_ids": encode(system + chat_prompt(q)), "rid": rid, "sampling_params": {
+                "max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = server.metrics()
+            if metric_value(metrics, "sglang:online_train_persisted_records_total") >= before + 5:
+                break
+            time.sleep(0.5)
+        return metrics
+
+    def read(name: str) -> tuple[dict, dict]:
+        reader = ReplayReader(tmp_path / name / "replay")
+        records = {reader.read(i).meta["rid"]: reader.read(i) for i in range(len(reader))}
+        return records, _dumps_by_rid(tmp_path / name / "dump")
+
+    # The same traffic to a server with the store on and to one with it off (started together).
+    with launch_servers(launcher("64MB", "prefix-store"), launcher("0", "no-prefix-store")) as servers:
+        metrics, metrics_off = run_concurrently(*(lambda s=s: traffic(s) for s in servers))
+    (records, dumps), (records_off, _) = read("prefix-store"), read("no-prefix-store")
+
     ours = ["chat-0", "chat-1", "chat-2", "system-a", "system-b"]
     assert set(ours) <= set(records)
     order = [rid for rid in records if rid not in ours] + ours   # SGLang's warm-up request came first
@@ -340,7 +349,6 @@ def test_radix_hits_are_filled_from_the_prefix_store(tiny, server_log_dir, tmp_p
     assert metric_value(metrics, "sglang:online_train_prefix_rows_total", result="filled") >= filled_total
 
     # the same traffic with the store off: those rows are gaps (zeros, out of the loss)
-    records_off, _, metrics_off = run("0", "no-prefix-store")
     for later in ("chat-1", "chat-2", "system-b"):
         rec = records_off[later]
         assert rec.meta["prefix_filled_rows"] == 0

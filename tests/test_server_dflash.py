@@ -6,6 +6,7 @@ import pytest
 
 from sglang_ext.demo.prompts import mixed_requests
 from sglang_ext.launcher import draft_args, launch_server
+from support.servers import launch_servers, run_concurrently
 
 pytestmark = pytest.mark.server
 MAX_NEW_TOKENS = 24
@@ -21,17 +22,36 @@ def _generate_all(server, requests, concurrent=False):
     return [one(r) for r in requests]
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe"])
-def test_dflash_greedy_equals_plain_and_accepts_drafts(tiny, server_log_dir, variant):
-    target = getattr(tiny, variant)
-    draft = tiny.draft_dense if variant == "dense" else tiny.draft_moe
-    requests = mixed_requests(n_text=6, n_image=2)
+@pytest.fixture(scope="module")
+def plain(plain_reference):
+    """conftest's session-wide plain greedy outputs; both targets' plain servers start together (nothing to start
+    after test_eagle3_serving)."""
+    plain_reference.prefetch("dense", "moe")
+    return plain_reference
 
-    with launch_server(target, log_dir=server_log_dir, name=f"plain-{variant}") as plain:
-        expected = [r["output_ids"] for r in _generate_all(plain, requests)]
-    with launch_server(target, draft_args(draft), log_dir=server_log_dir, name=f"dflash-{variant}") as spec:
-        results = _generate_all(spec, requests)
-        concurrent = _generate_all(spec, requests, concurrent=True)
+
+@pytest.fixture(scope="module")
+def dflash_runs(tiny, server_log_dir):
+    """Both DFLASH servers (dense and MoE target, each with its hand-built draft), started together: per variant,
+    the answers to mixed_requests(6, 2) sent one at a time, then all at once."""
+    requests = mixed_requests(n_text=6, n_image=2)
+    drafts = {"dense": tiny.draft_dense, "moe": tiny.draft_moe}
+
+    def serve(spec):
+        return _generate_all(spec, requests), _generate_all(spec, requests, concurrent=True)
+
+    with launch_servers(*(launch_server(getattr(tiny, v), draft_args(d), log_dir=server_log_dir, name=f"dflash-{v}")
+                          for v, d in drafts.items())) as servers:
+        runs = run_concurrently(*(lambda s=s: serve(s) for s in servers))
+    return dict(zip(drafts, runs))
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_dflash_greedy_equals_plain_and_accepts_drafts(plain, dflash_runs, variant):
+    # mixed_requests(n_text=6, n_image=2) and a plain server's greedy outputs (session-wide, see conftest)
+    requests, expected = plain(variant, MAX_NEW_TOKENS)
+    assert requests == mixed_requests(n_text=6, n_image=2)
+    results, concurrent = dflash_runs[variant]
 
     for i, (want, got) in enumerate(zip(expected, results)):
         assert len(got["output_ids"]) == MAX_NEW_TOKENS
