@@ -57,6 +57,8 @@ class OnlineTrainConfig:
     include_prompt_loss: bool = False            # loss mask over prompt tokens too (else generated only)
     max_record_tokens: int = 32768               # longer requests are dropped (counted), never truncated
     shard_tokens: int = 65536                    # tokens per persisted shard
+    shard_seconds: float = 300.0                 # ... or a shard once the oldest waiting record is this old
+    persist_max_bytes: int = 0                   # retention: oldest shards of persist_dir deleted past it (0: off)
     prefix_store_bytes: int = 0                  # features of recorded prefixes, to fill radix-cache hits (0: off)
     # -- the co-located trainer (part 2) --
     trainer: bool = True                         # False: capture only (no trainer process, no swaps)
@@ -115,9 +117,13 @@ class OnlineTrainConfig:
         for name in ("lr", "gamma", "heartbeat_timeout_s", "queue_bytes"):
             if not float(getattr(self, name)) > 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance", "prefix_store_bytes"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "guard_tolerance", "prefix_store_bytes",
+                     "persist_max_bytes"):
             if float(getattr(self, name)) < 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < float(self.shard_seconds) < float("inf"):
+            raise OnlineTrainConfigError(f"--online-train-shard-seconds must be a positive number of seconds, "
+                                         f"got {self.shard_seconds}")
         if self.replay_policy not in ("uniform", "recency"):
             raise OnlineTrainConfigError(f"--online-train-replay-policy must be uniform or recency, "
                                          f"got {self.replay_policy!r}")
@@ -231,6 +237,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "files are created with mode 0600")
     g.add_argument("--online-train-storage-dtype", choices=["bf16", "fp8"],
                    help="dtype of persisted features: bf16, or fp8 e4m3 with a per-token scale (default bf16)")
+    g.add_argument("--online-train-shard-seconds", type=float, metavar="SECONDS",
+                   help="with --online-train-persist-dir: records wait in memory until a shard holds shard_tokens "
+                        "tokens (default 65536) or the oldest waited this long (default 300), then one shard is "
+                        "written; a failed write is retried, the records kept (bounded by "
+                        "--online-train-queue-bytes; past it the oldest are counted as lost). Records still "
+                        "waiting when the server is killed are lost")
+    g.add_argument("--online-train-persist-max-bytes", metavar="SIZE",
+                   help="retention of --online-train-persist-dir, e.g. 200GiB: after each shard the oldest shards "
+                        "are deleted until the directory's shards fit (counted in "
+                        "sglang:online_train_persist_pruned_*_total); default 0: unlimited")
     g.add_argument("--online-train-learn-from", choices=["all", "text", "image"],
                    help="which requests to record: all (default), text-only or with images")
     g.add_argument("--online-train-sample-rate", type=float, metavar="P",
@@ -315,6 +331,8 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_heartbeat_timeout": "heartbeat_timeout_s",
                   "online_train_max_memory": "max_memory_bytes", "online_train_duty_cycle": "duty_cycle",
                   "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes",
+                  "online_train_shard_seconds": "shard_seconds",
+                  "online_train_persist_max_bytes": "persist_max_bytes",
                   "online_train_replay_policy": "replay_policy"}
 
 
@@ -341,9 +359,11 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
     for name, what in (("replay_budget_bytes", "--online-train-replay-budget"),
                        ("prefix_store_bytes", "--online-train-prefix-store"),
                        ("max_memory_bytes", "--online-train-max-memory"),
-                       ("queue_bytes", "--online-train-queue-bytes")):
+                       ("queue_bytes", "--online-train-queue-bytes"),
+                       ("persist_max_bytes", "--online-train-persist-max-bytes")):
         if values.get(name) is not None:
-            values[name] = parse_size(values[name], what, allow_zero=name == "prefix_store_bytes")
+            values[name] = parse_size(values[name], what,
+                                      allow_zero=name in ("prefix_store_bytes", "persist_max_bytes"))
     return OnlineTrainConfig(enabled=True, **values).validate()
 
 
