@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -86,6 +87,9 @@ class OnlineTrainConfig:
     max_memory_bytes: int | None = None          # the trainer's memory budget on its device (None: what is free)
     replay_policy: str = "recency"               # recency | uniform: how training steps draw from the pool
     recency_half_life: float = 64.0              # records (recency policy)
+    rollback_steps: int = 200                    # verify steps a swapped-in version is watched (0: no rollback)
+    rollback_tolerance: float = 0.25             # rolled back if its mean accept length is lower than the
+                                                 # previous version's over its last rollback_steps by more
     # -- set at startup, not a setting: the draft's kind (trainer.draft_kind), from its config.json --
     draft_kind: str = ""
 
@@ -103,6 +107,7 @@ class OnlineTrainConfig:
             recency_half_life=self.recency_half_life)
 
     def validate(self) -> "OnlineTrainConfig":
+        check_field_types(self)
         if self.storage_dtype not in ("bf16", "fp8"):
             raise OnlineTrainConfigError(f"online-train storage_dtype must be bf16 or fp8, got {self.storage_dtype!r}")
         if self.learn_from not in ("all", "text", "image"):
@@ -130,6 +135,10 @@ class OnlineTrainConfig:
         if not float(self.recency_half_life) > 0:
             raise OnlineTrainConfigError(f"online-train recency_half_life must be positive, "
                                          f"got {self.recency_half_life}")
+        for name, flag in (("rollback_steps", "--online-train-rollback-steps"),
+                           ("rollback_tolerance", "--online-train-rollback-tolerance")):
+            if not float(getattr(self, name)) >= 0:
+                raise OnlineTrainConfigError(f"{flag} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < float(self.duty_cycle) <= 1.0:
             raise OnlineTrainConfigError(f"--online-train-duty-cycle must be in (0, 1], got {self.duty_cycle}")
         if self.max_memory_bytes is not None and int(self.max_memory_bytes) <= 0:
@@ -207,6 +216,9 @@ class OnlineTrainConfig:
             raise OnlineTrainConfigError(f"--online-train-config {p}: no such file") from None
         except json.JSONDecodeError as e:
             raise OnlineTrainConfigError(f"--online-train-config {p}: invalid JSON ({e})") from None
+        except (OSError, UnicodeDecodeError, RecursionError) as e:     # a directory, unreadable, not text, too deep
+            raise OnlineTrainConfigError(f"--online-train-config {p}: cannot read it ({type(e).__name__}: "
+                                         f"{e})") from None
         if not isinstance(data, dict):
             raise OnlineTrainConfigError(f"--online-train-config {p}: expected a JSON object")
         known = {f.name for f in fields(cls)} - {"enabled", "draft_kind"}
@@ -315,6 +327,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "is reported down (trainer_up 0), killed and restarted; serving goes on (default 60). "
                         "With a device list the whole group is killed and restarted when rank 0's heartbeat is "
                         "this old (a hung rank stalls rank 0 in the next collective) or any rank exits")
+    add_rollback_arguments(g)
+
+
+def add_rollback_arguments(g) -> None:
+    """Rollback on served acceptance (sglang_ext/online/rollback.py)."""
+    g.add_argument("--online-train-rollback-steps", type=int, metavar="N",
+                   help="after a swap, watch the new draft version's served acceptance over its next N verify "
+                        "steps (one per request and step) and swap the previous version back in if its mean "
+                        "accept length is lower than the previous version's over its last N steps by more than "
+                        "--online-train-rollback-tolerance; counted in sglang:online_train_rollbacks_total, and "
+                        "the trainer goes on from the restored weights. Nothing newer is swapped in while a "
+                        "version is watched. Keeps one more copy of the draft in host memory, in the serving "
+                        "dtype (default 200; 0: off)")
+    g.add_argument("--online-train-rollback-tolerance", type=float, metavar="X",
+                   help="drop in mean accept length (tokens per verify step) that triggers a rollback "
+                        "(default 0.25)")
 
 
 _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_train_persist_dir": "persist_dir",
@@ -333,7 +361,9 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes",
                   "online_train_shard_seconds": "shard_seconds",
                   "online_train_persist_max_bytes": "persist_max_bytes",
-                  "online_train_replay_policy": "replay_policy"}
+                  "online_train_replay_policy": "replay_policy",
+                  "online_train_rollback_steps": "rollback_steps",
+                  "online_train_rollback_tolerance": "rollback_tolerance"}
 
 
 def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
@@ -349,11 +379,12 @@ def parse_argv(argv: list[str]) -> OnlineTrainConfig | None:
         return None
     values: dict = {}
     if ns.online_train_config:
-        values.update(OnlineTrainConfig.from_file(ns.online_train_config))
+        for key, v in OnlineTrainConfig.from_file(ns.online_train_config).items():
+            values[key] = check_value(key, v, config_key_label(ns.online_train_config, key))
     for flag, field_name in _FLAG_TO_FIELD.items():
         v = getattr(ns, flag)
         if v is not None:
-            values[field_name] = v
+            values[field_name] = check_value(field_name, v, "--" + flag.replace("_", "-"))
     if ns.online_train_capture_only:
         values["trainer"] = False
     for name, what in (("replay_budget_bytes", "--online-train-replay-budget"),
@@ -398,10 +429,13 @@ def check_server_args(cfg: OnlineTrainConfig, server_args) -> None:
 
 def resolve_draft_kind(server_args) -> str:
     """The kind of the served draft (from its config.json), checked against --speculative-algorithm."""
+    from sglang_ext.online.hub import draft_source, local_dir
     from trainer.draft_kind import kind_for_draft
-    path = server_args.speculative_draft_model_path
+    source = draft_source(server_args)              # a directory, or a repo id: its config.json, fetched as
+    path = source.path                              # SGLang fetches it (sglang_ext/online/hub.py)
+    local = local_dir(source, allow_patterns=["*.json"])
     try:
-        kind = kind_for_draft(path)
+        kind = kind_for_draft(local)
     except (ValueError, FileNotFoundError) as e:
         raise OnlineTrainConfigError(f"--speculative-draft-model-path {path}: {e}") from None
     algo = str(server_args.speculative_algorithm).upper()
@@ -412,3 +446,137 @@ def resolve_draft_kind(server_args) -> str:
         raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft, served with "
                                      f"--speculative-algorithm {kind.serving.algorithm}, not {algo}")
     return kind.name
+
+
+# ---- typed values (issue 14): every setting checked against its dataclass field's type ----------------------
+# A JSON config file gives JSON types; the command line gives what argparse made of a flag (int / float / str,
+# True for a switch). A boolean is only a JSON boolean or a switch, an integer only an integer (not a boolean,
+# a float or a numeric string), a number finite; fields named *_bytes also take size strings ("512MB").
+
+_KIND_OF = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"),
+            (dict, "an object"))
+
+
+@dataclass(frozen=True)
+class FieldType:
+    base: str              # bool | int | float | str
+    optional: bool         # None (JSON null) allowed
+    size: bool             # a byte count (field name *_bytes): also a size string; positive (or 0 if the default)
+
+    def describe(self) -> str:
+        words = {"bool": "a boolean (JSON true or false)", "int": "an integer", "float": "a finite number",
+                 "str": "a string"}[self.base]
+        if self.size:
+            words = 'a size (an integer byte count, or a string such as "512MB" or "2GiB")'
+        return words + (" or null" if self.optional else "")
+
+
+def field_type(name: str) -> FieldType:
+    """The type of OnlineTrainConfig.<name>, from its annotation ('int', 'str | None', ...)."""
+    annotation = {f.name: f.type for f in fields(OnlineTrainConfig)}[name]
+    parts = [p.strip() for p in str(annotation).split("|")]
+    base = next(p for p in parts if p != "None")
+    if base not in ("bool", "int", "float", "str"):
+        raise TypeError(f"OnlineTrainConfig.{name}: unsupported annotation {annotation!r}")
+    return FieldType(base, "None" in parts, base == "int" and name.endswith("_bytes"))
+
+
+_DEFAULTS = {f.name: f.default for f in fields(OnlineTrainConfig)}
+
+
+def _shown(value) -> str:
+    """A value as the user wrote it, and its type: '"false" (a string)', '8.7 (a number)', 'null'."""
+    if value is None:
+        return "null"
+    kind = next((word for t, word in _KIND_OF if isinstance(value, t)), type(value).__name__)
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return f"{text} ({kind})"
+
+
+def check_value(name: str, value, where: str):
+    """`value` for OnlineTrainConfig.<name> if its type is right, normalised (size strings -> bytes, integers
+    of float fields -> float, a device list -> "a,b"); else OnlineTrainConfigError naming `where` (the flag, or
+    the config file and key), the value and the expected type."""
+    t = field_type(name)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if value is None:
+        if t.optional:
+            return None
+    elif t.base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif t.size:
+        if isinstance(value, str) or is_int:                # 0 only where the default is 0 ("0: off")
+            return parse_size(value, where, allow_zero=_DEFAULTS.get(name) == 0)
+    elif t.base == "int":
+        if is_int:
+            return value
+    elif t.base == "float":
+        if is_int or isinstance(value, float):
+            if not math.isfinite(value):
+                raise OnlineTrainConfigError(f"{where} must be a finite number, got {_shown(value)}")
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    elif name == "trainer_device" and isinstance(value, (list, tuple)) and value \
+            and all(isinstance(d, str) for d in value):
+        return ",".join(value)                                      # a config file may list the devices
+    raise OnlineTrainConfigError(f"{where} must be {t.describe()}, got {_shown(value)}")
+
+
+def _flag_of(name: str) -> str | None:
+    return next(("--" + flag.replace("_", "-") for flag, f in _FLAG_TO_FIELD.items() if f == name), None)
+
+
+def config_key_label(path, key: str) -> str:
+    """How an error names a key of --online-train-config FILE (and the flag that sets the same field)."""
+    flag = _flag_of(key)
+    return f"--online-train-config {path}: key {key!r}" + (f" (flag {flag})" if flag else "")
+
+
+def check_field_types(cfg: OnlineTrainConfig) -> None:
+    """Every field of `cfg` through check_value (settings built in code, or from the environment)."""
+    for f in fields(cfg):
+        where = _flag_of(f.name) or f"online-train {f.name}"
+        setattr(cfg, f.name, check_value(f.name, getattr(cfg, f.name), where))
+
+
+def check_device_indexes(cfg: OnlineTrainConfig, device_count: int | None = None) -> None:
+    """At startup, in the launcher: every cuda / cuda:N of --online-train-device exists here
+    (`device_count`: torch.cuda.device_count(), which honours CUDA_VISIBLE_DEVICES as the scheduler will)."""
+    cuda = [d for d in cfg.trainer_devices if d.startswith("cuda")]
+    if not cuda:
+        return
+    if device_count is None:
+        import torch
+        device_count = torch.cuda.device_count()
+    missing = [d for d in cuda if device_count == 0 or (d != "cuda" and int(d.split(":")[1]) >= device_count)]
+    if missing:
+        have = f"this machine has {device_count} CUDA device{'' if device_count == 1 else 's'}"
+        if device_count:
+            have += f" (cuda:0..cuda:{device_count - 1}; CUDA_VISIBLE_DEVICES renumbers them)"
+        raise OnlineTrainConfigError(f"--online-train-device {cfg.trainer_device}: {', '.join(missing)} is not "
+                                     f"there, {have}")
+
+
+def argv_with_sglang_config(argv: list[str]) -> list[str]:
+    """`argv` with the keys of SGLang's own `--config FILE.yaml` merged in exactly as SGLang's
+    prepare_server_args merges them (its ConfigArgumentMerger over its parser, which holds our flags): our
+    `online-train-*` keys there act as the same flags, and the command line wins over the file. A --config that
+    SGLang cannot read is left to SGLang to report."""
+    if "--config" not in argv:
+        return list(argv)
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+    parser = argparse.ArgumentParser(prog="sglang serve")
+    ServerArgs.add_cli_args(parser)
+    if not any(a.dest == "online_train" for a in parser._actions):
+        add_arguments(parser)
+    try:
+        return ConfigArgumentMerger(parser).merge_config_with_args(list(argv))
+    except Exception:                       # noqa: BLE001 - SGLang raises its own error for this file next
+        return list(argv)

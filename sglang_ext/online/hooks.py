@@ -15,7 +15,8 @@ import sys
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sglang_ext.online.config import (ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, add_arguments,
-                                      check_server_args, parse_argv, resolve_draft_kind)
+                                      argv_with_sglang_config, check_device_indexes, check_server_args, parse_argv,
+                                      resolve_draft_kind)
 
 logger = logging.getLogger(__name__)
 _pipeline = None            # sglang_ext.online.pipeline.OnlinePipeline of this scheduler process, once built
@@ -38,11 +39,15 @@ def add_online_train_cli_args(original, parser, *args, **kwargs):
 
 
 # srt/server_args.py `prepare_server_args`: `ServerArgs.from_cli_args` drops fields it does not declare, so
-# read our flags back from argv, validate them against the parsed server args and the draft's kind (fail fast
-# at startup), and hand them to the scheduler processes through the environment (and as a private attribute).
+# read our flags back from argv (with the keys of SGLang's `--config` YAML merged in as SGLang merges them),
+# validate them (types, values, trainer devices present), then against the parsed server args and the draft's
+# kind (fail fast at startup), and hand them to the scheduler processes through the environment (and as a
+# private attribute).
 def prepare_server_args_with_online_train(original, argv, *args, **kwargs):
     try:
-        cfg = parse_argv(list(argv))
+        cfg = parse_argv(argv_with_sglang_config(list(argv)))
+        if cfg is not None:
+            check_device_indexes(cfg)
     except OnlineTrainConfigError as e:
         sys.stderr.write(f"sglang serve: error: {e}\n")
         raise SystemExit(2) from None
