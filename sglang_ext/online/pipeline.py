@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from sglang_ext.online.buffer import STORAGE, ReplayBuffer
 from sglang_ext.online.capture import Recorder
 from sglang_ext.online.config import OnlineTrainConfig
+from sglang_ext.online.hub import draft_source, local_dir, target_source
 from sglang_ext.online.metrics import OnlineMetrics
 from sglang_ext.online.supervisor import TrainerSupervisor
 from sglang_ext.online.tp import SlotHandle, SwapFollower, TPGroup, tp_group
 from trainer.draft_kind import DraftKind, get_kind
 from trainer.replay import ReplaySpec
-from trainer.target import target_identity
+from trainer.target import target_identity, target_info
 
 logger = logging.getLogger(__name__)
+HUB_FILES = ["*.json", "*.safetensors"]    # what the online path reads of a repo id's snapshot, if it must fetch
 
 
 @dataclass
@@ -77,21 +79,27 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
     """Everything --online-train runs in the scheduler process, for `worker` (SGLang's speculative worker).
     Raises on a bad setting (persist directory, draft names), so the server fails at startup."""
     kind = get_kind(cfg.draft_kind or "dflash")
-    draft_path = server_args.speculative_draft_model_path
+    # Local directories, or the snapshots of repo ids that SGLang loaded (sglang_ext/online/hub.py).
+    target, draft = target_source(server_args), draft_source(server_args)
+    target_path = local_dir(target, allow_patterns=HUB_FILES, cache_first=True)
+    draft_path = local_dir(draft, allow_patterns=HUB_FILES, cache_first=True)
     draft_cfg = kind.load_config(draft_path)
     # The target captures its layers in layer order, so the feature columns follow the sorted ids.
     layer_ids = sorted(kind.live_feature_layers(draft_cfg))
-    spec = ReplaySpec(target_identity(server_args.model_path), layer_ids, int(draft_cfg.hidden_size),
+    spec = ReplaySpec(target_identity(target_path, name=target.path), layer_ids, int(draft_cfg.hidden_size),
                       STORAGE[cfg.storage_dtype])
     metrics = OnlineMetrics({"model_name": str(server_args.served_model_name or server_args.model_path)})
-    buffer = ReplayBuffer(cfg, spec, metrics)
+    # records are checked against the target's vocabulary before they are kept, persisted or sent (poison)
+    buffer = ReplayBuffer(cfg, spec, metrics, vocab_size=target_info(server_args.model_path).vocab_size)
+    atexit.register(buffer.stop)                                # writes what waits, if the process exits itself
     recorder = Recorder(cfg, buffer.submit, metrics)            # capture -> buffer
     block_size = kind.served_block_size(worker)
     supervisor = None
     if cfg.trainer:
-        supervisor = TrainerSupervisor(cfg, kind, worker, metrics, target_path=server_args.model_path,
+        supervisor = TrainerSupervisor(cfg, kind, worker, metrics, target_path=target_path,
                                        draft_path=draft_path, block_size=block_size, tp=tp)
         buffer.on_record = supervisor.offer                     # buffer -> trainer
+        recorder.on_verified = supervisor.observe_verified      # served acceptance -> rollback watch
         supervisor.start(lambda: [record for record, _ in buffer.snapshot()])   # restarts get the backlog
         atexit.register(supervisor.stop)
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "

@@ -12,7 +12,9 @@ import dataclasses
 import io
 import json
 import math
+import time
 import typing
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,8 @@ class TrainerSettings:
     max_memory_bytes: int | None = None   # cap of the trainer's CUDA allocator (None: no cap)
     replay_policy: str = "recency"        # how steps draw from the pool: recency | uniform
     recency_half_life: float = 64.0       # records: with "recency", a record this much older is half as likely
+    run_id: str = ""                      # checkpoints go to checkpoint_dir/<run_id>/ (one per server start,
+                                          # kept across trainer restarts); "" -> the trainer picks one
 
 
 @dataclass(frozen=True)
@@ -110,24 +114,90 @@ def _check(tp, value, where: str):
     return float(value) if tp is float else value
 
 
+def new_run_id() -> str:
+    """A server run's name, chosen once per server start (TrainerSettings.run_id): its checkpoints go to
+    <checkpoint_dir>/<run id>/version-NNNNNN/, so runs (and servers sharing a directory) never prune each other."""
+    return f"run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
 # ---- records ------------------------------------------------------------------------------------------------
 
 def encode_record(record: ReplayRecord) -> bytes:
-    """A finished replay record -> one message to the trainer (what training needs, and the request id)."""
+    """A finished replay record -> one message to the trainer (what training needs, the request id and, when
+    the replay buffer numbered it, its sequence number: how the trainer names a poison record)."""
     buf = io.BytesIO()
-    torch.save({"input_ids": record.input_ids, "features": record.features, "positions": record.positions,
-                "loss_mask": record.loss_mask, "rid": str(record.meta.get("rid", ""))}, buf)
+    msg = {"input_ids": record.input_ids, "features": record.features, "positions": record.positions,
+           "loss_mask": record.loss_mask, "rid": str(record.meta.get("rid", ""))}
+    if isinstance(record.meta.get("seq"), int):
+        msg["seq"] = record.meta["seq"]
+    torch.save(msg, buf)
     return buf.getvalue()
 
 
 def decode_record(payload: bytes) -> ReplayRecord:
     d = torch.load(io.BytesIO(payload), weights_only=True)
+    meta = {"rid": d["rid"], **({"seq": int(d["seq"])} if "seq" in d else {})}
     return ReplayRecord(input_ids=d["input_ids"].long(), features=d["features"], positions=d["positions"],
-                        loss_mask=d["loss_mask"].bool(), meta={"rid": d["rid"]})
+                        loss_mask=d["loss_mask"].bool(), meta=meta)
+
+
+# ---- poison records -----------------------------------------------------------------------------------------
+# A record that would fail or corrupt a training step is dropped where it is first seen (the replay buffer,
+# before it is persisted or sent; the trainer again on arrival) and counted by reason
+# (sglang:online_train_poison_records_total{reason}). A record whose step raised is dropped by the trainer,
+# which reports its seq back on the records socket (`poison_report`), so a restarted trainer is not re-sent it.
+POISON_REASONS = ("token_id", "non_finite", "shape", "step_failed")
+
+
+def check_record(record: ReplayRecord, vocab_size: int | None, width: int | None = None) -> str | None:
+    """Why `record` must not be trained on (a POISON_REASONS entry and what is wrong), or None when it is fine:
+    consistent shapes and dtypes (input_ids [S], features [S, width], positions [3, S], loss_mask [S], S > 0),
+    token ids in [0, vocab_size), finite features."""
+    try:
+        ids, feats, pos, mask = record.input_ids, record.features, record.positions, record.loss_mask
+        S = int(ids.shape[0]) if ids.dim() == 1 else -1
+        if S <= 0:
+            return f"shape: input_ids {list(ids.shape)}, expected one non-empty dimension"
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            return f"shape: input_ids dtype {ids.dtype} is not an integer type"
+        want = {"features": (S, width if width is not None else (feats.shape[1] if feats.dim() == 2 else -1)),
+                "positions": (3, S), "loss_mask": (S,)}
+        for name, shape in want.items():
+            got = tuple(getattr(record, name).shape)
+            if got != shape:
+                return f"shape: {name} {list(got)}, expected {list(shape)}"
+        if not feats.is_floating_point():
+            return f"shape: features dtype {feats.dtype} is not floating point"
+        if pos.is_floating_point():
+            return f"shape: positions dtype {pos.dtype} is not an integer type"
+        if vocab_size is not None:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= vocab_size:
+                return f"token_id: ids span [{lo}, {hi}], outside the vocabulary [0, {vocab_size})"
+        if not bool(torch.isfinite(feats).all()):
+            return "non_finite: features hold NaN or Inf"
+    except Exception as e:                 # anything odd about the tensors themselves is a bad shape too
+        return f"shape: {type(e).__name__}: {e}"
+    return None
+
+
+def poison_report(seq: int | None, reason: str) -> bytes:
+    """Trainer -> scheduler on the records socket: the record numbered `seq` was dropped for `reason`."""
+    return json.dumps({"poison": seq, "reason": reason}).encode()
+
+
+def parse_poison_report(payload: bytes) -> tuple[int | None, str]:
+    d = json.loads(payload)
+    seq = d.get("poison")
+    reason = d.get("reason")
+    if not (seq is None or isinstance(seq, int)) or reason not in POISON_REASONS:
+        raise ValueError(f"poison report: unexpected {d!r}")
+    return seq, reason
 
 
 def record_nbytes(record: ReplayRecord) -> int:
     return record.features.numel() * record.features.element_size()
 
 
-__all__ = ["TrainerSettings", "TrainerSpec", "encode_record", "decode_record", "record_nbytes"]
+__all__ = ["TrainerSettings", "TrainerSpec", "encode_record", "decode_record", "record_nbytes", "check_record",
+           "poison_report", "parse_poison_report", "POISON_REASONS", "new_run_id"]
