@@ -36,6 +36,34 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_rejected_swaps_total{reason}       candidates not swapped: worse (guard) | nan
     sglang:online_train_swap_latency_seconds               histogram: weight copy + helper rebuild
     sglang:online_train_seconds_since_last_swap            -1 before the first swap
+  persistence and poison records (issue 14):
+    sglang:online_train_persisted_shards_total             replay shards written to the persist directory
+    sglang:online_train_persisted_bytes_total              ... their bytes
+    sglang:online_train_persist_errors_total               shard writes that failed (the records are kept, retried)
+    sglang:online_train_persist_lost_records_total         records never persisted (past the bound of what waits
+                                                           while writes fail, refused, or unwritten at shutdown)
+    sglang:online_train_persist_pruned_shards_total / _bytes_total / _records_total   deleted by
+                                                           --online-train-persist-max-bytes (oldest first)
+    sglang:online_train_persist_swept_files_total          leftover temp / unlisted shard files deleted at startup
+    sglang:online_train_persist_dir_bytes                  bytes of the shards the persist directory lists
+    sglang:online_train_poison_records_total{reason}       records dropped as poison: token_id (outside the
+                                                           vocabulary) | non_finite (features) | shape (in the
+                                                           replay buffer or the trainer) | step_failed (its
+                                                           training step raised); never trained on or re-sent
+  served acceptance per draft version (bounded: two label values, role="current" | "previous"):
+    sglang:online_train_version_number{role}               the version in that role (-1: none yet)
+    sglang:online_train_version_verify_steps{role}         verify steps (one per request and step) it served
+    sglang:online_train_version_accepted_tokens{role}      accepted draft tokens it served
+    sglang:online_train_version_proposed_drafts{role}      draft tokens it proposed
+    sglang:online_train_version_accept_length{role}        its mean tokens committed per verify step
+    sglang:online_train_rollbacks_total                    versions swapped back out for serving worse than
+                                                           the previous one (supervisor.RollbackWatch)
+    Why roles and not the version number as the label: SGLang runs prometheus_client in multiprocess mode, where
+    a label value cannot be removed (Counter.remove is not implemented there: the series stays in the mmap
+    files), so a `version` label would grow one set of series per swap for the life of the server. With roles
+    there are always two series per name; each swap moves "current" to "previous" and starts the new version's
+    counts at 0 (so these are gauges of counts since the version went live, not counters), and a rollback
+    exchanges the two. The version numbers they belong to are in version_number{role}.
 """
 from __future__ import annotations
 
@@ -109,8 +137,13 @@ class OnlineMetrics:
             self._rejected.labels(**self.labels, reason=reason).inc(0)
         for result in ("filled", "gap"):
             self._prefix_rows.labels(**self.labels, result=result).inc(0)
+        self._init_persist_metrics(counter, gauge)
+        self._init_version_metrics(gauge, counter)
 
-    def verified(self, commit_lens: list[int], block_size: int) -> None:
+    def verified(self, commit_lens: list[int], block_size: int, version: int | None = None) -> None:
+        """One verify step's tokens committed per request; `version`: the draft version that proposed them (None:
+        the live one)."""
+        self._version_verified(commit_lens, block_size, self.live_version if version is None else version)
         for c in commit_lens:
             self._accept_len.labels(**self.labels).observe(c)
         for position in range(1, block_size):
@@ -150,6 +183,7 @@ class OnlineMetrics:
 
     def set_draft_version(self, version: int) -> None:
         self._version.labels(**self.labels).set(version)
+        self.live_version = version
 
     # -- trainer / swaps ---------------------------------------------------------------------------------
     def trainer_restarted(self) -> None:
@@ -166,6 +200,7 @@ class OnlineMetrics:
 
     def swapped(self, version: int, latency_s: float, in_flight: int) -> None:
         self._version.labels(**self.labels).set(version)
+        self._version_swapped(version)
         self._swaps.labels(**self.labels).inc()
         if in_flight:
             self._swaps_in_flight.labels(**self.labels).inc()
@@ -188,3 +223,113 @@ class OnlineMetrics:
             self._heldout_tau.labels(**lab).set(heldout_tau)
         if since_swap is not None:
             self._since_swap.labels(**lab).set(since_swap)
+
+    # -- persistence and poison records (issue 14) ---------------------------------------------------------
+    def _init_persist_metrics(self, counter, gauge) -> None:
+        from sglang_ext.online.protocol import POISON_REASONS
+        self._persisted_shards = counter("persisted_shards", "Replay shards written to the persist directory")
+        self._persisted_bytes = counter("persisted_bytes", "Bytes of replay shards written")
+        self._persist_errors = counter("persist_errors", "Replay shard writes that failed (records kept, retried)")
+        self._persist_lost = counter("persist_lost_records", "Records never persisted: past the bound of what "
+                                     "waits while shard writes fail, refused by the writer, or unwritten at stop")
+        self._pruned_shards = counter("persist_pruned_shards", "Shards deleted by --online-train-persist-max-bytes")
+        self._pruned_bytes = counter("persist_pruned_bytes", "Bytes of shards deleted by the retention limit")
+        self._pruned_records = counter("persist_pruned_records", "Records in shards deleted by the retention limit")
+        self._swept = counter("persist_swept_files", "Leftover temp and unlisted shard files deleted at startup")
+        self._dir_bytes = gauge("persist_dir_bytes", "Bytes of the shards the persist directory lists")
+        self._poison = counter("poison_records", "Records dropped as poison (never trained on or re-sent)",
+                               extra=("reason",))
+        for c in (self._persisted_shards, self._persisted_bytes, self._persist_errors, self._persist_lost,
+                  self._pruned_shards, self._pruned_bytes, self._pruned_records, self._swept):
+            c.labels(**self.labels).inc(0)
+        for reason in POISON_REASONS:
+            self._poison.labels(**self.labels, reason=reason).inc(0)
+
+    def persisted_shard(self, nbytes: int) -> None:
+        self._persisted_shards.labels(**self.labels).inc()
+        self._persisted_bytes.labels(**self.labels).inc(nbytes)
+
+    def persist_error(self) -> None:
+        self._persist_errors.labels(**self.labels).inc()
+
+    def persist_lost(self, n: int) -> None:
+        self._persist_lost.labels(**self.labels).inc(n)
+
+    def persist_pruned(self, shards: int, nbytes: int, records: int) -> None:
+        self._pruned_shards.labels(**self.labels).inc(shards)
+        self._pruned_bytes.labels(**self.labels).inc(nbytes)
+        self._pruned_records.labels(**self.labels).inc(records)
+
+    def persist_swept(self, n: int) -> None:
+        self._swept.labels(**self.labels).inc(n)
+
+    def persist_dir_bytes(self, nbytes: int) -> None:
+        self._dir_bytes.labels(**self.labels).set(nbytes)
+
+    def poison_records(self, reason: str, n: int = 1) -> None:
+        self._poison.labels(**self.labels, reason=reason).inc(n)
+
+    # -- served acceptance per draft version (issue 14, item 7) + rollbacks (item 6) ----------------------------
+    ROLES = ("current", "previous")
+
+    def _init_version_metrics(self, gauge, counter) -> None:
+        from prometheus_client import Gauge
+
+        def role_gauge(name, doc):
+            return Gauge(f"sglang:online_train_{name}", doc, labelnames=list(self.labels) + ["role"],
+                         multiprocess_mode="mostrecent")
+
+        self.live_version = 0                   # the version serving now (its role is "current")
+        # role -> [version, verify steps, accepted drafts, proposed drafts, tokens committed]
+        self._per_version = {"current": [0, 0, 0, 0, 0], "previous": [-1, 0, 0, 0, 0]}
+        self._v_number = role_gauge("version_number", "Draft version in this role (current: serving now; "
+                                    "previous: the one before it, or the one rolled back); -1: none yet")
+        self._v_steps = role_gauge("version_verify_steps", "Verify steps (per request) served by the version in "
+                                   "this role since it went live")
+        self._v_accepted = role_gauge("version_accepted_tokens", "Accepted draft tokens served by the version in "
+                                      "this role since it went live")
+        self._v_proposed = role_gauge("version_proposed_drafts", "Draft tokens proposed by the version in this "
+                                      "role since it went live")
+        self._v_accept_len = role_gauge("version_accept_length", "Mean tokens committed per verify step by the "
+                                        "version in this role (0: no step yet)")
+        self._rollbacks = counter("rollbacks", "Draft versions rolled back after a swap: served acceptance "
+                                  "dropped below the previous version's by more than the tolerance")
+        self._rollbacks.labels(**self.labels).inc(0)
+        self._publish_versions()
+
+    def _publish_versions(self, roles=ROLES) -> None:
+        for role in roles:
+            version, steps, accepted, proposed, committed = self._per_version[role]
+            lab = dict(self.labels, role=role)
+            self._v_number.labels(**lab).set(version)
+            self._v_steps.labels(**lab).set(steps)
+            self._v_accepted.labels(**lab).set(accepted)
+            self._v_proposed.labels(**lab).set(proposed)
+            self._v_accept_len.labels(**lab).set(committed / steps if steps else 0.0)
+
+    def _version_verified(self, commit_lens: list[int], block_size: int, version: int) -> None:
+        for role, stats in self._per_version.items():
+            if stats[0] == version:             # steps of an older version, verified late: not counted
+                stats[1] += len(commit_lens)
+                stats[2] += sum(max(0, c - 1) for c in commit_lens)
+                stats[3] += (block_size - 1) * len(commit_lens)
+                stats[4] += sum(commit_lens)
+                self._publish_versions((role,))
+                return
+
+    def _version_swapped(self, version: int) -> None:
+        """A new version went live: "current" becomes "previous"; the new one starts from 0."""
+        self.live_version = version
+        self._per_version = {"current": [version, 0, 0, 0, 0], "previous": self._per_version["current"]}
+        self._publish_versions()
+
+    def rolled_back(self, from_version: int, to_version: int) -> None:
+        """`from_version` was swapped out again for `to_version` (the previous one): the roles exchange."""
+        self.live_version = to_version
+        self._version.labels(**self.labels).set(to_version)
+        current, previous = self._per_version["current"], self._per_version["previous"]
+        if previous[0] != to_version:            # not what "previous" held (should not happen): start it at 0
+            previous = [to_version, 0, 0, 0, 0]
+        self._per_version = {"current": previous, "previous": current}
+        self._rollbacks.labels(**self.labels).inc()
+        self._publish_versions()
