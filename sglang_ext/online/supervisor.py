@@ -39,14 +39,16 @@ from multiprocessing.connection import Connection
 import torch
 
 from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.protocol import TrainerSpec, encode_record
+from sglang_ext.online.protocol import TrainerSpec, encode_record, new_run_id, parse_poison_report
 from sglang_ext.online.queues import ByteQueue
 from sglang_ext.online.swap import StagedSwap, plan_placements
-from sglang_ext.online.tp import SlotHandle, TPGroup, apply_version, swap_log
+from sglang_ext.online.rollback import RollbackWatch, Verdict, load_draft_weights
+from sglang_ext.online.tp import SlotHandle, TPGroup, apply_version, restore_weights, rollback_code, swap_log
 from sglang_ext.online.trainer_worker import trainer_memory_need
 
 logger = logging.getLogger(__name__)
 TRAINER_MODULE = "sglang_ext.online.trainer_worker"
+POISON_MEMORY = 1 << 16         # seqs of poison records remembered (never re-sent to a restarted trainer)
 
 
 def check_draft_names(kind, draft_model, layout: ws.Layout) -> None:
@@ -161,7 +163,10 @@ class TrainerGroupSupervisor:
         self.cfg = cfg
         self.metrics = metrics
         self.slot = slot
+        if not spec.settings.run_id:                # one run id per server start: trainer restarts keep it
+            spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, run_id=new_run_id()))
         self.spec = spec                            # rank 0's spec; each rank gets its device, fds, world size
+        self.poisoned: dict[int, None] = {}         # seqs of records the trainer dropped as poison (ordered set)
         self.devices = list(devices)                # one per trainer rank
         self.device = ",".join(self.devices)
         self.outbox: ByteQueue[bytes] = ByteQueue(cfg.queue_bytes)   # encoded records for the trainer
@@ -252,8 +257,10 @@ class TrainerGroupSupervisor:
                         self.world_size, [p.pid for p in self.procs], self.device, port, self.starts)
         if self.starts > 1:
             self.metrics.trainer_restarted()
-            # A fresh trainer has no records: give it what the replay buffer still holds (newest first kept).
-            backlog = list(self.snapshot_fn()) if self.snapshot_fn is not None else []
+            # A fresh trainer has no records: give it what the replay buffer still holds (newest first kept),
+            # except the records a trainer reported as poison.
+            backlog = [r for r in (self.snapshot_fn() if self.snapshot_fn is not None else [])
+                       if r.meta.get("seq") not in self.poisoned]
             self.outbox.clear()
             for record in backlog:                  # bounded too: past the bound the oldest are dropped
                 self.outbox.put(encode_record(record))
@@ -262,6 +269,7 @@ class TrainerGroupSupervisor:
         backoff = self.RESTART_BACKOFF_S[0]
         while not self._stopping:
             self._stage_published()            # a version published just before a trainer died still goes live
+            self._collect_poison()
             if not self.procs:
                 try:
                     self._launch()
@@ -297,6 +305,22 @@ class TrainerGroupSupervisor:
     def _stage_published(self) -> None:
         """Supervisor thread: what to do with a newly published version before the swap (nothing here)."""
 
+    def _collect_poison(self) -> None:
+        """Poison reports the trainer sent back on the records socket: count them, remember their seqs."""
+        conn = self.conn
+        try:
+            while conn is not None and conn.poll(0):
+                seq, reason = parse_poison_report(conn.recv_bytes())
+                if seq is not None:
+                    self.poisoned[seq] = None
+                    while len(self.poisoned) > POISON_MEMORY:
+                        del self.poisoned[next(iter(self.poisoned))]
+                self.metrics.poison_records(reason)
+                logger.warning("sglang_ext: the trainer dropped record seq %s as poison (%s); it is not sent again",
+                               seq, reason)
+        except (EOFError, OSError, ValueError) as e:      # a trainer gone mid-message: the exit path handles it
+            logger.debug("sglang_ext: reading poison reports: %s", e)
+
     def _kill_group(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -321,6 +345,7 @@ class TrainerGroupSupervisor:
             logger.error("sglang_ext: trainer rank(s) %s exited (rank, pid, code); serving goes on with draft "
                          "version %d; killing the group's other ranks and restarting it", exited, self.version)
         self._kill_group()
+        self._collect_poison()                  # what it reported before it went
         try:
             self.conn.close()
         except OSError:
@@ -353,7 +378,11 @@ class TrainerSupervisor(TrainerGroupSupervisor):
         self.memory_need = trainer_memory_need(kind.name, draft_path, target_path, devices[0])
         check_group_memory(self.memory_need, devices, cfg.max_memory_bytes)
         serving_dtype = next(self.draft_model.parameters()).dtype   # versions cross in the dtype served
-        slot = ws.WeightSlot.create(self.layout, serving_dtype)
+        rollback = cfg.rollback_steps > 0             # keep the previous version's weights (the keep buffer)
+        slot = ws.WeightSlot.create(self.layout, serving_dtype, keep=rollback)
+        if rollback:                                  # version 0: the checkpoint
+            for name, t in load_draft_weights(draft_path, self.layout, serving_dtype).items():
+                slot.keep[name].copy_(t)
         spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
                            draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size),
                            device=devices[0], slot_fd=slot.fd, slot_dtype=ws.dtype_name(serving_dtype),
@@ -368,6 +397,11 @@ class TrainerSupervisor(TrainerGroupSupervisor):
         self._last_tick: float | None = None
         self.iterations = 0                         # scheduler iterations seen
         self.iteration_s: float | None = None
+        # rollback on served acceptance (sglang_ext/online/rollback.py); None with --online-train-rollback-steps 0
+        self.watch = RollbackWatch(cfg.rollback_steps, cfg.rollback_tolerance) if rollback else None
+        self.rollbacks = 0
+        self.skipped_versions = 0                   # published from a rolled-back version: never applied
+        self._keep_lock = threading.Lock()          # keep buffer: the supervisor thread's copy vs. the swap
 
     def slot_handle(self) -> SlotHandle:
         """How the other TP ranks reach this process's weight slot."""
@@ -377,6 +411,7 @@ class TrainerSupervisor(TrainerGroupSupervisor):
     def _stage_published(self) -> None:
         """Supervisor thread: bring a newly published version to the staging buffers (once the previous one
         was applied, so the buffers are free)."""
+        self._keep_live()
         stager, slot = self.stager, self.slot
         if stager is None or slot is None or slot.header is None:
             return
@@ -400,13 +435,23 @@ class TrainerSupervisor(TrainerGroupSupervisor):
             self.iteration_s = gap if self.iteration_s is None else 0.95 * self.iteration_s + 0.05 * gap
         self.iterations += 1
         stager = self.stager
-        ready = slot.published > slot.applied and (stager is None or stager.version == slot.published)
+        verdict = self.watch.take_rollback() if self.watch is not None else None
+        if verdict is None:
+            self._skip_stale()
+        ready = (verdict is None and slot.published > slot.applied
+                 and (stager is None or stager.version == slot.published) and self._may_swap())
         if self.tp is None:
-            if ready:
+            if verdict is not None:
+                self._rollback(scheduler, verdict)
+            elif ready:
                 self._swap(scheduler, slot.published)
-        else:                                # every TP rank swaps at this iteration, or none does
-            version = self.tp.broadcast_version(slot.published if ready else 0)
-            if version:
+        else:                                # every TP rank swaps (or rolls back) at this iteration, or none does
+            code = rollback_code(slot.header.keep_version) if verdict is not None else (slot.published if ready
+                                                                                         else 0)
+            version = self.tp.broadcast_version(code)
+            if version < 0:
+                self._rollback(scheduler, verdict)
+            elif version:
                 self._swap(scheduler, version)
         self._last_tick = time.perf_counter()
         now = time.monotonic()
@@ -432,7 +477,14 @@ class TrainerSupervisor(TrainerGroupSupervisor):
         if self.tp is not None:
             swap_log(self.tp.rank, version, self.iterations, getattr(scheduler, "forward_ct", None), latency)
         slot.acknowledge(version)
-        self.version = version
+        with self._keep_lock:
+            self.version = version
+            if self.watch is not None:
+                slot.header.live_in_keep = 0
+                if self.watch.swapped(version):
+                    logger.info("sglang_ext: draft version %d on probation for %d verify steps (rollback if its "
+                                "mean accept length falls more than %g below the previous version's)", version,
+                                self.watch.steps, self.watch.tolerance)
         self.swaps += 1
         self.last_swap_t = time.monotonic()
         self.swap_latencies_s.append(latency)
@@ -441,6 +493,86 @@ class TrainerSupervisor(TrainerGroupSupervisor):
                     "%.2f ms on average, trainer step %d, held-out tau %.3f vs %.3f)", version, latency * 1e3,
                     in_flight, (self.iteration_s or 0.0) * 1e3, slot.header.steps, slot.header.candidate_tau,
                     slot.header.live_tau)
+
+    # -- rollback on served acceptance (sglang_ext/online/rollback.py) -------------------------------------
+    def observe_verified(self, commit_lens: list[int], version: int) -> None:
+        """Scheduler thread (capture.Recorder.on_verified): tokens committed per request of one verify step, and
+        the draft version that proposed them. A rollback verdict is acted on at the next tick (not mid-forward)."""
+        if self.watch is None:
+            return
+        verdict = self.watch.observe(commit_lens, version)
+        if verdict is None:
+            return
+        if verdict.rollback:
+            logger.warning("sglang_ext: draft version %d serves worse than the previous version (%s): rolling it "
+                           "back", verdict.version, verdict.describe())
+        else:
+            logger.info("sglang_ext: draft version %d kept after its probation (%s)", verdict.version,
+                        verdict.describe())
+
+    def _may_swap(self) -> bool:
+        """Rollback on: nothing newer goes live while a version is on probation, before the trainer has reset
+        after a rollback, or before the live version's weights are in the keep buffer."""
+        if self.watch is None:
+            return True
+        h = self.slot.header
+        return not self.watch.busy and h.rollback_seen >= h.rollbacks and h.keep_version == self.version
+
+    def _skip_stale(self) -> None:
+        """A version published from the rolled-back weights before the trainer reset is never applied: it is
+        acknowledged unapplied, so the trainer may publish again."""
+        h = self.slot.header
+        if self.watch is None or h.rollbacks == 0 or h.rollback_seen < h.rollbacks:
+            return
+        if h.applied < h.published <= h.reset_published:
+            logger.info("sglang_ext: draft version %d was trained from rolled-back version %d: not applied",
+                        h.published, h.rolled_back_version)
+            self.slot.acknowledge(h.published)
+            self.skipped_versions += 1
+
+    def _keep_live(self) -> None:
+        """Supervisor thread: copy the live version's weights into the slot's keep buffer, off the critical path,
+        once it is past its probation (what a rollback of the next version restores). The trainer never writes
+        the live version's buffer (it writes the other one, and only after the next swap)."""
+        watch, slot = self.watch, self.slot
+        if watch is None or slot is None or slot.header is None:
+            return
+        with self._keep_lock:
+            h = slot.header
+            if watch.busy or h.live_in_keep or h.keep_version == self.version or slot.applied != self.version:
+                return
+            for name, t in slot.weights_of(self.version).items():
+                slot.keep[name].copy_(t)
+            h.keep_version = self.version
+
+    @torch.no_grad()
+    def _rollback(self, scheduler, verdict: Verdict) -> None:
+        """Swap the keep buffer's version back in (every TP rank at this iteration), count it, log it, and tell
+        the trainer (slot header `rollbacks`) to reset to it."""
+        slot, h = self.slot, self.slot.header
+        restored = h.keep_version
+        t0 = time.perf_counter()
+        try:
+            restore_weights(self.kind, self.worker, self.draft_model, self.stager, slot.keep)
+        finally:
+            if self.tp is not None:
+                self.tp.barrier()              # every rank has read the keep buffer
+        latency = time.perf_counter() - t0
+        with self._keep_lock:
+            previous = self.watch.rolled_back()
+            h.live_in_keep = 1
+            h.rolled_back_version = verdict.version
+            h.rollbacks += 1
+            self.version = restored
+        if previous != restored:
+            logger.error("sglang_ext: rollback watch expected version %d back, the keep buffer holds %d", previous,
+                         restored)
+        self.rollbacks += 1
+        self.last_swap_t = time.monotonic()
+        self.metrics.rolled_back(verdict.version, restored)
+        logger.warning("sglang_ext: draft version %d rolled back after %d verify steps: version %d restored "
+                       "(%.2f ms, scheduler iteration %d; %s); the trainer resets to it", verdict.version,
+                       verdict.steps, restored, latency * 1e3, self.iterations, verdict.describe())
 
     def _update_metrics(self, now: float) -> None:
         h = self.slot.header

@@ -32,6 +32,8 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import threading
 import time
@@ -43,7 +45,8 @@ from pathlib import Path
 import torch
 
 from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.protocol import TrainerSpec, decode_record, record_nbytes
+from sglang_ext.online.protocol import (TrainerSpec, check_record, decode_record, new_run_id, poison_report,
+                                        record_nbytes)
 from sglang_ext.online.queues import ByteQueue
 from trainer import distributed
 from trainer.distributed import Dist
@@ -59,6 +62,7 @@ KEEPALIVE_S = 2.0               # a multi-device trainer's rank 0 reaches every 
 GROUP_TIMEOUT = datetime.timedelta(hours=6)   # collectives: hangs are the supervisor's to find (heartbeat)
 
 
+VERSION_DIR = re.compile(r"version-\d{6}")    # a checkpoint of a run: <checkpoint_dir>/<run id>/version-NNNNNN
 LOWEST_STREAM_PRIORITY = 1 << 20   # torch maps a priority past the range to the lowest one the device has
 
 
@@ -122,6 +126,27 @@ def sample_by_recency(n: int, k: int, half_life: float, rng: random.Random) -> l
     return sorted(range(n), key=keys.__getitem__, reverse=True)[:k]
 
 
+def feature_width(kind, cfg) -> int | None:
+    """Columns of a record's features (target layers x hidden size) the draft's kind trains on live records
+    (None when the kind does not say)."""
+    try:
+        return len(kind.live_feature_layers(cfg)) * int(cfg.hidden_size)
+    except Exception:
+        return None
+
+
+def private_dir(path: Path) -> None:
+    """`path` exists as a directory of mode 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def make_private(path: Path) -> None:
+    """Everything under `path`: directories 0700, files 0600."""
+    for p in path.rglob("*"):
+        os.chmod(p, 0o700 if p.is_dir() else 0o600)
+
+
 class OnlineTrainer:
     def __init__(self, spec: TrainerSpec, group: Dist | None = None, conn=None):
         """group: this process's place in a multi-device trainer (default: one process), whose process group is
@@ -141,12 +166,18 @@ class OnlineTrainer:
         self.slot = (ws.WeightSlot.attach(spec.slot_fd, ws.draft_layout(spec.draft_path, exclude=self.fixed),
                                           ws.dtype_from_name(spec.slot_dtype)) if self.main else None)
         self.inbox: ByteQueue[ReplayRecord] = ByteQueue(s.inbox_bytes, size=record_nbytes)
+        self.conn = None                    # the records socket (rank 0): poison reports go back on it
+        self._report_lock = threading.Lock()
+        self.poisoned: list[tuple[int | None, str]] = []   # (seq, reason) of the records this process dropped
+        self.run_id = s.run_id or new_run_id()   # the supervisor's (kept across restarts), else this process's
+        self.feature_width = feature_width(self.kind, cfg)
         if conn is not None:
             self.start_receiver(conn)
         if self.group.enabled and not torch.distributed.is_initialized():
             init_group(spec)
         precision = Precision.for_device(spec.device)
         embed, lm_head, _ = load_target_head(spec.target_path, dtype=precision.dtype)
+        self.vocab_size = int(embed.shape[0])       # token ids of records must index the target's embedding
 
         self.draft = self.kind.from_pretrained(spec.draft_path, cfg)
         self.resumed_version = 0
@@ -155,7 +186,11 @@ class OnlineTrainer:
             if names != {n for n, _ in self.slot.layout}:
                 raise ValueError(f"draft state dict {sorted(names)[:4]}... does not match the slot layout")
             self.resumed_version = self.slot.published
-            if self.resumed_version > 0:    # a restart: go on from the newest accepted version
+            kept = self.kept_state_to_resume()
+            if kept is not None:            # the server rolled a version back: go on from what it restored
+                self.resumed_version = self.slot.header.keep_version
+                self.load_published(self.draft, kept)
+            elif self.resumed_version > 0:  # a restart: go on from the newest accepted version
                 self.load_published(self.draft, self.slot.read_state())
         # Several ranks: DDP, which broadcasts rank 0's weights (the resumed version) to every rank. Wrapped
         # before the frozen target head is attached (DDP would broadcast it too).
@@ -188,12 +223,14 @@ class OnlineTrainer:
         self.want_publish = False
         self.rng = random.Random(os.getpid() if spec.seed is None else spec.seed)
         self.batch_seeds: list[int] = []    # anchor seeds of the records of the latest sample_batch()
+        self.batch_records: list[ReplayRecord] = []   # the records of the latest draw
         self.last_command = time.monotonic()
         self.tokens = 0
         self.rate = None
 
     # -- records -------------------------------------------------------------------------------------------
     def start_receiver(self, conn) -> None:
+        self.conn = conn
         threading.Thread(target=self.receive, args=(conn,), name="records", daemon=True).start()
 
     def receive(self, conn) -> None:
@@ -223,6 +260,10 @@ class OnlineTrainer:
 
     def drain(self) -> None:
         while (rec := self.inbox.get()) is not None:
+            problem = check_record(rec, self.vocab_size, self.feature_width)
+            if problem is not None:
+                self.report_poison(rec, problem)
+                continue
             self.received += 1
             if self.received % self.settings.holdout_every == 0:
                 self.holdout.append(rec)
@@ -245,6 +286,7 @@ class OnlineTrainer:
             records = [pool[i] for i in picked]
         else:
             records = self.rng.sample(pool, k)
+        self.batch_records = records
         return records, [self.rng.randrange(2**63) for _ in records]
 
     def sample_batch(self) -> Batch:
@@ -258,17 +300,23 @@ class OnlineTrainer:
     def train_once(self) -> StepStats:
         s = self.settings
         lr = s.lr * min(1.0, (self.local_steps + 1) / max(1, s.warmup_steps))
-        if self.group.enabled:              # rank 0 of several: every rank gets its share of the draw
-            records, seeds = self.draw()
-            width = records[0].features.shape[1]
-            n = self.group.world_size
-            mine = self.command_all([Command("step", lr, records[r::n], seeds[r::n], width) for r in range(n)])
-            batch, seeds = self.share_batch(mine), mine.seeds
-        else:
-            batch = self.sample_batch()
-            seeds = self.batch_seeds
+        self.batch_records = []
         t0 = time.monotonic()
-        stats = self.step_fn.run([batch], lr=lr, generators=[anchor_generators(seeds) or None])
+        try:
+            if self.group.enabled:          # rank 0 of several: every rank gets its share of the draw
+                records, seeds = self.draw()
+                width = records[0].features.shape[1]
+                n = self.group.world_size
+                mine = self.command_all([Command("step", lr, records[r::n], seeds[r::n], width) for r in range(n)])
+                batch, seeds = self.share_batch(mine), mine.seeds
+            else:
+                batch = self.sample_batch()
+                seeds = self.batch_seeds
+            stats = self.step_fn.run([batch], lr=lr, generators=[anchor_generators(seeds) or None])
+        except Exception as e:
+            if not self.batch_records:
+                raise
+            return self._step_raised(e, lr)
         self.local_steps += 1
         if not stats.applied:
             self._skip(stats.skipped)
@@ -284,6 +332,56 @@ class OnlineTrainer:
         if self.step % s.swap_every == 0:
             self.want_publish = True
         return stats
+
+    def _step_raised(self, error: Exception, lr: float) -> StepStats:
+        """A step raised with these records in the batch: the ones that fail alone (one process: all of them, if
+        none does) leave the pool, are counted and reported (never re-sent); a one-process trainer goes on. A
+        trainer group re-raises (the other ranks may be inside the step's collectives): the group is restarted
+        once, without those records; when no record fails alone, nothing is dropped (a rank failed)."""
+        self.local_steps += 1
+        self.step_fn.optimizer.zero_grad(set_to_none=True)
+        records = self.batch_records
+        culprits = [r for r in records if self.fails_alone(r)]
+        if not culprits:
+            if self.group.enabled:          # no record fails alone: a rank or a collective failed, not a record
+                raise error
+            culprits = list(records)        # one process: the batch together is what fails
+        bad = {id(r) for r in culprits}
+        self.pool = deque(r for r in self.pool if id(r) not in bad)
+        self.pool_bytes = sum(record_nbytes(r) for r in self.pool)
+        log.error("step %d raised %s: %s; dropping %d of its %d record(s) (seq %s) as poison", self.step + 1,
+                  type(error).__name__, error, len(culprits), len(records), [r.meta.get("seq") for r in culprits])
+        for r in culprits:
+            self.report_poison(r, f"step_failed: {type(error).__name__}")
+        self.slot.header.train_records = len(self.pool)
+        if self.group.enabled:
+            raise error
+        return StepStats(applied=False, skipped=f"step raised {type(error).__name__}", loss=math.nan,
+                         grad_norm=math.nan, lr=lr, tokens=0)
+
+    def fails_alone(self, record: ReplayRecord) -> bool:
+        """Does the objective raise on this record alone (forward only, no update)?"""
+        try:
+            with torch.no_grad():
+                self.step_fn.loss(self.draft, self.local_batch([record]), torch.Generator().manual_seed(0))
+            return False
+        except Exception:
+            return True
+
+    def report_poison(self, record: ReplayRecord, problem: str) -> None:
+        """Drop `record` for good: counted here and reported on the records socket (reason, seq), so the
+        supervisor counts it and leaves it out of what a restarted trainer is sent."""
+        reason = problem.split(":", 1)[0]
+        seq = record.meta.get("seq")
+        self.poisoned.append((seq, reason))
+        log.warning("poison record %s (seq %s) dropped: %s", record.meta.get("rid"), seq, problem)
+        if self.conn is None:
+            return
+        try:
+            with self._report_lock:
+                self.conn.send_bytes(poison_report(seq if isinstance(seq, int) else None, reason))
+        except OSError:
+            log.exception("could not report poison record seq %s", seq)
 
     def _skip(self, why: str) -> None:
         self.slot.header.rejected_nan += 1
@@ -386,17 +484,73 @@ class OnlineTrainer:
             self.checkpoint(version)
 
     def checkpoint(self, version: int) -> None:
-        """Export the accepted version; the oldest go first, so at most keep_checkpoints exist at any time."""
-        out = Path(self.settings.checkpoint_dir)
+        """Export the accepted version to <checkpoint_dir>/<run id>/version-NNNNNN/ (directories 0700, files 0600:
+        a draft trained on user traffic can memorise it), written under a temp name and renamed, then prune this
+        run's oldest versions to keep_checkpoints. Other runs' directories (earlier server starts, other servers
+        sharing checkpoint_dir) and anything else there are never touched."""
+        root = Path(self.settings.checkpoint_dir)
+        run_dir = root / self.run_id
         try:
-            kept = sorted(p for p in out.glob("version-*") if p.is_dir())
-            for old in kept[:max(0, len(kept) - self.settings.keep_checkpoints + 1)]:
-                for f in old.iterdir():
-                    f.unlink()
-                old.rmdir()
-            self.live.export(out / f"version-{version:06d}")
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)     # an existing root keeps its mode
+            private_dir(run_dir)
+            for stale in run_dir.glob(".version-*.tmp"):           # an export cut short by a trainer restart
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = run_dir / f".version-{version:06d}.tmp"
+            private_dir(tmp)
+            self.live.export(tmp)
+            make_private(tmp)
+            final = run_dir / f"version-{version:06d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            kept = sorted(p for p in run_dir.iterdir() if VERSION_DIR.fullmatch(p.name) and p.is_dir())
+            for old in kept[:max(0, len(kept) - self.settings.keep_checkpoints)]:
+                shutil.rmtree(old)
         except OSError:
-            log.exception("could not write the checkpoint of version %d to %s", version, out)
+            log.exception("could not write the checkpoint of version %d to %s", version, run_dir)
+
+    # -- rollback on served acceptance (sglang_ext/online/rollback.py) ---------------------------------------
+    def kept_state_to_resume(self) -> dict[str, torch.Tensor] | None:
+        """Starting up: after a rollback the live draft is the slot's keep buffer, so a (re)started trainer goes
+        on from it (a rollback not reset for yet is taken as reset here), unless a version trained from it was
+        published since."""
+        slot = self.slot
+        if not slot.has_keep:
+            return None
+        h = slot.header
+        rollbacks = h.rollbacks
+        pending = rollbacks > h.rollback_seen
+        if not pending and not (h.live_in_keep and h.published <= h.reset_published):
+            return None
+        state = {name: t.clone() for name, t in slot.keep.items()}
+        if pending:
+            h.reset_published = h.published
+            h.rollback_seen = rollbacks
+        return state
+
+    def reset_after_rollback(self) -> bool:
+        """The server rolled the live version back (slot header `rollbacks`): the draft and the guard's live copy
+        go back to the restored weights (the slot's keep buffer), with a fresh optimizer; versions published
+        before this (trained from the rolled-back one) are never applied."""
+        slot = self.slot
+        h = slot.header
+        rollbacks = h.rollbacks
+        if not slot.has_keep or rollbacks <= h.rollback_seen:
+            return False
+        self.load_published(self.live, {name: t.clone() for name, t in slot.keep.items()})
+        state = self.live.state_dict()
+        if self.group.enabled:              # every rank goes back to the same weights
+            self.command_all([Command("reset", state={k: v.cpu() for k, v in state.items()})] *
+                             self.group.world_size)
+        self.draft.load_state_dict(state)
+        self.step_fn.reset_optimizer()
+        self.want_publish, self.bad_steps = False, 0
+        h.reset_published = h.published
+        h.rollback_seen = rollbacks
+        log.warning("the server rolled draft version %d back to version %d: training goes on from version %d's "
+                    "weights (fresh optimizer); versions published up to %d are not applied",
+                    h.rolled_back_version, h.keep_version, h.keep_version, h.published)
+        return True
 
     def run(self) -> None:
         if not self.main:
@@ -418,6 +572,7 @@ class OnlineTrainer:
             while True:
                 h.heartbeat = time.time()
                 self.drain()
+                self.reset_after_rollback()
                 if len(self.pool) < self.settings.min_records:
                     self.keepalive()
                     time.sleep(0.1)

@@ -1,0 +1,249 @@
+"""Safe checkpoints and poison records of the online trainer (issue 14, items 4 and 5), without a server:
+
+  * checkpoints go to <checkpoint_dir>/<run id>/version-NNNNNN/, one run id per server start (the supervisor
+    picks it, trainer restarts keep it); a later run with the same directory prunes only its own versions (at
+    most keep_checkpoints) and never touches an earlier run's; directories 0700, files 0600 (real exports of a
+    tiny draft);
+  * a poison record sent through the supervisor to a real trainer process: a token id past the vocabulary is
+    dropped on arrival, a record whose step raises is dropped after that step; both are counted, the trainer
+    keeps running (no restart), and after a trainer restart neither is sent again (no restart loop).
+
+Run as a script, this file is the trainer process of the poison test (the production trainer; a record whose
+rid starts with "poison-step" makes any batch holding it raise, and every record received is logged).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.config import OnlineTrainConfig
+from sglang_ext.online.protocol import TrainerSpec, decode_record, encode_record
+from sglang_ext.online.trainer_worker import OnlineTrainer, main
+from trainer.replay import ReplayRecord
+
+LOG_ENV = "SGLANG_EXT_TEST_POISON_LOG"
+POISON_STEP = "poison-step"
+
+
+class PoisonTestTrainer(OnlineTrainer):
+    """The production trainer; logs (pid, seq, rid) of every record it pools and every step, and raises in any
+    batch holding a record whose rid starts with POISON_STEP (as a record that breaks the objective would)."""
+
+    def drain(self):
+        before = list(self.pool) + list(self.holdout)
+        super().drain()
+        seen = {id(r) for r in before}
+        for r in list(self.pool) + list(self.holdout):
+            if id(r) not in seen:
+                self._log({"pid": os.getpid(), "seq": r.meta.get("seq"), "rid": r.meta.get("rid")})
+
+    def local_batch(self, records):
+        if any(str(r.meta.get("rid", "")).startswith(POISON_STEP) for r in records):
+            raise IndexError("test fault: this record breaks the objective")
+        return super().local_batch(records)
+
+    def train_once(self):
+        stats = super().train_once()
+        self._log({"pid": os.getpid(), "step": self.local_steps, "applied": stats.applied})
+        time.sleep(0.05)
+        return stats
+
+    def _log(self, row: dict) -> None:
+        with open(os.environ[LOG_ENV], "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Metrics:
+    """What the supervisor reports (OnlineMetrics' trainer_restarted / trainer_hung / poison_records)."""
+
+    def __init__(self):
+        self.restarts = self.hung = 0
+        self.poison: list[str] = []
+        self.lock = threading.Lock()
+
+    def trainer_restarted(self):
+        self.restarts += 1
+
+    def trainer_hung(self):
+        self.hung += 1
+
+    def poison_records(self, reason, n=1):
+        with self.lock:
+            self.poison += [reason] * n
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tiny, tmp_path_factory):
+    from sglang_ext.demo.traffic import make_random_draft
+    return make_random_draft(tiny.dense_random, tmp_path_factory.mktemp("draft") / "d", block_size=4)
+
+
+def draft_facts(draft_dir: Path) -> tuple[int, int]:
+    cfg = json.loads((draft_dir / "config.json").read_text())
+    return len(cfg["dflash_config"]["target_layer_ids"]) * cfg["hidden_size"], cfg["vocab_size"]
+
+
+def make_records(draft_dir: Path, n: int, first_seq: int = 0) -> list[ReplayRecord]:
+    width, vocab = draft_facts(draft_dir)
+    g = torch.Generator().manual_seed(first_seq)
+    out = []
+    for i in range(first_seq, first_seq + n):
+        length = 24
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[6:] = True
+        out.append(ReplayRecord(torch.randint(0, vocab - 1, (length,), generator=g),
+                                torch.randn(length, width, generator=g).to(torch.bfloat16),
+                                torch.arange(length).expand(3, length).clone(), mask,
+                                meta={"rid": f"r{i}", "seq": i}))
+    return out
+
+
+def spec_for(cfg: OnlineTrainConfig, tiny, draft_dir: Path, slot: ws.WeightSlot) -> TrainerSpec:
+    return TrainerSpec(settings=cfg.trainer_settings(), target_path=str(tiny.dense_random),
+                       draft_path=str(draft_dir), draft_kind="dflash", block_size=4, device="cpu",
+                       slot_fd=slot.fd, slot_dtype=ws.dtype_name(slot.dtype), seed=3)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_checkpoints_per_run_pruned_within_the_run_and_private(tiny, draft_dir, tmp_path):
+    """Two server runs share a checkpoint directory: the second keeps at most keep_checkpoints of its own
+    versions and deletes nothing of the first run's (nor a pre-run-directory export at the top level)."""
+    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+
+    root = tmp_path / "ckpt"                             # created by the trainer: 0700
+    legacy = root / "version-000001"                     # an export of the layout before run directories
+    cfg = OnlineTrainConfig(enabled=True, checkpoint_dir=str(root), keep_checkpoints=2)
+    layout = ws.draft_layout(draft_dir)
+    runs = []
+    for server_run in range(2):
+        slot = ws.WeightSlot.create(layout)
+        try:
+            # The supervisor picks the run id once per server start; its trainer (any restart) uses it.
+            sup = TrainerGroupSupervisor(cfg, spec_for(cfg, tiny, draft_dir, slot), slot, Metrics(), ["cpu"])
+            run_id = sup.spec.settings.run_id
+            assert run_id.startswith("run-") and run_id not in runs
+            runs.append(run_id)
+            spec = TrainerSpec.from_json(sup.rank_spec(0, -1).to_json())
+            spec = dataclasses.replace(spec, slot_fd=os.dup(slot.fd))
+            trainer = OnlineTrainer(spec)
+            assert trainer.run_id == run_id
+            for version in (1, 2, 3):                    # versions restart at 1 in every server run
+                trainer.checkpoint(version)
+            if server_run == 0:
+                legacy.mkdir()
+                (legacy / "config.json").write_text("{}")
+        finally:
+            slot.close()
+    first, second = (root / r for r in runs)
+    assert sorted(p.name for p in first.iterdir()) == ["version-000002", "version-000003"]
+    assert sorted(p.name for p in second.iterdir()) == ["version-000002", "version-000003"]
+    assert (legacy / "config.json").exists()
+    assert sorted(p.name for p in root.iterdir()) == sorted(runs + ["version-000001"])
+    assert mode(root) == 0o700
+    for run in (first, second):
+        assert mode(run) == 0o700
+        for version in run.iterdir():
+            assert mode(version) == 0o700
+            files = sorted(version.iterdir())
+            assert {f.name for f in files} >= {"config.json", "model.safetensors"}
+            assert all(mode(f) == 0o600 for f in files), [(f.name, oct(mode(f))) for f in files]
+    # an export is a loadable draft
+    from trainer.draft_kind import get_kind
+    kind = get_kind("dflash")
+    kind.from_pretrained(str(second / "version-000003"), kind.load_config(str(second / "version-000003")))
+
+
+def wait_for(what: str, cond, sup, timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert sup.thread.is_alive(), "the supervisor thread died"
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def log_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_poison_record_is_dropped_counted_and_never_resent(tiny, draft_dir, tmp_path, monkeypatch):
+    """Through the replay buffer's path (records numbered, offered, the buffer's snapshot re-sent after a
+    restart): one record with a token id past the vocabulary (offered directly, as if the buffer's check had
+    missed it: the trainer checks again) and one whose step raises. Both are dropped and counted, the trainer
+    process keeps stepping; after it is killed, the restarted one is sent the backlog without them and runs
+    without another poison report or restart."""
+    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+
+    log = tmp_path / "trainer.jsonl"
+    monkeypatch.setenv(LOG_ENV, str(log))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    class Supervisor(TrainerGroupSupervisor):
+        def trainer_command(self, spec):                 # this file as the trainer process
+            return [sys.executable, str(Path(__file__).resolve()), spec.to_json()]
+
+    cfg = OnlineTrainConfig(enabled=True, min_records=4, batch_size=12, num_anchors=4, swap_every=1000,
+                            holdout_every=1000, heartbeat_timeout_s=120.0).validate()
+    slot = ws.WeightSlot.create(ws.draft_layout(draft_dir))
+    metrics = Metrics()
+    sup = Supervisor(cfg, spec_for(cfg, tiny, draft_dir, slot), slot, metrics, ["cpu"])
+    _, vocab = draft_facts(draft_dir)
+    good = make_records(draft_dir, 10)
+    step_poison = make_records(draft_dir, 1, first_seq=10)[0]
+    step_poison.meta["rid"] = f"{POISON_STEP}-10"
+    vocab_poison = make_records(draft_dir, 1, first_seq=11)[0]
+    vocab_poison.input_ids[5] = vocab + 7
+    buffer = good[:5] + [step_poison] + good[5:] + [vocab_poison]   # what the replay buffer holds
+    sup.start(lambda: list(buffer))
+    for r in buffer:
+        sup.offer(decode_record(encode_record(r)))
+    try:
+        wait_for("both poison reports", lambda: len(metrics.poison) >= 2, sup)
+        assert sorted(metrics.poison) == ["step_failed", "token_id"]
+        assert set(sup.poisoned) == {10, 11}
+        first_pid = sup.proc.pid
+        steps_then = slot.header.steps
+        wait_for("steps after the poison step", lambda: slot.header.steps >= steps_then + 3, sup)
+        assert sup.proc.pid == first_pid and sup.starts == 1 and metrics.restarts == 0
+        rows = log_rows(log)
+        pooled = [r["seq"] for r in rows if r.get("pid") == first_pid and "seq" in r]
+        assert sorted(pooled) == list(range(11))         # the vocab poison never reached the pool
+        failed = [r for r in rows if "step" in r and not r["applied"]]
+        assert len(failed) == 1                          # the one step with the poison record, then none
+
+        os.kill(first_pid, signal.SIGKILL)               # a restart re-sends the buffer, without the poison
+        wait_for("the restarted trainer's backlog",
+                 lambda: sup.starts == 2 and len([r for r in log_rows(log)
+                                                  if r.get("pid") not in (None, first_pid) and "seq" in r]) >= 10,
+                 sup)
+        second_pid = sup.proc.pid
+        wait_for("steps of the restarted trainer",
+                 lambda: len([r for r in log_rows(log) if r.get("pid") == second_pid and "step" in r]) >= 3, sup)
+        resent = sorted(r["seq"] for r in log_rows(log) if r.get("pid") == second_pid and "seq" in r)
+        assert resent == list(range(10))
+        assert sorted(metrics.poison) == ["step_failed", "token_id"]   # no new report
+        assert sup.starts == 2 and metrics.restarts == 1 and sup.proc.pid == second_pid   # no restart loop
+        assert all(r["applied"] for r in log_rows(log) if r.get("pid") == second_pid and "step" in r)
+    finally:
+        sup.stop()
+        sup._kill_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(trainer_cls=PoisonTestTrainer))
