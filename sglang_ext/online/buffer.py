@@ -133,6 +133,18 @@ class ReplayBuffer:
                 self.thread.join(timeout)
         elif self.writer is not None:             # no thread (start=False): write here
             self.write_due_shard(time.monotonic(), final=True)
+            self._close_writer()
+
+    def _close_writer(self) -> None:
+        """Fold the writer's journal into the manifest (trainer.replay.ShardWriter.close; nothing is left to
+        flush by then)."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception:
+            logger.exception("sglang_ext: could not close the replay writer of %s", self.cfg.persist_dir)
 
     # -- the buffer's thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -146,6 +158,7 @@ class ReplayBuffer:
             if self.writer is not None:
                 self.write_due_shard(time.monotonic(), final=last)
             if last:
+                self._close_writer()
                 return
 
     def _take(self, finished) -> None:
@@ -286,7 +299,8 @@ class ReplayBuffer:
             logger.exception("sglang_ext: could not apply --online-train-persist-max-bytes to %s",
                              self.cfg.persist_dir)
             return
-        self._update_dir_bytes()                   # what is listed now (other writers' shards included)
+        self.dir_bytes = max(0, self.dir_bytes - pruned.bytes)
+        self.metrics.persist_dir_bytes(self.dir_bytes)
         if pruned.shards:
             self.stats.pruned_shards += pruned.shards
             self.stats.pruned_bytes += pruned.bytes
@@ -313,8 +327,9 @@ class ReplayBuffer:
                            ", ".join(p.name for p in swept[:8]) + (" ..." if len(swept) > 8 else ""))
 
     def _update_dir_bytes(self) -> None:
-        """Bytes the directory's listing holds, read at startup and after a prune (a listing read), otherwise
-        kept up to date by adding each shard written, so a flush stays O(1)."""
+        """Bytes the directory's listing holds, read at startup (a listing read), then kept up to date by adding
+        each shard written and subtracting each pruned, so a flush stays O(1) (other writers' shards in the same
+        directory are seen by prune_replay, not here)."""
         from trainer import replay
         try:
             self.dir_bytes = int(replay.replay_bytes(self.cfg.persist_dir))
