@@ -186,7 +186,8 @@ def server_args(config: str, draft: Path, persist_dir: Path, gpu: bool, n_server
     if config in CAPTURING:
         args += ["--online-train", "--online-train-capture-only"]   # the capture cost alone (no trainer)
     if config == "persist":
-        args += ["--online-train-persist-dir", str(persist_dir)]
+        # a shard every second (the default rolls one per 300 s or 65536 tokens): the write cost is measured
+        args += ["--online-train-persist-dir", str(persist_dir), "--online-train-shard-seconds", "1"]
     return args
 
 

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                         extra_args=["--online-train-checkpoint-dir", str(ckpt)], probes=probes)
     tail = online["rows"][-args.tail:]
     n_tail = sum(args.window for _ in tail)
-    versions = sorted(p for p in ckpt.glob("version-*") if p.is_dir())
+    versions = sorted(p for p in ckpt.glob("run-*/version-*") if p.is_dir())   # one server run: one run dir
     if not versions:
         print("no accepted version: nothing to compare against", file=sys.stderr)
         return 1

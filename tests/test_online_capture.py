@@ -61,6 +61,7 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     # Capture only (part 1): no trainer, so the live draft keeps the weights the checks below recompute with.
     args = draft_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
                                             "--online-train-persist-dir", str(persist),
+                                            "--online-train-shard-seconds", "1",   # a shard a second, read here
                                             "--online-train-replay-budget", str(BUDGET_BYTES),
                                             "--chunked-prefill-size", "16"]
     with launch_server(tiny.dense, args, log_dir=server_log_dir, name="online-dense",
@@ -279,6 +280,7 @@ def test_radix_hits_are_filled_from_the_prefix_store(tiny, server_log_dir, tmp_p
         dump_dir.mkdir(parents=True)
         args = draft_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
                                                 "--online-train-persist-dir", str(persist),
+                                                "--online-train-shard-seconds", "1",
                                                 "--online-train-prefix-store", store]
         return launch_server(tiny.dense, args, log_dir=server_log_dir, name=f"online-{name}",
                              env=plugin_env(dump_dir=dump_dir))

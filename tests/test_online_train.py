@@ -79,7 +79,7 @@ def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic
     faults, hang_flag = FAULTS, None
     if kind == "eagle3":           # also prove what is recorded is what the live draft consumed
         dump_dir.mkdir()
-        args += ["--online-train-persist-dir", str(persist)]
+        args += ["--online-train-persist-dir", str(persist), "--online-train-shard-seconds", "1"]
     else:                          # and that a hung trainer is replaced
         faults, hang_flag = f"{FAULTS},hang_once_after={HANG_AFTER_STEPS}", tmp_path / "hung-once"
         args += ["--online-train-heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
@@ -191,9 +191,13 @@ def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic
     # The only stall is the copy itself, between two iterations: well under one iteration here.
     assert latencies[-1] < max(1000.0, 2 * iteration)
     assert "parameter storage moved" not in log_text          # in place: same storage before and after
-    # the accepted versions were exported in SGLang's draft format (newest 2 kept)
-    kept = sorted(p.name for p in ckpt.iterdir())
-    assert 1 <= len(kept) <= 2 and all((ckpt / k / "model.safetensors").is_file() for k in kept), kept
+    # the accepted versions were exported in SGLang's draft format (newest 2 kept), in this server run's own
+    # directory, private (0700 directories, 0600 files)
+    (run,) = ckpt.iterdir()
+    kept = sorted(p.name for p in run.iterdir())
+    assert run.name.startswith("run-") and (run.stat().st_mode & 0o777) == 0o700
+    assert 1 <= len(kept) <= 2 and all((run / k / "model.safetensors").is_file() for k in kept), kept
+    assert all((f.stat().st_mode & 0o777) == (0o700 if f.is_dir() else 0o600) for f in run.rglob("*"))
     if kind == "eagle3":
         check_eagle3_records(quick_workload.target_dir, draft, traffic, persist, dump_dir, tmp_path)
 
@@ -260,7 +264,7 @@ def test_online_training_under_tensor_parallelism(quick_workload, traffic, plain
         "--tp", "2", "--disable-custom-all-reduce",
         "--online-train", "--online-train-lr", "1e-3", "--online-train-swap-every", "5",
         "--online-train-min-records", "4", "--online-train-holdout-every", "5",
-        "--online-train-persist-dir", str(persist)]
+        "--online-train-persist-dir", str(persist), "--online-train-shard-seconds", "1"]
     rng = random.Random(1)
     rounds, sent, killed = [], 0, None
     with launch_server(quick_workload.target_dir, args, log_dir=server_log_dir, name="online-train-tp2") as server:
