@@ -314,7 +314,7 @@ def test_layer_ids_or_hidden_size_not_matching_the_draft(two_shard_dir):
     ("DROP:shards.0.sha256", "shards[0].sha256", "missing"),
 ])
 def test_bad_manifest_is_a_clear_error(two_shard_dir, content, field, message):
-    d, _ = two_shard_dir
+    d, recs = two_shard_dir
     if content.startswith("PATCH:"):
         key, value = content[6:].split("=")
         m = json.loads((d / MANIFEST).read_text())
@@ -326,9 +326,23 @@ def test_bad_manifest_is_a_clear_error(two_shard_dir, content, field, message):
         content = json.dumps(m)
     (d / MANIFEST).write_text(content)
     with pytest.raises(ReplayError, match=message) as e:
-        ReplayReader(d)
+        ReplayReader(d, strict=True)
     assert e.value.path == str(d / MANIFEST) and e.value.field == field
     assert str(d / MANIFEST) in str(e.value)
+    with pytest.raises(ReplayError, match=message):
+        read_manifest(d)
+    # non-strict: the directory still trains; the damage is reported naming the manifest and the field
+    with pytest.warns(UserWarning, match=message) as caught:
+        reader = ReplayReader(d)
+    assert any(p.path == str(d / MANIFEST) and p.field == field for p in reader.problems)
+    if field is not None and field.startswith("shards[0]"):          # one bad entry: only that shard is lost
+        assert len(reader.skipped) == 1 and 0 < len(reader) < len(recs)
+    else:                                                           # top level damaged: rebuilt from the shards
+        assert len(reader) == len(recs) and not reader.skipped
+        assert all(r.meta == {} for r in reader.records)            # record meta is lost, and said so
+        assert any("record meta lost" in str(w.message) for w in caught)
+        for i, orig in enumerate(recs):
+            assert torch.equal(reader[i].input_ids, orig.input_ids)
 
 
 def test_empty_or_missing_dir_is_a_clear_error(tmp_path):
