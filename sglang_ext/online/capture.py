@@ -21,6 +21,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,7 @@ class Feed:
             self.event = torch.cuda.Event()
             self.event.record()
         self.metered = False
+        self.draft_version = 0                      # verify: the draft version that proposed (Recorder)
         self._starts: list[int] | None = None
         self._commit: list[int] | None = None
 
@@ -140,6 +142,9 @@ class Recorder:
         self.inflight: deque[Feed] = deque()          # feeds whose copies may still be running
         self.done: OrderedDict[str, None] = OrderedDict()   # recently released rids: ignore late rows
         self.lock = threading.Lock()
+        # Scheduler thread, after the metrics: (tokens committed per request of one verify step, the draft version
+        # that proposed them) -> the supervisor's rollback watch (pipeline.build_pipeline wires it)
+        self.on_verified: Callable[[list[int], int], None] | None = None
 
     # -- capture --------------------------------------------------------------------------------------
     def observe(self, batch, target_hidden: torch.Tensor, *, starts=None, commit_lens=None,
@@ -168,6 +173,7 @@ class Recorder:
                        if self._keep(req, len(req.origin_input_ids) + len(req.output_ids) + stride)]
             feed = Feed(target_hidden[:n * stride], members, starts=starts, commit_lens=commit_lens, stride=stride,
                         max_accept=max_accept or stride)
+            feed.draft_version = self.metrics.live_version     # the version that proposed these drafts
             self.inflight.append(feed)               # metered (and split) once its copy landed
         for rid, i in feed.members:
             p = self.pending.get(rid)
@@ -184,7 +190,9 @@ class Recorder:
         while self.inflight and self.inflight[0].ready():
             feed = self.inflight.popleft()
             commit = feed.commit_list()
-            self.metrics.verified(commit, feed.max_accept)
+            self.metrics.verified(commit, feed.max_accept, version=feed.draft_version)
+            if self.on_verified is not None:
+                self.on_verified(commit, feed.draft_version)
             rows = 0
             for rid, i in feed.members:
                 p = self.pending.get(rid)
