@@ -125,7 +125,8 @@ def test_record_message_round_trip():
 
 def test_fault_parsing():
     assert parse_faults("nan_steps=3-4,worse_once_live_tau=1.3,hang_once_after=6") == {
-        "nan_steps": (3, 4), "worse_once_live_tau": 1.3, "hang_once_after": 6}
+        "nan_steps": (3, 4), "worse_once_live_tau": 1.3, "hang_once_after": 6, "serve_worse_version": None}
+    assert parse_faults("serve_worse_version=1")["serve_worse_version"] == 1
     assert parse_faults(None)["worse_once_live_tau"] is None
     with pytest.raises(ValueError, match="unknown fault 'boom'"):
         parse_faults("boom=1")

@@ -184,6 +184,14 @@ class StagedSwap:
         self.applied_event.record(copy_stream)
         forward_stream.wait_event(self.applied_event)  # the next forward reads the new weights
 
+    def copy_now(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full slot weights (host) -> live parameters directly, leaving the staging buffers (and what is staged
+        there) alone: a rollback (sglang_ext/online/rollback.py), rare, so synchronous. The caller synchronises
+        the device around it."""
+        for p in self.placements:
+            dst = _rows(self.live[p.param].data, *p.rows)
+            dst.copy_(p.source(weights[p.name]).reshape(dst.shape))
+
     def _copy_rows(self) -> None:
         for n, p in self.live.items():
             for a, b in self.ranges[n]:

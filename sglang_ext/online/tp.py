@@ -11,6 +11,10 @@ rows are complete), replay buffer, shards, trainer process and metrics. The othe
       barrier                                           barrier
       acknowledge (the trainer may write the slot again)
 
+A rollback (sglang_ext/online/rollback.py) is broadcast the same way, as -1 - u for "restore version u": every
+rank copies rank 0's keep buffer (the slot's third buffer, which rank 0 leaves alone while a version is on
+probation) into its shard, at the same iteration, then the barrier.
+
 The broadcast runs at the top of every scheduler iteration: every rank calls `Scheduler.ingest_requests` once per
 iteration, in step (it broadcasts the new requests over the same group), so every rank swaps at the same
 iteration. The barrier keeps the trainer from overwriting the version's buffer before every rank has read it.
@@ -121,6 +125,9 @@ class SwapFollower:
         version = self.tp.broadcast_version(0)
         if not version:
             return
+        if version < 0:                      # a rollback: rank 0's keep buffer (sglang_ext/online/rollback.py)
+            self._restore(scheduler, -1 - version)
+            return
         t0 = time.perf_counter()
         try:
             with self.lock, torch.no_grad():
@@ -132,9 +139,42 @@ class SwapFollower:
         swap_log(self.tp.rank, version, self.iterations, getattr(scheduler, "forward_ct", None),
                  time.perf_counter() - t0)
 
+    def _restore(self, scheduler, version: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self.lock, torch.no_grad():
+                restore_weights(self.kind, self.worker, self.draft_model, self.stager, self.slot.keep)
+        finally:
+            self.tp.barrier()                # rank 0 lets the keep buffer change only after this
+        logger.info("sglang_ext: TP rank %d restored draft version %d (rollback) at scheduler iteration %d "
+                    "(forward %s, %.2f ms)", self.tp.rank, version, self.iterations,
+                    getattr(scheduler, "forward_ct", None), (time.perf_counter() - t0) * 1e3)
+
     def stop(self) -> None:
         self._stopping = True
         self.slot.close()
+
+
+def restore_weights(kind, worker, draft_model, stager: StagedSwap | None, weights: dict[str, torch.Tensor]
+                    ) -> None:
+    """A rollback: copy `weights` (the slot's keep buffer) into this rank's live draft, in place, then the kind's
+    rebuild; synchronous (rare), and without touching the staging buffers (a newer version may be staged there)."""
+    cuda = next(draft_model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()           # the overlap scheduler may still run the previous forward
+    if stager is not None:
+        stager.copy_now(weights)
+    else:
+        draft_model.load_weights(list(weights.items()))
+    kind.after_swap(worker)
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def rollback_code(version: int) -> int:
+    """What rank 0 broadcasts for "restore the keep buffer, version `version`" (0 means nothing to do, a
+    positive number a version to apply)."""
+    return -1 - version
 
 
 def apply_version(kind, worker, draft_model, stager: StagedSwap | None, weights: dict[str, torch.Tensor],

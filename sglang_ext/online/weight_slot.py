@@ -7,6 +7,8 @@ score what will be served). Plain torch + the standard library: it imports witho
                                                 scheduler -> trainer: applied version
     weights, buffer 0 and buffer 1 (dtype)      version v lives in buffer v % 2, laid out by `layout`
                                                 (name, shape) in name order
+    keep buffer (dtype; only with rollback on)  the weights a rollback restores: those of the version before the
+                                                live one (header.keep_version), written by the scheduler only
 
 Publication is a two-counter handshake, no lock (a killed trainer can never leave one held):
   trainer:   writes weights only while applied == published (the scheduler has finished reading the last
@@ -61,6 +63,14 @@ class SlotHeader(ctypes.Structure):
         ("pid", ctypes.c_int64),              # the trainer process
         ("inbox_bytes", ctypes.c_int64),      # records received but not yet in the pool (bytes)
         ("inbox_dropped", ctypes.c_int64),    # ... dropped past the inbox's byte bound (across restarts)
+        # rollback on served acceptance (supervisor.RollbackWatch; a slot created with keep=True)
+        ("keep_version", ctypes.c_int64),     # scheduler: the version whose weights the keep buffer holds
+        ("live_in_keep", ctypes.c_int64),     # scheduler: 1 while the live draft is the keep buffer's (rolled back)
+        ("rollbacks", ctypes.c_int64),        # scheduler: rollbacks so far
+        ("rolled_back_version", ctypes.c_int64),   # scheduler: the version swapped out by the latest rollback
+        ("rollback_seen", ctypes.c_int64),    # trainer: rollbacks it has reset to the keep buffer's weights for
+        ("reset_published", ctypes.c_int64),  # trainer: PUBLISHED when it reset: versions up to it descend from a
+                                              # rolled-back version and are never applied
     ]
 
 
@@ -84,9 +94,9 @@ def draft_layout(draft_dir: str | os.PathLike, exclude: tuple[str, ...] = ()) ->
     return sorted(layout.items())
 
 
-def slot_bytes(layout: Layout, dtype: torch.dtype = torch.float32) -> int:
-    """Header + two buffers of `dtype`."""
-    return HEADER_BYTES + 2 * _itemsize(dtype) * layout_numel(layout)
+def slot_bytes(layout: Layout, dtype: torch.dtype = torch.float32, keep: bool = False) -> int:
+    """Header + two buffers of `dtype` (+ the keep buffer)."""
+    return HEADER_BYTES + (3 if keep else 2) * _itemsize(dtype) * layout_numel(layout)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -117,12 +127,16 @@ def _numel(shape) -> int:
 
 
 class WeightSlot:
-    def __init__(self, fd: int, layout: Layout, *, owner: bool, dtype: torch.dtype = torch.float32):
-        """Map the slot behind descriptor `fd` (the owner keeps it open to hand to trainers)."""
+    def __init__(self, fd: int, layout: Layout, *, owner: bool, dtype: torch.dtype = torch.float32,
+                 keep: bool | None = None):
+        """Map the slot behind descriptor `fd` (the owner keeps it open to hand to trainers). keep: whether it
+        has the keep buffer (None: whatever its size says)."""
         self.layout = [(name, tuple(shape)) for name, shape in layout]
         self.dtype = dtype
-        size = slot_bytes(self.layout, dtype)
         actual = os.fstat(fd).st_size
+        if keep is None:
+            keep = actual == slot_bytes(self.layout, dtype, keep=True)
+        size = slot_bytes(self.layout, dtype, keep)
         if actual != size:
             raise ValueError(f"weight slot (fd {fd}): {actual} bytes, but the draft layout needs {size} "
                              f"in {dtype_name(dtype)}")
@@ -130,7 +144,7 @@ class WeightSlot:
         self.owner = owner
         self._mmap = mmap.mmap(fd, size)
         self.header = SlotHeader.from_buffer(self._mmap)
-        self._buffers: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._buffers: list[dict[str, torch.Tensor]] = [{}, {}] + ([{}] if keep else [])
         offset = HEADER_BYTES
         for buffer in self._buffers:
             for name, shape in self.layout:
@@ -139,14 +153,15 @@ class WeightSlot:
                 offset += _itemsize(dtype) * n
 
     @classmethod
-    def create(cls, layout: Layout, dtype: torch.dtype = torch.float32) -> "WeightSlot":
+    def create(cls, layout: Layout, dtype: torch.dtype = torch.float32, keep: bool = False) -> "WeightSlot":
+        """keep: also a third buffer, where the scheduler keeps the weights a rollback goes back to."""
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("sglang-ext-draft-weights")
         else:
             with tempfile.NamedTemporaryFile(prefix="sglang-ext-slot-", delete=True) as f:
                 fd = os.dup(f.fileno())        # unlinked when the with-block closes it; the dup stays valid
-        os.ftruncate(fd, slot_bytes(layout, dtype))
-        return cls(fd, layout, owner=True, dtype=dtype)
+        os.ftruncate(fd, slot_bytes(layout, dtype, keep))
+        return cls(fd, layout, owner=True, dtype=dtype, keep=keep)
 
     @classmethod
     def attach(cls, fd: int, layout: Layout, dtype: torch.dtype = torch.float32) -> "WeightSlot":
@@ -183,6 +198,18 @@ class WeightSlot:
         """The weights of `version` (views; valid while it is the newest or the one before it)."""
         return self._buffers[version % 2]
 
+    @property
+    def has_keep(self) -> bool:
+        return len(self._buffers) == 3
+
+    @property
+    def keep(self) -> dict[str, torch.Tensor]:
+        """The keep buffer (views): the weights of version `header.keep_version`, which a rollback restores.
+        Written by the scheduler only (supervisor.TrainerSupervisor), read by the trainer when it resets."""
+        if not self.has_keep:
+            raise RuntimeError("weight slot: created without a keep buffer (rollback off)")
+        return self._buffers[2]
+
     def acknowledge(self, version: int) -> None:
         """Scheduler side: `version` is now live; the trainer may write the slot again."""
         self.header.applied = version
@@ -211,7 +238,7 @@ class WeightSlot:
     # -- lifetime ----------------------------------------------------------------------------------------
     def close(self) -> None:
         self.header = None
-        self._buffers = [{}, {}]
+        self._buffers = [{}, {}] + ([{}] if self.has_keep else [])
         try:
             self._mmap.close()
         except BufferError:        # a tensor view still alive somewhere; the mapping goes with the process

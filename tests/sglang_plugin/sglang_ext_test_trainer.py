@@ -4,6 +4,9 @@ or imported by unit tests). Faults, comma separated in $SGLANG_EXT_TEST_TRAINER_
   nan_steps=A-B            the A-th..B-th step this process attempts gets NaN features (so a NaN loss)
   worse_once_live_tau=T    the first candidate offered while the live draft's held-out tau is >= T is replaced
                            by a clearly worse one (final norm negated: every logit flips sign)
+  serve_worse_version=K    version K passes the guard as the good candidate but is published with the final norm
+                           negated (the slot gets weights that serve worse than the guard saw): what the server's
+                           rollback on served acceptance must catch (sglang_ext/online/rollback.py)
   hang_once_after=N        after its N-th step the process stops reading records and stops beating (hung, not
                            dead), once: the first process to hang creates $SGLANG_EXT_TEST_HANG_FLAG, and
                            processes started after that do not hang
@@ -24,7 +27,8 @@ log = logging.getLogger("sglang_ext.trainer")
 
 
 def parse_faults(text: str | None) -> dict:
-    faults: dict = {"nan_steps": (0, -1), "worse_once_live_tau": None, "hang_once_after": None}
+    faults: dict = {"nan_steps": (0, -1), "worse_once_live_tau": None, "hang_once_after": None,
+                    "serve_worse_version": None}
     for part in filter(None, (text or "").split(",")):
         key, _, value = part.partition("=")
         if key == "nan_steps":
@@ -34,9 +38,11 @@ def parse_faults(text: str | None) -> dict:
             faults["worse_once_live_tau"] = float(value)
         elif key == "hang_once_after":
             faults["hang_once_after"] = int(value)
+        elif key == "serve_worse_version":
+            faults["serve_worse_version"] = int(value)
         else:
             raise ValueError(f"${FAULTS_ENV}: unknown fault {key!r} (nan_steps=A-B, worse_once_live_tau=T, "
-                             "hang_once_after=N)")
+                             "hang_once_after=N, serve_worse_version=K)")
     return faults
 
 
@@ -73,6 +79,10 @@ class FaultyTrainer(OnlineTrainer):
 
     def candidate(self):
         model, state = super().candidate()
+        if self.faults.get("serve_worse_version") == self.slot.published + 1:   # the guard scores `model`
+            state = {**state, "norm.weight": -state["norm.weight"]}
+            log.info("fault: version %d will be published with its final norm negated (the guard scores the "
+                     "good candidate)", self.slot.published + 1)
         threshold = self.faults["worse_once_live_tau"]
         self._injecting = False
         if threshold is None or self.injected_worse or self.score(self.live) < threshold:
