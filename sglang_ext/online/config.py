@@ -240,7 +240,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="JSON file with online-train settings, keys named as the fields of "
                         "sglang_ext.online.config.OnlineTrainConfig (e.g. replay_budget_bytes, persist_dir, lr, "
                         "swap_every, guard_tolerance, weight_decay, warmup_steps, max_seq_len); command-line "
-                        "flags override it")
+                        "flags override it. Values are typed as the fields: booleans are JSON true/false, "
+                        "integers are integers (not 8.0 or \"8\"), numbers are finite, *_bytes take an "
+                        "integer or a size string (\"512MB\"); anything else stops the launch naming the key. "
+                        "The online-train-* keys of SGLang's --config YAML are the same flags (the command "
+                        "line wins over them, they over this file)")
     g.add_argument("--online-train-replay-budget", metavar="SIZE",
                    help="bytes of captured features kept in memory, e.g. 512MB or 2GiB (default 2GiB); "
                         "the oldest records are dropped past it, and counted")
