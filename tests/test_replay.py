@@ -412,3 +412,93 @@ def test_corrupt_shard_is_skipped_and_the_rest_trains(tmp_path):
     assert summary["skipped_shards"] == [str(bad)]
     assert summary["replay_records"] == 12 - len(read_manifest(d)["shards"][0]["records"])
     assert bad.exists()                                           # reported, never deleted
+
+
+# ---- hardened reader (issue 14) ---------------------------------------------------------------------------
+
+def test_checksum_is_checked_before_parsing(two_shard_dir):
+    d, _ = two_shard_dir
+    bad = shard_paths(d)[0]
+    data = bytearray(bad.read_bytes())
+    data[8:40] = b"[" * 32                                         # header JSON broken, size unchanged
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ReplayError, match="checksum") as e:
+        ReplayReader(d, strict=True)
+    assert e.value.field == "sha256"
+    with pytest.raises(ReplayError, match="bad safetensors header JSON") as e:   # without the checksum: parsed
+        ReplayReader(d, strict=True, verify_checksums=False)
+    assert e.value.path == str(bad) and e.value.field == "header"
+
+
+def test_shard_listed_twice_is_reported_and_read_once(two_shard_dir):
+    d, recs = two_shard_dir
+    m = json.loads((d / MANIFEST).read_text())
+    m["shards"].append(m["shards"][0])
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ReplayError, match="listed twice") as e:
+        ReplayReader(d, strict=True)
+    assert e.value.field == f"shards[{len(m['shards']) - 1}].file"
+    with pytest.warns(UserWarning, match="listed twice"):
+        reader = ReplayReader(d)
+    assert len(reader) == len(recs) and len(reader.problems) == 1
+
+
+def test_non_finite_features_and_bad_fp8_scales(tmp_path):
+    d = tmp_path / "bf16"
+    write_replay(d, spec(), make_records(4, seed=20), max_shard_tokens=80)
+
+    def nan(t, meta):
+        t["features"][1, 2] = float("inf")
+
+    bad = rewrite_shard(d, 0, nan)
+    assert not ReplayReader(d).skipped                               # the finite check is opt-in in the reader
+    with pytest.raises(ReplayError, match="NaN or Inf") as e:
+        ReplayReader(d, strict=True, check_finite=True)
+    assert e.value.path == str(bad) and e.value.field == "features"
+    d8 = tmp_path / "fp8"
+    write_replay(d8, spec("float8_e4m3fn"), make_records(4, seed=21), max_shard_tokens=80)
+    for value in (float("nan"), float("inf"), 0.0, -2.0):
+        def scale(t, meta, value=value):
+            t["feature_scale"][0, 1] = value
+        bad = rewrite_shard(d8, 1, scale)
+        with pytest.raises(ReplayError, match="finite and > 0") as e:
+            ReplayReader(d8, strict=True)                            # always checked for fp8
+        assert e.value.path == str(bad) and e.value.field == "feature_scale"
+
+    def nan_code(t, meta):
+        t["feature_scale"] = t["feature_scale"].abs() + 1e-3
+        codes = t["features"].view(torch.uint8).clone()
+        codes[2, 7] = 0x7F
+        t["features"] = codes.view(torch.float8_e4m3fn)
+
+    bad = rewrite_shard(d8, 1, nan_code)
+    with pytest.raises(ReplayError, match="fp8 NaN code") as e:
+        ReplayReader(d8, strict=True)
+    assert e.value.field == "features"
+
+
+def test_short_or_overlapping_offsets_fail_validation_not_training(two_shard_dir):
+    d, _ = two_shard_dir
+    path = shard_paths(d)[0]
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    a, b = header["input_ids"]["data_offsets"]
+    header["input_ids"]["data_offsets"] = [a, b - 4]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    new = len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
+    path.write_bytes(new)
+    m = json.loads((d / MANIFEST).read_text())
+    m["shards"][0].update(bytes=len(new), sha256=hashlib.sha256(new).hexdigest())
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ReplayError, match=r"hold \d+ bytes, shape .* needs") as e:
+        ReplayReader(d, strict=True)
+    assert e.value.path == str(path) and e.value.field == "input_ids"
+
+
+def test_finetune_has_the_no_check_finite_flag():
+    from trainer.finetune import build_parser
+    base = ["--replay", "r", "--target-model-path", "t", "--draft-config", "c", "--output", "o"]
+    assert build_parser().parse_args(base).no_check_finite is False
+    assert build_parser().parse_args(base + ["--no-check-finite"]).no_check_finite is True

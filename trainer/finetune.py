@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fail on a corrupt shard instead of warning and skipping it")
     chk.add_argument("--no-verify-checksums", action="store_true",
                      help="skip the sha256 check of each shard (faster start on large replays)")
+    chk.add_argument("--no-check-finite", action="store_true",
+                     help="skip the check that every shard's features are finite (NaN/Inf shards are otherwise "
+                          "reported and skipped, or fail with --strict-replay); reads each feature once at start")
     chk.add_argument("--ignore-target-hash", action="store_true",
                      help="accept replays whose recorded target config hash differs from --target-model-path")
     return p
@@ -275,7 +278,8 @@ def setup(args) -> tuple:
     kind.check_target(cfg, tinfo, f"{target}/config.json")
     reader = ReplayReader(args.replay, layer_layouts=kind.replay_layouts(cfg), hidden_size=tinfo.hidden_size,
                           target_config_hash=None if args.ignore_target_hash else tinfo.identity.config_hash,
-                          strict=args.strict_replay, verify_checksums=not args.no_verify_checksums)
+                          strict=args.strict_replay, verify_checksums=not args.no_verify_checksums,
+                          check_finite=not args.no_check_finite)
     embed, lm_head, _ = load_target_head(target)
     if cfg.vocab_size != embed.shape[0]:
         log.warning("draft vocab_size %d != target embedding rows %d; using the target's", cfg.vocab_size,
