@@ -111,8 +111,9 @@ def test_prune_deletes_oldest_first_and_journals_before_unlinking(tmp_path):
     assert prune_replay(d, limit) == PruneResult()
     w.add(make_records(1, seed=8)[0])                                # the writer keeps going after a prune
     w.flush()
-    w.close()
-    assert len(read_manifest(d)["shards"]) == 4
+    w.close()                                                        # compaction: removals folded, file emptied
+    assert len(read_manifest(d)["shards"]) == 4 and (d / RETENTION_JOURNAL).stat().st_size == 0
+    assert json.loads((d / MANIFEST).read_text())["journals"] == {RETENTION_JOURNAL: 0}
     assert prune_replay(d, 0).shards == 4 and replay_bytes(d) == 0
 
 

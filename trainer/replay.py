@@ -552,8 +552,17 @@ def _write_manifest(d: Path, manifest: dict) -> None:
 
 
 def _compact(d: Path, listing: Listing) -> None:
-    """Under the exclusive lock: fold every journal into manifest.json (offsets recorded, journals kept)."""
+    """Under the exclusive lock: fold every journal into manifest.json (offsets recorded, journals kept).
+    journal-retention.jsonl, appended only under the lock, is emptied once folded: the manifest first records
+    offset 0, then the file is truncated (a crash in between re-applies removals of unlisted files: no-ops)."""
+    retention = d / RETENTION_JOURNAL
+    folded = listing.journals.get(RETENTION_JOURNAL)
+    empty_retention = bool(folded) and retention.is_file() and retention.stat().st_size == folded
+    if empty_retention:
+        listing.journals[RETENTION_JOURNAL] = 0
     _write_manifest(d, listing.manifest())
+    if empty_retention:
+        os.truncate(retention, 0)
 
 
 # ---- writer ---------------------------------------------------------------------------------------------
@@ -660,8 +669,10 @@ class ShardWriter:
     def __del__(self):
         fd = getattr(self, "_journal_fd", None)
         if fd is not None:
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except (OSError, TypeError):                    # TypeError: interpreter shutdown
+                pass
 
     def _pack(self, records: list[ReplayRecord]) -> tuple[dict[str, torch.Tensor], list[dict]]:
         entries, offset = [], 0
