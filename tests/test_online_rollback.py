@@ -201,6 +201,10 @@ def test_a_version_that_serves_worse_is_rolled_back(tiny, plain_reference, serve
         log_text = server.log_path.read_text()
         text = server.metrics()
 
+    for line in log_text.splitlines():                # the watch's verdicts, for the record
+        if "sglang_ext: draft version" in line and ("rolled back after" in line or "kept after" in line
+                                                     or "not applied" in line):
+            print(line[line.find("sglang_ext:"):])
     assert "fault: version 1 will be published with its final norm negated" in log_text
     rolled = ROLLED_BACK.findall(log_text)
     assert rolled, log_text[-4000:]

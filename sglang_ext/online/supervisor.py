@@ -22,6 +22,14 @@ Two threads of the scheduler process touch this:
     dtype, on the serving device), so the swap point is device-to-device copies fenced on the device; when
     the weights cannot be placed that way, the swap goes through SGLang's load_weights with device syncs.
     No forward runs during the copy, so none sees two versions.
+
+Rollback on served acceptance (--online-train-rollback-steps N, default 200; sglang_ext/online/rollback.py): each
+swapped-in version is on probation for its first N verify steps (the capture path reports each step's accept
+lengths, with the version that proposed them); if its mean accept length is lower than the previous version's
+over that version's last N steps by more than --online-train-rollback-tolerance, the previous version's weights,
+kept in the weight slot's keep buffer, are copied back in at the next scheduler iteration (every TP rank at the
+same one), counted (sglang:online_train_rollbacks_total) and logged, and the trainer resets to them. Nothing newer
+goes live while a version is on probation.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.protocol import TrainerSpec, encode_record, new_run_id, parse_poison_report
+from sglang_ext.online.protocol import TrainerSpec, encode_record, new_run_id, parse_report
 from sglang_ext.online.queues import ByteQueue
 from sglang_ext.online.swap import StagedSwap, plan_placements
 from sglang_ext.online.rollback import RollbackWatch, Verdict, load_draft_weights
@@ -167,6 +175,9 @@ class TrainerGroupSupervisor:
             spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, run_id=new_run_id()))
         self.spec = spec                            # rank 0's spec; each rank gets its device, fds, world size
         self.poisoned: dict[int, None] = {}         # seqs of records the trainer dropped as poison (ordered set)
+        self.in_step: list[int] = []                # seqs of the step the trainer is in ([]: none)
+        self.crash_batch: set[int] = set()          # ... of the step in which a trainer last died outright
+        self._hung_kill = False                     # the group exiting now was killed by us as hung
         self.devices = list(devices)                # one per trainer rank
         self.device = ",".join(self.devices)
         self.outbox: ByteQueue[bytes] = ByteQueue(cfg.queue_bytes)   # encoded records for the trainer
@@ -269,7 +280,7 @@ class TrainerGroupSupervisor:
         backoff = self.RESTART_BACKOFF_S[0]
         while not self._stopping:
             self._stage_published()            # a version published just before a trainer died still goes live
-            self._collect_poison()
+            self._collect_reports()
             if not self.procs:
                 try:
                     self._launch()
@@ -305,21 +316,46 @@ class TrainerGroupSupervisor:
     def _stage_published(self) -> None:
         """Supervisor thread: what to do with a newly published version before the swap (nothing here)."""
 
-    def _collect_poison(self) -> None:
-        """Poison reports the trainer sent back on the records socket: count them, remember their seqs."""
+    def _collect_reports(self) -> None:
+        """Reports the trainer sent back on the records socket: poison records (counted, their seqs never sent
+        again) and the seqs of the step it is in."""
         conn = self.conn
         try:
             while conn is not None and conn.poll(0):
-                seq, reason = parse_poison_report(conn.recv_bytes())
-                if seq is not None:
-                    self.poisoned[seq] = None
-                    while len(self.poisoned) > POISON_MEMORY:
-                        del self.poisoned[next(iter(self.poisoned))]
-                self.metrics.poison_records(reason)
+                kind, value = parse_report(conn.recv_bytes())
+                if kind == "step":
+                    self.in_step = value
+                    continue
+                seq, reason = value
+                self._poison(seq, reason)
                 logger.warning("sglang_ext: the trainer dropped record seq %s as poison (%s); it is not sent again",
                                seq, reason)
         except (EOFError, OSError, ValueError) as e:      # a trainer gone mid-message: the exit path handles it
-            logger.debug("sglang_ext: reading poison reports: %s", e)
+            logger.debug("sglang_ext: reading trainer reports: %s", e)
+
+    def _poison(self, seq: int | None, reason: str) -> None:
+        if seq is not None:
+            self.poisoned[seq] = None
+            while len(self.poisoned) > POISON_MEMORY:
+                del self.poisoned[next(iter(self.poisoned))]
+        self.metrics.poison_records(reason)
+
+    def _suspect_crash(self) -> None:
+        """A trainer that died outright inside a step (a signal: nothing to catch; not killed by us as hung):
+        the records of that step are suspects, and those also in the step of the previous such death are
+        dropped as "crashed" (with any innocent record that was in both steps), so a record that kills
+        every trainer does not make a restart loop."""
+        batch, self.in_step = set(self.in_step), []
+        hung, self._hung_kill = self._hung_kill, False
+        if not batch or hung:
+            return
+        crashed = batch & self.crash_batch
+        self.crash_batch = batch - crashed
+        for seq in sorted(crashed):
+            self._poison(seq, "crashed")
+        logger.error("sglang_ext: the trainer died inside a step holding records %s%s", sorted(batch)[:16],
+                     f"; dropped as poison (also in the step of the previous death): {sorted(crashed)}"
+                     if crashed else "")
 
     def _kill_group(self) -> None:
         for p in self.procs:
@@ -334,6 +370,7 @@ class TrainerGroupSupervisor:
                      "version %d", what, self.proc.pid, why, "it" if self.world_size == 1 else "every rank",
                      self.version)
         self.metrics.trainer_hung()
+        self._hung_kill = True
         self._kill_group()
 
     def _on_exit(self) -> None:
@@ -345,7 +382,8 @@ class TrainerGroupSupervisor:
             logger.error("sglang_ext: trainer rank(s) %s exited (rank, pid, code); serving goes on with draft "
                          "version %d; killing the group's other ranks and restarting it", exited, self.version)
         self._kill_group()
-        self._collect_poison()                  # what it reported before it went
+        self._collect_reports()                 # what it reported before it went
+        self._suspect_crash()
         try:
             self.conn.close()
         except OSError:
