@@ -180,3 +180,59 @@ def test_sweep_keeps_unlisted_shards_when_the_listing_is_damaged(tmp_path):
     with pytest.raises(ReplayError, match="bad JSON"):
         prune_replay(d, 0)
     assert all(p.exists() for p in shards)
+
+
+def test_damaged_manifest_rebuild_recovers_meta_from_the_journals(tmp_path):
+    d = tmp_path / "r"
+    write_replay(d, spec(), make_records(2, seed=14))                 # compacted: meta only in the manifest
+    w = ShardWriter(d, spec())
+    for r in make_records(2, seed=15):                               # journaled: meta in the journal too
+        w.add(r)
+        w.flush()
+    (d / MANIFEST).write_text('{"format": ')
+    with pytest.warns(UserWarning, match="record meta lost .* for 1 of them"):
+        reader = ReplayReader(d)
+    assert sorted(r.meta.get("rid", "?") for r in reader.records) == ["?", "?", "req-15-0", "req-15-1"]
+    with pytest.raises(ReplayError, match="bad JSON") as e:
+        ReplayReader(d, strict=True)
+    assert e.value.path == str(d / MANIFEST)
+    os.close(w._journal_fd)
+    w._journal_fd = None
+
+
+def test_a_full_journal_is_folded_and_replaced(tmp_path):
+    d = tmp_path / "r"
+    w = ShardWriter(d, spec(), journal_max_bytes=1)                  # every line fills it
+    recs = make_records(3, seed=16)
+    for r in recs:
+        w.add(r)
+        w.flush()
+        assert not journals(d)                                       # folded into the manifest, file deleted
+    assert [r.meta["rid"] for r in ReplayReader(d, strict=True).records] == [r.meta["rid"] for r in recs]
+    w.close()
+
+
+def test_sweep_folds_and_deletes_idle_journals_and_a_live_writer_carries_on(tmp_path):
+    d = tmp_path / "r"
+    killed = ShardWriter(d, spec())
+    for r in make_records(2, seed=17):
+        killed.add(r)
+        killed.flush()
+    os.close(killed._journal_fd)                                     # killed: journal never folded
+    live = ShardWriter(d, spec())
+    live.add(make_records(1, seed=18)[0])
+    live.flush()
+    old = time.time() - 7200
+    for j in journals(d):
+        os.utime(j, (old, old))
+    assert sorted(sweep_replay(d)) == sorted([killed.journal, live.journal])
+    assert not journals(d) and len(read_manifest(d)["shards"]) == 3   # their entries are in the manifest now
+    live.add(make_records(1, seed=19)[0])
+    live.flush()                                                     # finds its journal gone: starts a new one
+    assert len(journals(d)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reader = ReplayReader(d, strict=True)
+    assert sorted(r.meta["rid"] for r in reader.records) == ["req-17-0", "req-17-1", "req-18-0", "req-19-0"]
+    live.close()
+    assert not journals(d)

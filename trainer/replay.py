@@ -480,11 +480,45 @@ def _rebuild_listing(d: Path, cause: ReplayError) -> Listing:
     if listing is None:
         raise ReplayError(cause.path, cause.field, f"{str(cause).split(': ', 1)[-1]}; and no shard header to "
                                                    f"rebuild the listing from")
+    recovered = _overlay_journals(d, listing)
+    lost = len(listing.shards) - recovered
     listing.problems = [ReplayError(cause.path, cause.field,
                                     f"{str(cause).split(': ', 1)[-1]}; listing rebuilt from the headers of "
-                                    f"{len(listing.shards)} shard(s): record meta lost ({{}} used), checksums "
-                                    f"taken from the files as they are")] + problems
+                                    f"{len(listing.shards)} shard(s)" + (
+                                        f": record meta lost ({{}} used) and checksums taken from the files as "
+                                        f"they are for {lost} of them (the other {recovered} are in a journal)"
+                                        if lost else f", entries (meta, checksums) recovered from the journals")
+                                    )] + problems
     return listing
+
+
+def _overlay_journals(d: Path, listing: Listing) -> int:
+    """Rebuilt listing: a shard that a journal also lists (same size and record layout) takes the journal's
+    entry, so its meta and checksum survive; files the journals removed are dropped. -> shards recovered."""
+    scratch = Listing(header={}, shards=[], journals={})
+    adds: dict[str, dict] = {}
+    removes: set[str] = set()
+    for jp in _journal_files(d):
+        try:
+            j_adds, j_removes, _ = _read_journal(jp, 0, False, scratch)
+        except (ReplayError, OSError, MemoryError):
+            continue
+        for a in j_adds:
+            adds.setdefault(a["shard"]["file"], a["shard"])
+        removes |= j_removes
+    recovered, kept = 0, []
+    for entry in listing.shards:
+        if entry["file"] in removes:
+            continue
+        j = adds.get(entry["file"])
+        layout = lambda e: [(r["offset"], r["length"]) for r in e["records"]]  # noqa: E731
+        if j is not None and j["bytes"] == entry["bytes"] and j["num_tokens"] == entry["num_tokens"] \
+                and layout(j) == layout(entry):
+            entry = j
+            recovered += 1
+        kept.append(entry)
+    listing.shards = kept
+    return recovered
 
 
 def read_manifest(replay_dir: str | os.PathLike) -> dict:
@@ -577,18 +611,22 @@ class ShardWriter:
     its shards in its own journal, and listing changes are serialised with an flock on manifest.lock.
     A flush costs O(1) in the number of shards already listed. `listed_bytes`: bytes of the directory's
     listing as of opening, plus every shard this writer has written since (other writers' shards and
-    prunes are not seen until the next replay_bytes()).
+    prunes are not seen until the next replay_bytes()). A journal past `journal_max_bytes` is folded into
+    manifest.json and replaced by a fresh one (one O(shards) compaction per that many bytes of journal);
+    a journal deleted under it (sweep_replay of an idle writer's folded journal) is replaced the same way.
     """
 
-    def __init__(self, replay_dir: str | os.PathLike, spec: ReplaySpec, *, max_shard_tokens: int = 1 << 16):
+    def __init__(self, replay_dir: str | os.PathLike, spec: ReplaySpec, *, max_shard_tokens: int = 1 << 16,
+                 journal_max_bytes: int = 8 << 20):
         self.dir = Path(replay_dir)
         self.spec = spec
         self.max_shard_tokens = max_shard_tokens
         self._buffer: list[ReplayRecord] = []
         self._buffered_tokens = 0
-        self._id = uuid.uuid4().hex
-        self.journal = self.dir / f"{JOURNAL_PREFIX}{self._id}{JOURNAL_SUFFIX}"
+        self.journal_max_bytes = journal_max_bytes
+        self.journal = self._new_journal_path()
         self._journal_fd: int | None = None
+        self._journal_bytes = 0
         self._manifest_checked = False
         self.listed_bytes = 0
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -645,20 +683,36 @@ class ShardWriter:
             self.flush()
         finally:
             if self._journal_fd is not None:
-                os.close(self._journal_fd)
-                self._journal_fd = None
-                self._fold_own_journal()
+                self._close_journal()
+                with _exclusive_lock(self.dir):
+                    self._fold_own_journal_locked()
 
-    def _fold_own_journal(self) -> None:
-        with _exclusive_lock(self.dir):
-            listing = _read_listing(self.dir, strict=False, rebuild=False)
-            if listing.problems:
-                return                                      # leave the journal: it still lists this writer's shards
-            _compact(self.dir, listing)                     # records this journal's offset = its size
-            self.journal.unlink(missing_ok=True)
-            fsync_dir(self.dir)
-            listing.journals.pop(self.journal.name, None)   # a crash before this write leaves a harmless stale
-            _compact(self.dir, listing)                     # name, dropped by the next compaction
+    def _new_journal_path(self) -> Path:
+        return self.dir / f"{JOURNAL_PREFIX}{uuid.uuid4().hex}{JOURNAL_SUFFIX}"
+
+    def _close_journal(self) -> None:
+        os.close(self._journal_fd)
+        self._journal_fd = None
+        self._journal_bytes = 0
+
+    def _fold_own_journal_locked(self) -> bool:
+        """Under the lock: fold every journal into manifest.json, then delete this writer's (closed) journal."""
+        listing = _read_listing(self.dir, strict=False, rebuild=False)
+        if listing.problems:
+            return False                                    # leave the journal: it still lists this writer's shards
+        _compact(self.dir, listing)                         # records this journal's offset = its size
+        self.journal.unlink(missing_ok=True)
+        fsync_dir(self.dir)
+        listing.journals.pop(self.journal.name, None)       # a crash before this write leaves a harmless stale
+        _compact(self.dir, listing)                         # name, dropped by the next compaction
+        return True
+
+    def _journal_intact(self) -> bool:
+        """Is the open journal still the file at self.journal (not swept away by sweep_replay)?"""
+        try:
+            return os.stat(self.journal).st_ino == os.fstat(self._journal_fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -702,11 +756,22 @@ class ShardWriter:
                 else:
                     _write_manifest(self.dir, {**self.spec.manifest_header(), "shards": [], "journals": {}})
                     self._manifest_checked = True
+            if self._journal_fd is not None and not self._journal_intact():
+                self._close_journal()                       # folded and swept while idle: start a new one
+                self.journal = self._new_journal_path()
             if self._journal_fd is None:
                 self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 os.fchmod(self._journal_fd, 0o600)
                 fsync_dir(self.dir)
             _append_line(self._journal_fd, line)
+            self._journal_bytes += len(line)
+            if self._journal_bytes >= self.journal_max_bytes:
+                self._close_journal()
+                if not self._fold_own_journal_locked():     # not foldable now: keep appending to it
+                    self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND, 0o600)
+                    self._journal_bytes = os.fstat(self._journal_fd).st_size // 2
+                else:
+                    self.journal = self._new_journal_path()
 
 
 def write_replay(replay_dir: str | os.PathLike, spec: ReplaySpec, records: Iterable[ReplayRecord],
@@ -794,10 +859,29 @@ def prune_replay(replay_dir: str | os.PathLike, max_bytes: int) -> PruneResult:
     return result
 
 
+def _sweep_idle_journals(d: Path, listing: Listing, before: float) -> list[Path]:
+    """Under the lock, listing clean: writer journals not appended to since `before` (killed writers', or
+    idle ones: a live writer starts a new journal when it finds its own gone) are folded into manifest.json
+    and deleted. Two manifest writes as at a writer's close, so a crash in between is harmless."""
+    idle = [jp for jp in _journal_files(d) if jp.name != RETENTION_JOURNAL and jp.name in listing.journals
+            and jp.stat().st_mtime < before]
+    if not idle:
+        return []
+    _compact(d, listing)                               # everything they list is now in the manifest
+    for jp in idle:
+        jp.unlink(missing_ok=True)
+    fsync_dir(d)
+    for jp in idle:
+        listing.journals.pop(jp.name, None)
+    _compact(d, listing)
+    return idle
+
+
 def sweep_replay(replay_dir: str | os.PathLike, min_age_s: float = 3600.0) -> list[Path]:
     """Delete `*.tmp` files and unlisted `shard-*.safetensors` files older than min_age_s (a younger one
-    may be another writer's shard in flight). Listed shards are never touched; unlisted shards are kept
-    too when the listing cannot be read cleanly. Returns the deleted paths."""
+    may be another writer's shard in flight), and fold-then-delete writer journals idle that long. Listed
+    shards are never touched; unlisted shards and journals are kept when the listing cannot be read
+    cleanly. Returns the deleted paths."""
     d = Path(replay_dir)
     if not d.is_dir():
         raise FileNotFoundError(d)
@@ -810,6 +894,7 @@ def sweep_replay(replay_dir: str | os.PathLike, min_age_s: float = 3600.0) -> li
                 listing = _read_listing(d, strict=False, rebuild=False)
                 if not listing.problems:
                     listed = {s["file"] for s in listing.shards}
+                    deleted += _sweep_idle_journals(d, listing, now - min_age_s)
             except (ReplayError, OSError):
                 listed = None
         for p in sorted(d.iterdir()):
