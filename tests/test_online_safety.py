@@ -9,7 +9,8 @@
     keeps running (no restart), and after a trainer restart neither is sent again (no restart loop).
 
 Run as a script, this file is the trainer process of the poison test (the production trainer; a record whose
-rid starts with "poison-step" makes any batch holding it raise, and every record received is logged).
+rid starts with "poison-step" makes any batch holding it raise, one starting with "poison-crash" kills the
+process outright, and every record received is logged).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from trainer.replay import ReplayRecord
 
 LOG_ENV = "SGLANG_EXT_TEST_POISON_LOG"
 POISON_STEP = "poison-step"
+POISON_CRASH = "poison-crash"
 
 
 class PoisonTestTrainer(OnlineTrainer):
@@ -49,6 +51,9 @@ class PoisonTestTrainer(OnlineTrainer):
                 self._log({"pid": os.getpid(), "seq": r.meta.get("seq"), "rid": r.meta.get("rid")})
 
     def local_batch(self, records):
+        if any(str(r.meta.get("rid", "")).startswith(POISON_CRASH) for r in records):
+            self._log({"pid": os.getpid(), "crash": [r.meta.get("seq") for r in records]})
+            os.kill(os.getpid(), signal.SIGKILL)         # dies outright, as a segfault or an OOM kill would
         if any(str(r.meta.get("rid", "")).startswith(POISON_STEP) for r in records):
             raise IndexError("test fault: this record breaks the objective")
         return super().local_batch(records)
@@ -240,6 +245,51 @@ def test_poison_record_is_dropped_counted_and_never_resent(tiny, draft_dir, tmp_
         assert sorted(metrics.poison) == ["step_failed", "token_id"]   # no new report
         assert sup.starts == 2 and metrics.restarts == 1 and sup.proc.pid == second_pid   # no restart loop
         assert all(r["applied"] for r in log_rows(log) if r.get("pid") == second_pid and "step" in r)
+    finally:
+        sup.stop()
+        sup._kill_group()
+
+
+
+def test_record_that_kills_the_trainer_outright_is_dropped_after_two_deaths(tiny, draft_dir, tmp_path,
+                                                                           monkeypatch):
+    """A record whose step kills the trainer process (SIGKILL: nothing to catch) is in the step of two trainer
+    deaths in a row: the supervisor drops it ("crashed", with any record that was in both steps), and the
+    third trainer is not sent it and keeps running: no restart loop."""
+    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+
+    log = tmp_path / "trainer.jsonl"
+    monkeypatch.setenv(LOG_ENV, str(log))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    class Supervisor(TrainerGroupSupervisor):
+        def trainer_command(self, spec):
+            return [sys.executable, str(Path(__file__).resolve()), spec.to_json()]
+
+    cfg = OnlineTrainConfig(enabled=True, min_records=4, batch_size=2, num_anchors=4, swap_every=1000,
+                            holdout_every=1000, replay_policy="uniform", heartbeat_timeout_s=120.0).validate()
+    slot = ws.WeightSlot.create(ws.draft_layout(draft_dir))
+    metrics = Metrics()
+    sup = Supervisor(cfg, spec_for(cfg, tiny, draft_dir, slot), slot, metrics, ["cpu"])
+    records = make_records(draft_dir, 9)
+    records[8].meta["rid"] = f"{POISON_CRASH}-8"
+    sup.start(lambda: list(records))
+    for r in records:
+        sup.offer(decode_record(encode_record(r)))
+    try:
+        wait_for("the crash record to be dropped", lambda: "crashed" in metrics.poison, sup)
+        assert 8 in sup.poisoned and len(metrics.poison) <= cfg.batch_size and set(metrics.poison) == {"crashed"}
+        wait_for("a third trainer", lambda: sup.starts == 3, sup)
+        third = sup.proc.pid
+        wait_for("steps of the third trainer",
+                 lambda: len([r for r in log_rows(log) if r.get("pid") == third and "step" in r]) >= 5, sup)
+        rows = log_rows(log)
+        crashes = [r for r in rows if "crash" in r]
+        assert len(crashes) == 2 and all(8 in r["crash"] for r in crashes)
+        assert set(sup.poisoned) == set(crashes[0]["crash"]) & set(crashes[1]["crash"])
+        pooled = {r["seq"] for r in rows if r.get("pid") == third and "seq" in r}
+        assert pooled == set(range(9)) - set(sup.poisoned)
+        assert sup.starts == 3 and metrics.restarts == 2 and sup.proc.pid == third and sup.proc.poll() is None
     finally:
         sup.stop()
         sup._kill_group()

@@ -146,7 +146,10 @@ def decode_record(payload: bytes) -> ReplayRecord:
 # before it is persisted or sent; the trainer again on arrival) and counted by reason
 # (sglang:online_train_poison_records_total{reason}). A record whose step raised is dropped by the trainer,
 # which reports its seq back on the records socket (`poison_report`), so a restarted trainer is not re-sent it.
-POISON_REASONS = ("token_id", "non_finite", "shape", "step_failed")
+# The trainer also reports the seqs of the batch of each step (`step_report`; [] once the step is over): a
+# record in the batches of two trainer processes that died outright in a step (a signal, no exception to
+# catch) is dropped by the supervisor as "crashed".
+POISON_REASONS = ("token_id", "non_finite", "shape", "step_failed", "crashed")
 
 
 def check_record(record: ReplayRecord, vocab_size: int | None, width: int | None = None) -> str | None:
@@ -186,13 +189,24 @@ def poison_report(seq: int | None, reason: str) -> bytes:
     return json.dumps({"poison": seq, "reason": reason}).encode()
 
 
-def parse_poison_report(payload: bytes) -> tuple[int | None, str]:
+def step_report(seqs: list[int]) -> bytes:
+    """Trainer -> scheduler: the seqs of the records in the step starting now ([]: the step is over)."""
+    return json.dumps({"step": seqs}).encode()
+
+
+def parse_report(payload: bytes) -> tuple[str, object]:
+    """A trainer report -> ("poison", (seq, reason)) or ("step", [seqs])."""
     d = json.loads(payload)
-    seq = d.get("poison")
-    reason = d.get("reason")
+    if isinstance(d, dict) and "step" in d:
+        seqs = d["step"]
+        if not isinstance(seqs, list) or not all(isinstance(x, int) for x in seqs):
+            raise ValueError(f"step report: unexpected {d!r}")
+        return "step", seqs
+    seq = d.get("poison") if isinstance(d, dict) else None
+    reason = d.get("reason") if isinstance(d, dict) else None
     if not (seq is None or isinstance(seq, int)) or reason not in POISON_REASONS:
         raise ValueError(f"poison report: unexpected {d!r}")
-    return seq, reason
+    return "poison", (seq, reason)
 
 
 def record_nbytes(record: ReplayRecord) -> int:
@@ -200,4 +214,4 @@ def record_nbytes(record: ReplayRecord) -> int:
 
 
 __all__ = ["TrainerSettings", "TrainerSpec", "encode_record", "decode_record", "record_nbytes", "check_record",
-           "poison_report", "parse_poison_report", "POISON_REASONS", "new_run_id"]
+           "poison_report", "step_report", "parse_report", "POISON_REASONS", "new_run_id"]

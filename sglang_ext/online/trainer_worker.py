@@ -46,7 +46,7 @@ import torch
 
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import (TrainerSpec, check_record, decode_record, new_run_id, poison_report,
-                                        record_nbytes)
+                                        record_nbytes, step_report)
 from sglang_ext.online.queues import ByteQueue
 from trainer import distributed
 from trainer.distributed import Dist
@@ -58,6 +58,8 @@ from trainer.train_step import Batch, Precision, StepStats, TrainStep, pad_batch
 log = logging.getLogger("sglang_ext.trainer")
 GUARD_ANCHORS = 256             # proposals scored per held-out record by the guard
 MAX_BAD_STEPS = 10              # non-finite steps in a row before going back to the live draft
+MAX_RAISED_STEPS = 3            # steps in a row that raised before the process exits (a broken device context
+                                # would fail every step: a fresh process, not every record dropped)
 KEEPALIVE_S = 2.0               # a multi-device trainer's rank 0 reaches every rank at least this often
 GROUP_TIMEOUT = datetime.timedelta(hours=6)   # collectives: hangs are the supervisor's to find (heartbeat)
 
@@ -169,6 +171,7 @@ class OnlineTrainer:
         self.conn = None                    # the records socket (rank 0): poison reports go back on it
         self._report_lock = threading.Lock()
         self.poisoned: list[tuple[int | None, str]] = []   # (seq, reason) of the records this process dropped
+        self.raised_steps = 0               # steps in a row that raised
         self.run_id = s.run_id or new_run_id()   # the supervisor's (kept across restarts), else this process's
         self.feature_width = feature_width(self.kind, cfg)
         if conn is not None:
@@ -287,6 +290,8 @@ class OnlineTrainer:
         else:
             records = self.rng.sample(pool, k)
         self.batch_records = records
+        # which records the step holds, in case the process dies outright in it ([] is sent once it is over)
+        self.report(step_report([r.meta["seq"] for r in records if isinstance(r.meta.get("seq"), int)]))
         return records, [self.rng.randrange(2**63) for _ in records]
 
     def sample_batch(self) -> Batch:
@@ -317,6 +322,10 @@ class OnlineTrainer:
             if not self.batch_records:
                 raise
             return self._step_raised(e, lr)
+        finally:
+            if self.batch_records:
+                self.report(step_report([]))
+        self.raised_steps = 0
         self.local_steps += 1
         if not stats.applied:
             self._skip(stats.skipped)
@@ -339,6 +348,7 @@ class OnlineTrainer:
         trainer group re-raises (the other ranks may be inside the step's collectives): the group is restarted
         once, without those records; when no record fails alone, nothing is dropped (a rank failed)."""
         self.local_steps += 1
+        self.raised_steps += 1
         self.step_fn.optimizer.zero_grad(set_to_none=True)
         records = self.batch_records
         culprits = [r for r in records if self.fails_alone(r)]
@@ -355,6 +365,9 @@ class OnlineTrainer:
             self.report_poison(r, f"step_failed: {type(error).__name__}")
         self.slot.header.train_records = len(self.pool)
         if self.group.enabled:
+            raise error
+        if self.raised_steps >= MAX_RAISED_STEPS:
+            log.error("%d steps in a row raised: exiting for a fresh trainer process", self.raised_steps)
             raise error
         return StepStats(applied=False, skipped=f"step raised {type(error).__name__}", loss=math.nan,
                          grad_norm=math.nan, lr=lr, tokens=0)
@@ -375,13 +388,17 @@ class OnlineTrainer:
         seq = record.meta.get("seq")
         self.poisoned.append((seq, reason))
         log.warning("poison record %s (seq %s) dropped: %s", record.meta.get("rid"), seq, problem)
+        self.report(poison_report(seq if isinstance(seq, int) else None, reason))
+
+    def report(self, message: bytes) -> None:
+        """A report to the supervisor on the records socket (none without one)."""
         if self.conn is None:
             return
         try:
             with self._report_lock:
-                self.conn.send_bytes(poison_report(seq if isinstance(seq, int) else None, reason))
+                self.conn.send_bytes(message)
         except OSError:
-            log.exception("could not report poison record seq %s", seq)
+            log.exception("could not send a report to the scheduler")
 
     def _skip(self, why: str) -> None:
         self.slot.header.rejected_nan += 1
