@@ -49,7 +49,8 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_poison_records_total{reason}       records dropped as poison: token_id (outside the
                                                            vocabulary) | non_finite (features) | shape (in the
                                                            replay buffer or the trainer) | step_failed (its
-                                                           training step raised); never trained on or re-sent
+                                                           training step raised) | crashed (in the step of two
+                                                           trainer deaths in a row); never trained on or re-sent
   served acceptance per draft version (bounded: two label values, role="current" | "previous"):
     sglang:online_train_version_number{role}               the version in that role (-1: none yet)
     sglang:online_train_version_verify_steps{role}         verify steps (one per request and step) it served

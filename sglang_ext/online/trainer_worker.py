@@ -14,6 +14,15 @@ gradient skips the step (counted). Every `swap_every` steps the candidate is sco
 the held-out slice (the objective's acceptance proxy: the acceptance length greedy verification would give
 on those records, same proposals for both) and published only if it is not worse.
 
+Poison records: every record is checked on arrival (`protocol.check_record`: token ids inside the target's
+vocabulary, finite features, consistent shapes); a step that raises drops the records of its batch that fail
+alone (all of them if none does) and goes on (3 such steps in a row end the process). Either is reported on the
+records socket with the record's seq, so the supervisor counts it and never sends it again; the seqs of each
+step's batch are reported too, so a record that kills the process outright can be found (supervisor.py).
+
+Checkpoints (--online-train-checkpoint-dir): <dir>/<run id>/version-NNNNNN/, the run id chosen once per server
+start by the supervisor; only the run's own versions are pruned; directories 0700, files 0600.
+
 A multi-device trainer (--online-train-device cuda:1,cuda:2, or cpu,cpu) is `spec.world_size` such processes in
 one process group (the supervisor sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; gloo on CPU, nccl on
 CUDA), the draft wrapped in DDP (trainer.distributed.wrap) and trained through the same TrainStep with
