@@ -314,14 +314,29 @@ def _journal_files(d: Path) -> list[Path]:
     return sorted(p for p in d.glob(f"{JOURNAL_PREFIX}*{JOURNAL_SUFFIX}") if p.is_file())
 
 
-def _read_journal(path: Path, start: int, strict: bool, listing: Listing) -> tuple[list[dict], set[str], int]:
-    """-> (add lines, removed files, offset past the last complete line)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if start > size:
-            raise ReplayError(path, "journals", f"manifest records {start} folded bytes, the journal has {size}")
-        f.seek(start)
-        data = f.read()
+def _snapshot(d: Path) -> tuple[bytes, dict[Path, bytes | OSError]]:
+    """The listing's bytes: manifest.json and every journal, read whole (a journal is at most a writer's
+    journal_max_bytes; the retention journal is emptied at each compaction). Taken under a lock, it is
+    consistent; parsing happens after the lock is released. FileNotFoundError: no manifest.json."""
+    raw = (d / MANIFEST).read_bytes()
+    journals: dict[Path, bytes | OSError] = {}
+    for jp in _journal_files(d):
+        try:
+            journals[jp] = jp.read_bytes()
+        except FileNotFoundError:
+            continue                                       # its writer closed and deleted it meanwhile
+        except OSError as e:
+            journals[jp] = e
+    return raw, journals
+
+
+def _read_journal(path: Path, whole: bytes, start: int, strict: bool,
+                  listing: Listing) -> tuple[list[dict], set[str], int]:
+    """-> (add lines, removed files, offset past the last complete line), from the journal's bytes."""
+    size = len(whole)
+    if start > size:
+        raise ReplayError(path, "journals", f"manifest records {start} folded bytes, the journal has {size}")
+    data = whole[start:]
     end = start + data.rfind(b"\n") + 1
     if end < start + len(data):
         listing.notes.append(f"{path}: torn last line ({start + len(data) - end} bytes, a writer killed "
@@ -356,12 +371,14 @@ def _read_journal(path: Path, start: int, strict: bool, listing: Listing) -> tup
     return adds, removes, end
 
 
-def _read_listing(d: Path, *, strict: bool, rebuild: bool = True) -> Listing:
-    """manifest.json + journals, validated. Damage to an entry or journal line: raised (strict) or
-    reported in .problems; damage to the manifest's top level: raised (strict, or rebuild=False) or the
-    listing is rebuilt from the shard headers. FileNotFoundError when there is no manifest.json."""
+def _read_listing(d: Path, *, strict: bool, rebuild: bool = True,
+                  snapshot: tuple[bytes, dict[Path, bytes | OSError]] | None = None) -> Listing:
+    """manifest.json + journals (a _snapshot, taken now if not given), validated. Damage to an entry or
+    journal line: raised (strict) or reported in .problems; damage to the manifest's top level: raised
+    (strict, or rebuild=False) or the listing is rebuilt from the shard headers. FileNotFoundError when
+    there is no manifest.json."""
     mpath = d / MANIFEST
-    raw = mpath.read_bytes()
+    raw, journal_bytes = snapshot if snapshot is not None else _snapshot(d)
     try:
         m = _load_json(raw, mpath, None)
         _check_manifest_header(m, mpath)
@@ -385,12 +402,12 @@ def _read_listing(d: Path, *, strict: bool, rebuild: bool = True) -> Listing:
     folded = m.get("journals", {})
     listing.folded_names = set(folded)
     adds, removes = [], set()
-    for jp in _journal_files(d):
+    for jp, whole in journal_bytes.items():
         start = folded.get(jp.name, 0)
         try:
-            j_adds, j_removes, end = _read_journal(jp, start, strict, listing)
-        except FileNotFoundError:
-            continue                                       # its writer closed and deleted it meanwhile
+            if isinstance(whole, OSError):
+                raise whole
+            j_adds, j_removes, end = _read_journal(jp, whole, start, strict, listing)
         except ReplayError as e:
             if strict:
                 raise
@@ -500,7 +517,7 @@ def _overlay_journals(d: Path, listing: Listing) -> int:
     removes: set[str] = set()
     for jp in _journal_files(d):
         try:
-            j_adds, j_removes, _ = _read_journal(jp, 0, False, scratch)
+            j_adds, j_removes, _ = _read_journal(jp, jp.read_bytes(), 0, False, scratch)
         except (ReplayError, OSError, MemoryError):
             continue
         for a in j_adds:
@@ -527,7 +544,8 @@ def read_manifest(replay_dir: str | os.PathLike) -> dict:
     manifest.json is a valid compaction."""
     d = Path(replay_dir)
     with _shared_lock(d):
-        return _read_listing(d, strict=True).manifest()
+        snap = _snapshot(d)
+    return _read_listing(d, strict=True, snapshot=snap).manifest()
 
 
 def spec_from_manifest(m: dict) -> ReplaySpec:
@@ -804,7 +822,8 @@ def replay_bytes(replay_dir: str | os.PathLike) -> int:
     if not (d / MANIFEST).is_file():
         return 0
     with _shared_lock(d):
-        return sum(s["bytes"] for s in _read_listing(d, strict=False, rebuild=False).shards)
+        snap = _snapshot(d)
+    return sum(s["bytes"] for s in _read_listing(d, strict=False, rebuild=False, snapshot=snap).shards)
 
 
 def _append_retention(d: Path, lines: str) -> None:
@@ -1183,8 +1202,9 @@ class ReplayReader:
                 raise ReplayError(d / MANIFEST, None, f"missing, but the directory holds {len(shards)} shard(s)")
             raise ReplayError(d, None, "empty replay directory: no manifest.json and no shards")
         try:
-            with _shared_lock(d):
-                listing = _read_listing(d, strict=strict)
+            with _shared_lock(d):                      # the bytes under the lock, parsed after it
+                snap = _snapshot(d)
+            listing = _read_listing(d, strict=strict, snapshot=snap)
         except OSError as e:
             raise ReplayError(d / MANIFEST, None, f"unreadable: {_describe(e)}") from e
         return spec_from_manifest(listing.header), listing
