@@ -130,7 +130,7 @@ def test_thread_under_traffic_writes_few_shards_and_the_rest_at_stop(tmp_path, m
 
 def test_failed_writes_are_retried_then_counted_as_lost_and_the_thread_survives(tmp_path, monkeypatch):
     import sglang_ext.online.buffer as buffer_mod
-    buf, metrics = make_buffer(tmp_path, queue_bytes=4 * 30 * WIDTH * 2)   # 4 records of 30 tokens may wait
+    buf, metrics = make_buffer(tmp_path, replay_budget_bytes=4 * 30 * WIDTH * 2)   # 4 records of 30 tokens wait
     real_flush, fails = buf.writer.flush, {"left": 2}
 
     def flaky_flush():
@@ -158,7 +158,8 @@ def test_failed_writes_are_retried_then_counted_as_lost_and_the_thread_survives(
 
     # A writer that always fails, under the thread: records keep flowing to memory (and the trainer), what
     # waits stays bounded, losses are counted, the thread lives on.
-    buf2, metrics2 = make_buffer(tmp_path / "b", start=True, shard_tokens=30, queue_bytes=3 * 30 * WIDTH * 2)
+    buf2, metrics2 = make_buffer(tmp_path / "b", start=True, shard_tokens=30,
+                                 replay_budget_bytes=3 * 30 * WIDTH * 2)
     monkeypatch.setattr(buffer_mod, "RETRY_BACKOFF_S", (0.01, 0.01))
     buf2.retry_backoff = 0.01
     monkeypatch.setattr(buf2.writer, "flush", lambda: (_ for _ in ()).throw(PermissionError(13, "read-only")))

@@ -8,14 +8,15 @@ inside the target's vocabulary, finite features, consistent shapes); a poison re
 trainer names a record whose step failed, so that it is never re-sent.
 
 Persistence (`--online-train-persist-dir`): records wait in memory until a shard is due, which is when they
-reach `shard_tokens` tokens or `shard_max_bytes` feature bytes, or the oldest waited `shard_seconds`
+reach `shard_tokens` tokens or half the replay budget in feature bytes, or the oldest waited `shard_seconds`
 (--online-train-shard-seconds), whichever comes first, or when the buffer stops. A shard write that fails is
-retried (backoff 1 s doubling to 60 s) with the records kept; what waits is bounded by `queue_bytes`, past which
+retried (backoff 1 s doubling to 60 s) with the records kept; what waits is bounded by the replay budget (the
+records waiting are mostly the ones the in-memory buffer holds anyway), past which
 the oldest waiting records are given up and counted as lost (sglang:online_train_persist_lost_records_total).
 After each shard, with --online-train-persist-max-bytes, the oldest shards of the directory are deleted until
 it fits (counted). At startup, temp files and shard files no manifest lists (left by a crash) are swept.
 What a crash (or SGLang's shutdown, which kills the scheduler process with SIGKILL) loses: the records still
-waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / `queue_bytes`).
+waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / half the replay budget).
 """
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ class ReplayBuffer:
 
     @property
     def shard_max_bytes(self) -> int:
-        """Feature bytes past which a shard is written anyway: a quarter of what may wait (queue_bytes)."""
-        return max(1, int(self.cfg.queue_bytes) // 4)
+        """Feature bytes past which a shard is written anyway: half of what may wait (the replay budget)."""
+        return max(1, int(self.cfg.replay_budget_bytes) // 2)
 
     @property
     def persist_max_bytes(self) -> int:
@@ -207,11 +208,12 @@ class ReplayBuffer:
         self.pending_tokens += len(record)
         self.pending_bytes += feature_bytes(record)
         lost = 0
-        while self.pending_bytes > self.cfg.queue_bytes and len(self.pending) > 1:   # bounded while writes fail
+        limit = self.cfg.replay_budget_bytes
+        while self.pending_bytes > limit and len(self.pending) > 1:              # bounded while writes fail
             self._unqueue_oldest()
             lost += 1
         if lost:
-            self._lost(lost, f"{lost} record(s) waiting to be persisted given up (over the {self.cfg.queue_bytes} "
+            self._lost(lost, f"{lost} record(s) waiting to be persisted given up (over the {limit} "
                              f"byte bound while shard writes fail)")
 
     def _unqueue_oldest(self):

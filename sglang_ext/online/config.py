@@ -256,8 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--online-train-shard-seconds", type=float, metavar="SECONDS",
                    help="with --online-train-persist-dir: records wait in memory until a shard holds shard_tokens "
                         "tokens (default 65536) or the oldest waited this long (default 300), then one shard is "
-                        "written; a failed write is retried, the records kept (bounded by "
-                        "--online-train-queue-bytes; past it the oldest are counted as lost). Records still "
+                        "written (or once they hold half the replay budget); a failed write is retried, the "
+                        "records kept (bounded by the replay budget; past it the oldest are counted as lost, "
+                        "sglang:online_train_persist_lost_records_total). Records still "
                         "waiting when the server is killed are lost")
     g.add_argument("--online-train-persist-max-bytes", metavar="SIZE",
                    help="retention of --online-train-persist-dir, e.g. 200GiB: after each shard the oldest shards "

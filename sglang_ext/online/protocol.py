@@ -157,7 +157,7 @@ def check_record(record: ReplayRecord, vocab_size: int | None, width: int | None
     consistent shapes and dtypes (input_ids [S], features [S, width], positions [3, S], loss_mask [S], S > 0),
     token ids in [0, vocab_size), finite features."""
     try:
-        ids, feats, pos, mask = record.input_ids, record.features, record.positions, record.loss_mask
+        ids, feats, pos = record.input_ids, record.features, record.positions
         S = int(ids.shape[0]) if ids.dim() == 1 else -1
         if S <= 0:
             return f"shape: input_ids {list(ids.shape)}, expected one non-empty dimension"
