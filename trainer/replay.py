@@ -6,7 +6,7 @@ A replay directory (mode 0700) holds safetensors shards, one JSON manifest and a
       manifest.json                            header + compacted shard list, rewritten rarely (atomic, flock)
       manifest.lock                            flock serialising every listing change (writers, prune, sweep)
       journal-<writer uuid>.jsonl              one per ShardWriter: one JSON line per shard it added (fsync'd)
-      journal-retention.jsonl                  prune_replay's removals
+      journal-retention.jsonl                  prune_replay's removals (emptied at each compaction)
       shard-<time_ns>-<uuid8>.safetensors      mode 0600 (user traffic); older directories: shard-<index>-<uuid8>
 
 manifest.json
@@ -28,9 +28,13 @@ The listing is manifest.json's `shards`, then the journals' lines past their fol
 ordered by `created`), less the removed files. A flush writes the shard and appends one line to its
 writer's journal: O(1) whatever the number of shards (no glob, no manifest rewrite). Compaction
 (folding every journal into manifest.json and recording the folded offsets) happens when a writer
-opens a directory and when it closes (it then deletes its own journal), and after a prune when the
-journals have grown past the manifest. A torn last journal line (a writer killed mid-append) is
-ignored with a warning; any other bad line is reported.
+opens a directory, when it closes (it then deletes its own journal), when its journal passes
+journal_max_bytes (8 MiB: it then starts a new one), after a prune when the journals have grown past
+the manifest, and when sweep_replay deletes the journals of writers idle past min_age_s (killed
+ones). Compaction is skipped while the listing has problems (nothing reported is ever folded away).
+A torn last journal line (a writer killed mid-append) is ignored with a warning; any other bad line
+is reported. Readers take a shared flock only to read the listing's bytes (parsed after), writers an
+exclusive one per change.
 
 Each shard stores its records back to back along the token axis (T tokens in all):
     input_ids      [T]        int32
@@ -52,15 +56,19 @@ two int data_offsets, contiguous, non-overlapping and covering the data section)
 with safetensors, fp8 scales finite and > 0, no fp8 NaN codes, optionally finite features
 (check_finite). A bad shard raises ReplayError naming the file and field (strict) or is reported
 with a warning and skipped (`.skipped`, default). A shard listed twice is reported and read once.
-A damaged manifest (bad JSON, wrong types) raises in strict mode; otherwise the listing is rebuilt
-from the shards' own header metadata (record `meta` lost: {}) with a warning. The reader never
-deletes or modifies anything.
+A damaged manifest (bad JSON, wrong types, nesting too deep) raises in strict mode, naming
+manifest.json and the field; otherwise the listing is rebuilt from the shards' own header metadata
+with a warning (record `meta` and checksums recovered where a journal still lists the shard, else
+meta {} and the file's own checksum, and the warning says how many). A missing manifest.json is an
+error. The reader never deletes or modifies anything (it does not even create the lock file).
 
 Retention and sweeping (the online buffer): prune_replay(dir, max_bytes) deletes the oldest listed
 shards until the listed total fits, journaling each removal before unlinking the file (so no reader
-sees a listed-but-missing shard); sweep_replay(dir, min_age_s) deletes `*.tmp` files and unlisted
-shards older than min_age_s (a younger one may be another writer's shard in flight); replay_bytes(dir)
-is the listed total. All three hold manifest.lock.
+sees a listed-but-missing shard; counts come back as PruneResult(shards, bytes, records));
+sweep_replay(dir, min_age_s) deletes `*.tmp` files and unlisted shards older than min_age_s (a younger
+one may be another writer's shard in flight) and folds then deletes idle writer journals, never
+touching a listed shard, and keeping unlisted ones when the listing cannot be read cleanly;
+replay_bytes(dir) is the listed total. prune and sweep hold manifest.lock exclusively.
 """
 from __future__ import annotations
 
