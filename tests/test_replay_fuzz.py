@@ -297,7 +297,7 @@ def cases() -> list[Case]:
                         for v in JUNK[(len(t) + len(fld)) % 2::2]]
         out += [Case(f"__metadata__={v!r:.20}", corpus, _header_case(("__metadata__",), v)) for v in JUNK]
         for key in ("format", "schema_version", "target", "layer_ids", "hidden_size", "storage_dtype", "records"):
-            for v in ["{bad json", DEEP, "null", "[]", '{"a": 1}', "7", '"bfloat16"', 7, None, ["x"]]:
+            for v in ["{bad json", DEEP, "null", '{"a": 1}', "7", None]:
                 out.append(Case(f"meta.{key}={v!r:.20}", corpus, _header_case(("__metadata__", key), v)))
         out += [Case(f"offsets:{k}", corpus, _offsets_case(k)) for k in
                 ("short", "long", "overlap", "huge", "negative", "swapped", "shifted", "zero", "floats", "strings",
@@ -338,7 +338,7 @@ def cases() -> list[Case]:
         for target in ("shard", "manifest", "journal", "any"):
             if target == "journal" and corpus != "journal":
                 continue
-            out += [Case(f"flip:{target}", corpus, _flip(target)) for _ in range(30)]
+            out += [Case(f"flip:{target}", corpus, _flip(target)) for _ in range(20)]
     return out
 
 
