@@ -236,3 +236,14 @@ def test_sweep_folds_and_deletes_idle_journals_and_a_live_writer_carries_on(tmp_
     assert sorted(r.meta["rid"] for r in reader.records) == ["req-17-0", "req-17-1", "req-18-0", "req-19-0"]
     live.close()
     assert not journals(d)
+
+
+def test_a_shard_pruned_after_validation_is_a_clear_read_error(tmp_path):
+    d = tmp_path / "r"
+    write_replay(d, spec(), make_records(3, seed=22), max_shard_tokens=40)
+    reader = ReplayReader(d)
+    first = reader.records[0].shard
+    assert prune_replay(d, replay_bytes(d) - 1).shards >= 1 and not first.exists()
+    with pytest.raises(ReplayError, match="no longer readable") as e:
+        reader[0]
+    assert e.value.path == str(first) and e.value.field == "read"

@@ -1241,6 +1241,13 @@ class ReplayReader:
 
     def read(self, index: int, dtype: torch.dtype = torch.float32) -> ReplayRecord:
         ref = self.records[index]
+        try:
+            return self._read(ref, dtype)
+        except Exception as e:                             # noqa: BLE001 - e.g. pruned or replaced since validation
+            raise ReplayError(ref.shard, "read", f"record at token {ref.offset} no longer readable "
+                                                 f"({_describe(e)}); the shard changed after validation") from e
+
+    def _read(self, ref: RecordRef, dtype: torch.dtype) -> ReplayRecord:
         f = self._handle(ref.shard)
         a, b = ref.offset, ref.offset + ref.length
         features = f.get_slice("features")[a:b]
