@@ -100,19 +100,10 @@ class ReplayBuffer:
         if start:
             self.thread.start()
 
-    # -- settings with defaults for configs that predate them ---------------------------------------------
-    @property
-    def shard_seconds(self) -> float:
-        return float(getattr(self.cfg, "shard_seconds", 300.0))
-
     @property
     def shard_max_bytes(self) -> int:
         """Feature bytes past which a shard is written anyway: half of what may wait (the replay budget)."""
         return max(1, int(self.cfg.replay_budget_bytes) // 2)
-
-    @property
-    def persist_max_bytes(self) -> int:
-        return int(getattr(self.cfg, "persist_max_bytes", 0) or 0)
 
     # -- scheduler thread ------------------------------------------------------------------------------
     def submit(self, finished) -> None:
@@ -233,7 +224,7 @@ class ReplayBuffer:
         if not self.pending or (now < self.retry_at and not final):
             return False
         return (final or self.pending_tokens >= self.cfg.shard_tokens or self.pending_bytes >= self.shard_max_bytes
-                or now - self.pending_since >= self.shard_seconds)
+                or now - self.pending_since >= self.cfg.shard_seconds)
 
     def write_due_shard(self, now: float, final: bool = False) -> None:
         """Write one shard of everything waiting if it is due (never raises: persistence must not stop the
@@ -291,7 +282,7 @@ class ReplayBuffer:
 
     def _retain(self) -> None:
         """--online-train-persist-max-bytes: delete the directory's oldest shards until it fits (counted)."""
-        limit = self.persist_max_bytes
+        limit = self.cfg.persist_max_bytes
         if not limit or self.dir_bytes <= limit:
             return
         from trainer import replay
