@@ -596,6 +596,10 @@ class TrainerSupervisor(TrainerGroupSupervisor):
             if self.tp is not None:
                 self.tp.barrier()              # every rank has read the keep buffer
         latency = time.perf_counter() - t0
+        if self.tp is not None:                # as each follower logs it (tp.SwapFollower._restore)
+            logger.info("sglang_ext: TP rank %d restored draft version %d (rollback) at scheduler iteration %d "
+                        "(forward %s, %.2f ms)", self.tp.rank, restored, self.iterations,
+                        getattr(scheduler, "forward_ct", None), latency * 1e3)
         with self._keep_lock:
             previous = self.watch.rolled_back()
             h.live_in_keep = 1
