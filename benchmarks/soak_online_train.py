@@ -47,6 +47,7 @@ METRICS = {            # short name -> (metric, labels)
     "hung": ("sglang:online_train_trainer_hung_total", {}),
     "swaps": ("sglang:online_train_swaps_total", {}),
     "version": ("sglang:online_train_draft_version", {}),
+    "replay_bytes": ("sglang:online_train_replay_bytes", {}),
     "steps": ("sglang:online_train_trainer_steps", {}),
     "trainer_up": ("sglang:online_train_trainer_up", {}),
     "accept_sum": ("sglang:online_train_accept_length_sum", {}),
@@ -231,6 +232,7 @@ def table(result: dict) -> str:
         ("trainer kills / restarts counted", f"{len(result['kills'])} / {f['restarts']:.0f}"),
         ("swaps / draft version / trainer steps", f"{f['swaps']:.0f} / {f['version']:.0f} / {f['steps']:.0f}"),
         ("served tau over the run", f"{result['tau']:.2f}"),
+        ("in-memory replay buffer at end (MB) / budget", f"{f['replay_bytes'] / 2**20:.0f} / {result['settings']['replay_budget']}"),
         ("server RSS after warm-up: first / last / max (MB)",
          " / ".join(f"{v:.0f}" for v in result["rss_server_after_warmup"])),
         ("server RSS slope after warm-up (MB/hour)", f"{result['rss_slope_mb_per_hour']['server']:.1f}"
@@ -252,6 +254,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-rate", type=float, default=0.25, help="share of requests with an image (default 0.25)")
     ap.add_argument("--persist-max-bytes", default="2MB",
                     help="--online-train-persist-max-bytes of the server: small, so it fills up (default 2MB)")
+    ap.add_argument("--replay-budget", default="64MB",
+                    help="--online-train-replay-budget of the server (default 64MB): small, so the in-memory replay "
+                         "buffer (and the trainer's pool, same budget) is full within the warm-up and RSS after it "
+                         "shows growth past the budgets, not the buffers filling up to them")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples (default 10)")
@@ -280,6 +286,7 @@ def main(argv=None) -> int:
         "--online-train", "--online-train-lr", "1e-3", "--online-train-swap-every", "10",
         "--online-train-min-records", "8", "--online-train-persist-dir", str(persist),
         "--online-train-persist-max-bytes", str(args.persist_max_bytes),
+        "--online-train-replay-budget", str(args.replay_budget),
         "--online-train-checkpoint-dir", str(work / "checkpoints")]
     if args.gpu:
         server_args += ["--dtype", "float32"]
