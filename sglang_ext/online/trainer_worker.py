@@ -415,13 +415,17 @@ class OnlineTrainer:
         log.warning("step %d skipped: %s (no update, counted)", self.step + 1, why)
         if self.bad_steps >= MAX_BAD_STEPS:   # stuck: go back to the live draft with a fresh optimizer
             log.error("%d non-finite steps in a row: restarting from the live draft", self.bad_steps)
-            state = self.live.state_dict()
-            if self.group.enabled:          # every rank goes back to the same weights
-                self.command_all([Command("reset", state={k: v.cpu() for k, v in state.items()})] *
-                                 self.group.world_size)
-            self.draft.load_state_dict(state)
-            self.step_fn.reset_optimizer()
+            self._reset_to_live()
             self.bad_steps = 0
+
+    def _reset_to_live(self) -> None:
+        """The draft takes the live draft's weights, on every rank, with a fresh optimizer."""
+        state = self.live.state_dict()
+        if self.group.enabled:              # every rank goes back to the same weights
+            self.command_all([Command("reset", state={k: v.cpu() for k, v in state.items()})] *
+                             self.group.world_size)
+        self.draft.load_state_dict(state)
+        self.step_fn.reset_optimizer()
 
     # -- multi-device group --------------------------------------------------------------------------------
     def command_all(self, commands: list[Command]) -> Command:
@@ -564,12 +568,7 @@ class OnlineTrainer:
         if not slot.has_keep or rollbacks <= h.rollback_seen:
             return False
         self.load_published(self.live, {name: t.clone() for name, t in slot.keep.items()})
-        state = self.live.state_dict()
-        if self.group.enabled:              # every rank goes back to the same weights
-            self.command_all([Command("reset", state={k: v.cpu() for k, v in state.items()})] *
-                             self.group.world_size)
-        self.draft.load_state_dict(state)
-        self.step_fn.reset_optimizer()
+        self._reset_to_live()
         self.want_publish, self.bad_steps = False, 0
         h.reset_published = h.published
         h.rollback_seen = rollbacks
