@@ -22,6 +22,16 @@ MAX_NEW = 20
 BUDGET_BYTES = 300_000          # small, so the in-memory buffer must evict
 
 
+def persisted_rids(persist: Path) -> set:
+    """The rids of the records in the replay directory now (empty until the first shard lands)."""
+    from trainer.replay import ReplayError, ReplayReader
+    try:
+        reader = ReplayReader(persist)
+        return {reader.read(i).meta["rid"] for i in range(len(reader))}
+    except (ReplayError, OSError):
+        return set()
+
+
 def _dumps_by_rid(dump_dir: Path) -> dict:
     """rid -> {start position: (features [n, F], draft layer-0 keys [n, Hkv, D])} from the debug dump."""
     out: dict = {}
@@ -104,11 +114,15 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
             opted_generate, opted_chat = [f.result() for f in opted_futures]
 
         finished = sequential + concurrent
+        # Records are assembled after the response goes out, and the warm-up request's record counts too: wait
+        # until every finished request is in the shards, not only for the counters to reach len(finished).
+        finished_rids = {r["meta_info"]["id"] for r in finished}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             metrics = server.metrics()
             if metric_value(metrics, "sglang:online_train_persisted_records_total") >= \
-                    metric_value(metrics, "sglang:online_train_recorded_records_total") >= len(finished):
+                    metric_value(metrics, "sglang:online_train_recorded_records_total") >= len(finished) and \
+                    finished_rids <= persisted_rids(persist):
                 break
             time.sleep(0.5)
 
@@ -130,8 +144,7 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     for i in range(len(reader)):
         rec = reader.read(i)
         records[rec.meta["rid"]] = rec
-    finished_rids = [r["meta_info"]["id"] for r in finished]
-    assert set(finished_rids) <= set(records)
+    assert finished_rids <= set(records)
     assert not set(aborted_rids) & set(records)
     # Opted-out requests are recorded nowhere: not in the shards, which hold every record the buffer made (the
     # trainer is fed the same records), and counted.
@@ -215,6 +228,7 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     # records are assembled off the hot path: count them after the flush wait, against the shards
     assert metric_value(metrics, "sglang:online_train_recorded_records_total") == len(records)
     assert metric_value(metrics, "sglang:online_train_persisted_records_total") == len(records)
+    assert metric_value(metrics, "sglang:online_train_persist_lost_records_total") == 0    # writes never failed
     assert metric_value(metrics, "sglang:online_train_dropped_requests_total", reason="aborted") >= len(aborted_rids)
     assert metric_value(metrics, "sglang:online_train_replay_bytes") <= BUDGET_BYTES
     assert metric_value(metrics, "sglang:online_train_replay_dropped_records_total") > 0

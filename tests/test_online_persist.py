@@ -103,6 +103,20 @@ def test_shards_roll_by_tokens_or_age_not_every_second(tmp_path):
     assert all(r.meta["seq"] == i for i, (r, _) in enumerate(buf.snapshot()))
 
 
+def test_a_small_then_a_large_record_past_the_bound_are_both_written_not_given_up(tmp_path):
+    """The bound on what waits drops records only while writes fail: a 10-token record (under half the budget,
+    so no shard is due) then a 60-token one pass the budget together; both go to a shard, none is lost (this
+    lost a finished request in the capture server test)."""
+    buf, metrics = make_buffer(tmp_path, shard_tokens=10_000, replay_budget_bytes=64 * WIDTH * 2)
+    t = time.monotonic()
+    assert buf.accept(record(0, length=10))
+    buf.write_due_shard(t)                               # 10 tokens: under every bound, nothing written
+    assert len(buf.pending) == 1 and shard_files(tmp_path / "replay") == []
+    assert buf.accept(record(1, length=60))              # 70 tokens waiting > the 64-token budget
+    assert buf.stats.persist_lost == 0 and metrics.total("persist_lost") == 0
+    assert not buf.pending and rids(tmp_path / "replay") == ["r0", "r1"] and buf.stats.persisted == 2
+
+
 class Finished:
     """What the scheduler submits (a CapturedRequest), reduced to its record (assemble_record patched)."""
 

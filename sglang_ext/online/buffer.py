@@ -198,8 +198,12 @@ class ReplayBuffer:
         self.pending.append(record)
         self.pending_tokens += len(record)
         self.pending_bytes += feature_bytes(record)
-        lost = 0
         limit = self.cfg.replay_budget_bytes
+        if self.pending_bytes > limit and time.monotonic() >= self.retry_at:
+            # Over the bound with no failed write outstanding: write now (a small record then a large one can
+            # pass the bound between two of the thread's due checks); only a failed write gives records up.
+            self.write_due_shard(time.monotonic())
+        lost = 0
         while self.pending_bytes > limit and len(self.pending) > 1:              # bounded while writes fail
             self._unqueue_oldest()
             lost += 1
