@@ -154,6 +154,16 @@ print(generate_latest(REGISTRY).decode())
     series = [line for line in out.splitlines() if line.startswith("sglang:online_train_version_accept_length{")]
     assert len(series) == 2, series                                  # bounded: two label values, ever
 
+    # The accept-length histogram per role (cumulative buckets as gauges): current = version 1, served [1, 1]
+    # then, after the rollback, [2]; previous = version 2, served [1].
+    def bucket(r, le):
+        return metric_value(out, "sglang:online_train_version_accept_length_bucket", role=r, le=le)
+    assert [bucket("current", le) for le in ("1.0", "2.0", "3.0", "32.0", "+Inf")] == [2, 3, 3, 3, 3]
+    assert [bucket("previous", le) for le in ("1.0", "2.0", "+Inf")] == [1, 1, 1]
+    hist = [line for line in out.splitlines()
+            if line.startswith("sglang:online_train_version_accept_length_bucket{")]
+    assert len(hist) == 2 * 13, hist                                  # 12 bounds + Inf, two roles, ever
+
 
 # -- against real SGLang ----------------------------------------------------------------------------------------
 
@@ -215,6 +225,9 @@ def test_a_version_that_serves_worse_is_rolled_back(tiny, plain_reference, serve
     # per-version acceptance on /metrics: the two roles, and version 1 served worse than version 0 did
     series = [line for line in text.splitlines() if line.startswith("sglang:online_train_version_accept_length{")]
     assert len(series) == 2 and all('role="current"' in x or 'role="previous"' in x for x in series), series
+    for role in ("current", "previous"):      # its histogram counts the same verify steps as the mean
+        assert metric_value(text, "sglang:online_train_version_accept_length_bucket", role=role, le="+Inf") == \
+            metric_value(text, "sglang:online_train_version_verify_steps", role=role) > 0
     served = re.search(r"draft version 1 serves worse than the previous version \(mean accept length ([\d.]+) over "
                        r"\d+ verify steps vs ([\d.]+)", log_text)
     assert served and float(served.group(1)) < float(served.group(2)) - 0.25, served

@@ -57,6 +57,8 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_version_accepted_tokens{role}      accepted draft tokens it served
     sglang:online_train_version_proposed_drafts{role}      draft tokens it proposed
     sglang:online_train_version_accept_length{role}        its mean tokens committed per verify step
+    sglang:online_train_version_accept_length_bucket{role,le}  its accept-length histogram (cumulative buckets
+                                                           as gauges; histogram_quantile() reads them)
     sglang:online_train_rollbacks_total                    versions swapped back out for serving worse than
                                                            the previous one (supervisor.RollbackWatch)
     Why roles and not the version number as the label: SGLang runs prometheus_client in multiprocess mode, where
@@ -68,8 +70,11 @@ inside the scheduler process. --online-train turns on --enable-metrics.
 """
 from __future__ import annotations
 
+import bisect
+
 
 QUEUES = ("replay_inbox", "supervisor", "trainer_inbox")     # sglang_ext/online/queues.py, in data-flow order
+ACCEPT_LENGTH_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)   # tokens committed per verify step
 
 
 class OnlineMetrics:
@@ -92,7 +97,7 @@ class OnlineMetrics:
                                  labelnames=pos)
         self._accept_len = Histogram("sglang:online_train_accept_length",
                                      "Tokens committed per verify step (accepted drafts + bonus)", labelnames=names,
-                                     buckets=[1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32])
+                                     buckets=ACCEPT_LENGTH_BUCKETS)
         self._version = gauge("draft_version", "Version of the live draft (0 = the checkpoint loaded at start)")
         self._captured_tokens = counter("captured_tokens", "Target feature rows captured")
         self._captured_bytes = counter("captured_bytes", "Bytes of captured target feature rows")
@@ -281,8 +286,9 @@ class OnlineMetrics:
                          multiprocess_mode="mostrecent")
 
         self.live_version = 0                   # the version serving now (its role is "current")
-        # role -> [version, verify steps, accepted drafts, proposed drafts, tokens committed]
-        self._per_version = {"current": [0, 0, 0, 0, 0], "previous": [-1, 0, 0, 0, 0]}
+        # role -> [version, verify steps, accepted drafts, proposed drafts, tokens committed, steps per bucket]
+        self._per_version = {"current": self._new_version_stats(0), "previous": self._new_version_stats(-1)}
+        self._bucket_labels = [str(float(b)) for b in ACCEPT_LENGTH_BUCKETS] + ["+Inf"]
         self._v_number = role_gauge("version_number", "Draft version in this role (current: serving now; "
                                     "previous: the one before it, or the one rolled back); -1: none yet")
         self._v_steps = role_gauge("version_verify_steps", "Verify steps (per request) served by the version in "
@@ -293,6 +299,12 @@ class OnlineMetrics:
                                       "role since it went live")
         self._v_accept_len = role_gauge("version_accept_length", "Mean tokens committed per verify step by the "
                                         "version in this role (0: no step yet)")
+        # The accept-length histogram of the version in each role, its buckets as gauges (they restart at 0 when a
+        # version goes live, which a Histogram cannot do): histogram_quantile() works on them as on any *_bucket.
+        self._v_accept_hist = Gauge("sglang:online_train_version_accept_length_bucket",
+                                    "Verify steps of the version in this role that committed at most `le` tokens "
+                                    "(cumulative, since it went live)", labelnames=list(self.labels) + ["role", "le"],
+                                    multiprocess_mode="mostrecent")
         self._rollbacks = counter("rollbacks", "Draft versions rolled back after a swap: served acceptance "
                                   "dropped below the previous version's by more than the tolerance")
         self._rollbacks.labels(**self.labels).inc(0)
@@ -300,13 +312,19 @@ class OnlineMetrics:
 
     def _publish_versions(self, roles=ROLES) -> None:
         for role in roles:
-            version, steps, accepted, proposed, committed = self._per_version[role]
+            version, steps, accepted, proposed, committed, _ = self._per_version[role]
             lab = dict(self.labels, role=role)
             self._v_number.labels(**lab).set(version)
             self._v_steps.labels(**lab).set(steps)
             self._v_accepted.labels(**lab).set(accepted)
             self._v_proposed.labels(**lab).set(proposed)
             self._v_accept_len.labels(**lab).set(committed / steps if steps else 0.0)
+            for le, n in zip(self._bucket_labels, self._per_version[role][5]):
+                self._v_accept_hist.labels(**lab, le=le).set(n)
+
+    @staticmethod
+    def _new_version_stats(version: int) -> list:
+        return [version, 0, 0, 0, 0, [0] * (len(ACCEPT_LENGTH_BUCKETS) + 1)]
 
     def _version_verified(self, commit_lens: list[int], block_size: int, version: int) -> None:
         for role, stats in self._per_version.items():
@@ -315,13 +333,17 @@ class OnlineMetrics:
                 stats[2] += sum(max(0, c - 1) for c in commit_lens)
                 stats[3] += (block_size - 1) * len(commit_lens)
                 stats[4] += sum(commit_lens)
+                buckets = stats[5]
+                for c in commit_lens:
+                    for i in range(bisect.bisect_left(ACCEPT_LENGTH_BUCKETS, c), len(buckets)):
+                        buckets[i] += 1          # cumulative: every bucket whose bound is >= c (and +Inf)
                 self._publish_versions((role,))
                 return
 
     def _version_swapped(self, version: int) -> None:
         """A new version went live: "current" becomes "previous"; the new one starts from 0."""
         self.live_version = version
-        self._per_version = {"current": [version, 0, 0, 0, 0], "previous": self._per_version["current"]}
+        self._per_version = {"current": self._new_version_stats(version), "previous": self._per_version["current"]}
         self._publish_versions()
 
     def rolled_back(self, from_version: int, to_version: int) -> None:
@@ -330,7 +352,7 @@ class OnlineMetrics:
         self._version.labels(**self.labels).set(to_version)
         current, previous = self._per_version["current"], self._per_version["previous"]
         if previous[0] != to_version:            # not what "previous" held (should not happen): start it at 0
-            previous = [to_version, 0, 0, 0, 0]
+            previous = self._new_version_stats(to_version)
         self._per_version = {"current": previous, "previous": current}
         self._rollbacks.labels(**self.labels).inc()
         self._publish_versions()
