@@ -2,11 +2,12 @@
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sglang_ext.online.buffer import ReplayBuffer
 from sglang_ext.online.capture import Recorder, assemble_record
-from sglang_ext.online.config import OnlineTrainConfig
+from sglang_ext.online.config import OnlineTrainConfig, OnlineTrainConfigError
 
 F = 6   # feature width (K*H) in these tests
 
@@ -227,10 +228,42 @@ def test_verify_path_reads_nothing_from_the_device():
 
 
 def test_sampling_and_learn_from_filters():
-    rec, _ = make_recorder(learn_from="image")
-    req = fake_req("text-only", [1, 2], [3])
-    rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
-    assert rec.pending == {}
+    from sglang.srt.multimodal.modality import Modality
+
+    def req_with(rid, *modalities):
+        r = fake_req(rid, [1, 2], [3])
+        if modalities:                   # SGLang's MultimodalInputs, reduced to the items' modalities
+            r.multimodal_inputs = SimpleNamespace(
+                mm_items=[SimpleNamespace(modality=m, padding_values=lambda: []) for m in modalities],
+                im_token_id=None, video_token_id=None)
+        return r
+
+    kinds = {"text": (), "image": (Modality.IMAGE,), "two-images": (Modality.IMAGE, Modality.IMAGE),
+             "video": (Modality.VIDEO,), "image+video": (Modality.IMAGE, Modality.VIDEO), "audio": (Modality.AUDIO,)}
+    recorded_by = {
+        "all": set(kinds),
+        "text": {"text"},
+        "image": {"image", "two-images", "image+video"},
+        "video": {"video", "image+video"},
+        "multimodal": set(kinds) - {"text"},
+    }
+    for learn_from, want in recorded_by.items():
+        rec, _ = make_recorder(learn_from=learn_from)
+        for name, modalities in kinds.items():
+            rec.observe(SimpleNamespace(reqs=[req_with(name, *modalities)], prefix_lens=[0], extend_lens=[2]),
+                        rows(0, 2))
+        assert set(rec.pending) == want, learn_from
+    with pytest.raises(OnlineTrainConfigError, match="learn_from must be one of all, text, image, video, multimodal"):
+        OnlineTrainConfig(enabled=True, learn_from="images").validate()
+
+    # what the record's meta says about its inputs
+    rec, sink = make_recorder()
+    r = req_with("iv", Modality.VIDEO, Modality.IMAGE)
+    rec.observe(SimpleNamespace(reqs=[r], prefix_lens=[0], extend_lens=[2]), rows(0, 2))
+    rec.release(r)
+    meta = assemble_record(sink[0], include_prompt_loss=False).meta
+    assert meta["modalities"] == ["image", "video"] and meta["has_image"] is True
+
     rec, _ = make_recorder(sample_rate=0.5)
     kept = 0
     for i in range(200):

@@ -106,7 +106,7 @@ class CapturedRequest:
     prompt_len: int = 0
     mrope_prompt: torch.Tensor | None = None             # [3, prompt_len], None for text-only
     mrope_delta: torch.Tensor | int = 0
-    has_image: bool = False
+    modalities: tuple[str, ...] = ()       # request_modalities(): "audio" / "image" / "video" inputs
     finish_reason: str = ""
     copied: object = None                                 # CUDA event after the mrope copies (None: done)
 
@@ -250,7 +250,7 @@ class Recorder:
         if any(torch.is_tensor(t) and t.is_cuda for t in (mrope, delta)):
             p.copied = torch.cuda.Event()
             p.copied.record()
-        p.has_image = _has_image(req)
+        p.modalities = request_modalities(req)
         self.sink(p)
 
     def _forget(self, rid: str) -> None:
@@ -265,7 +265,7 @@ class Recorder:
             return False
         if opted_out(req):
             return False
-        if cfg.learn_from != "all" and (cfg.learn_from == "image") != _has_image(req):
+        if not learns_from(cfg.learn_from, request_modalities(req)):
             return False
         if cfg.sample_rate < 1.0:
             h = int(hashlib.sha1(str(req.rid).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -295,9 +295,26 @@ def _unpad_multimodal(token_ids: list[int], mm) -> list[int]:
     return [back.get(t, t) for t in token_ids]
 
 
-def _has_image(req) -> bool:
+def request_modalities(req) -> tuple[str, ...]:
+    """The kinds of multimodal input a request carries ("audio", "image", "video"; sorted; () for text only), from
+    the modality of each of SGLang's MultimodalDataItems (sglang.srt.multimodal.modality.Modality)."""
     mm = getattr(req, "multimodal_inputs", None)
-    return bool(mm is not None and getattr(mm, "mm_items", None))
+    kinds = set()
+    for item in getattr(mm, "mm_items", None) or ():
+        name = getattr(getattr(item, "modality", None), "name", str(getattr(item, "modality", ""))).upper()
+        kinds.add("video" if "VIDEO" in name else "audio" if "AUDIO" in name else "image")
+    return tuple(sorted(kinds))
+
+
+def learns_from(learn_from: str, modalities: tuple[str, ...]) -> bool:
+    """Whether --online-train-learn-from `learn_from` records a request with these input modalities."""
+    if learn_from == "all":
+        return True
+    if learn_from == "text":
+        return not modalities
+    if learn_from == "multimodal":
+        return bool(modalities)
+    return learn_from in modalities                         # image | video
 
 
 def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None):
@@ -350,7 +367,8 @@ def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None)
         positions[:, :n_prompt] = fin.mrope_prompt[:, :n_prompt].to(torch.int64)
         positions[:, fin.prompt_len:] += fin.mrope_delta
     meta = {"rid": fin.rid, "prompt_len": fin.prompt_len, "num_tokens_finished": n_tokens,
-            "finish_reason": fin.finish_reason, "has_image": fin.has_image, "feature_gaps": gaps,
+            "finish_reason": fin.finish_reason, "has_image": "image" in fin.modalities,
+            "modalities": list(fin.modalities), "feature_gaps": gaps,
             "prefix_filled_rows": filled, "source": "online"}
     return ReplayRecord(input_ids=input_ids, features=features, positions=positions,
                         loss_mask=loss_mask, meta=meta)

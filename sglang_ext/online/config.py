@@ -47,13 +47,18 @@ def parse_size(text: str | int, what: str, allow_zero: bool = False) -> int:
     return value
 
 
+# --online-train-learn-from values: all requests; text (no multimodal input); those with at least one image / video;
+# those with any multimodal input (image, video or audio).
+LEARN_FROM = ("all", "text", "image", "video", "multimodal")
+
+
 @dataclass
 class OnlineTrainConfig:
     enabled: bool = False
     replay_budget_bytes: int = 2 * 2**30         # in-memory replay buffer; oldest records are dropped past it
     persist_dir: str | None = None               # write finished records as replay shards here (mode 0600)
     storage_dtype: str = "bf16"                  # bf16 | fp8 (e4m3 + per-token scale) for persisted shards
-    learn_from: str = "all"                      # all | text | image: which requests are recorded
+    learn_from: str = "all"                      # all | text | image | video | multimodal (LEARN_FROM)
     sample_rate: float = 1.0                     # fraction of eligible requests recorded
     include_prompt_loss: bool = False            # loss mask over prompt tokens too (else generated only)
     max_record_tokens: int = 32768               # longer requests are dropped (counted), never truncated
@@ -110,8 +115,9 @@ class OnlineTrainConfig:
         check_field_types(self)
         if self.storage_dtype not in ("bf16", "fp8"):
             raise OnlineTrainConfigError(f"online-train storage_dtype must be bf16 or fp8, got {self.storage_dtype!r}")
-        if self.learn_from not in ("all", "text", "image"):
-            raise OnlineTrainConfigError(f"online-train learn_from must be all, text or image, got {self.learn_from!r}")
+        if self.learn_from not in LEARN_FROM:
+            raise OnlineTrainConfigError(f"online-train learn_from must be one of {', '.join(LEARN_FROM)}, got "
+                                         f"{self.learn_from!r}")
         if not 0.0 < self.sample_rate <= 1.0:
             raise OnlineTrainConfigError(f"online-train sample_rate must be in (0, 1], got {self.sample_rate}")
         for name in ("replay_budget_bytes", "max_record_tokens", "shard_tokens", "trainer_threads", "batch_size",
@@ -264,8 +270,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="retention of --online-train-persist-dir, e.g. 200GiB: after each shard the oldest shards "
                         "are deleted until the directory's shards fit (counted in "
                         "sglang:online_train_persist_pruned_*_total); default 0: unlimited")
-    g.add_argument("--online-train-learn-from", choices=["all", "text", "image"],
-                   help="which requests to record: all (default), text-only or with images")
+    g.add_argument("--online-train-learn-from", choices=list(LEARN_FROM),
+                   help="which requests to record, by the inputs SGLang received with them: all (default); text: "
+                        "no image, video or audio; image: at least one image; video: at least one video; "
+                        "multimodal: at least one image, video or audio (a request with both an image and a "
+                        "video counts as image, video and multimodal)")
     g.add_argument("--online-train-sample-rate", type=float, metavar="P",
                    help="record this fraction of eligible requests (default 1.0)")
     g.add_argument("--online-train-include-prompt-loss", action="store_true", default=None,
