@@ -17,6 +17,8 @@ def register() -> None:
     from sglang_ext.hooks import register_general_hooks
 
     register_general_hooks()
+    from sglang_ext.video_hooks import register_video_hooks
+    register_video_hooks()          # always on: video decoding without CUDA pins nothing
     from sglang_ext.online.hooks import register_online_hooks
     register_online_hooks()
     if is_selected():
