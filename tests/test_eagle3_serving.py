@@ -142,9 +142,9 @@ def test_eagle3_chain_serves_greedy_exactly_and_served_tau_equals_offline(tiny, 
     assert [r["output_ids"] for r in results] == expected
     taus = [r["meta_info"]["spec_accept_length"] for r in results]
     assert sum(taus) / len(taus) > 1.8, taus                 # a random draft gets ~1.0
-    # A stock server (no --online-train) feeds the draft post-deepstack features at image rows.
-    offline = evaluate_offline(target, draft, prompts, BLOCK, MAX_NEW,
-                               context_features="post", progress=False)
+    # The draft was exported by trainer.finetune, so its config.json says it learned pre-deepstack features,
+    # and the plugin feeds it those even without --online-train (sglang_ext/hooks.py): the offline default.
+    offline = evaluate_offline(target, draft, prompts, BLOCK, MAX_NEW, context_features="pre", progress=False)
     for o, s in zip(offline.prompts, served.prompts):
         assert (o.output_ids, o.verify_steps, o.accept_histogram) == (s.output_ids, s.verify_steps,
                                                                      s.accept_histogram), o.name
@@ -158,7 +158,7 @@ def second_guess_chain_taus(tiny, second_guess_draft, tmp_path_factory):
     from trainer.evaluate import evaluate_offline
 
     report = evaluate_offline(tiny.dense, second_guess_draft, mixed_prompts_file(tmp_path_factory.mktemp("sg")),
-                              BLOCK, MAX_NEW, context_features="post", progress=False)
+                              BLOCK, MAX_NEW, context_features="pre", progress=False)   # as served: marked
     return [p.accept_length for p in report.prompts]
 
 

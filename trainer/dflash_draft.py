@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spec_kernels.dflash_attention import block_attention
-from trainer.draft_kind import read_draft_config
+from trainer.draft_kind import read_draft_config, with_target_features, without_target_features
 from trainer.fsutil import atomic_write_bytes
 from trainer.layers import (GatedMLP, RMSNorm, apply_rope, init_from_scratch, parse_rope, read_checkpoint,
                             rope_cos_sin)
@@ -142,7 +142,8 @@ class DraftConfig:
 
         rope_theta, rope_type, rope_factor, rotary_dim = parse_rope(text, head_dim, source)
         neox = text.get("rope_is_neox_style", text.get("is_neox_style", True))
-        extra = {k: v for k, v in d.items() if k not in _OWN_KEYS and k != "text_config"}
+        extra = {k: v for k, v in without_target_features(d, source).items()
+                 if k not in _OWN_KEYS and k != "text_config"}
         extra_dflash = {k: v for k, v in dflash.items()
                         if k not in ("target_layer_ids", "mask_token_id", "block_size", "num_target_layers")}
         if extra_dflash:
@@ -389,11 +390,12 @@ class DFlashDraft(nn.Module):
 
     def export(self, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
         """Write config.json + model.safetensors that SGLang's DFlashDraftModel loads as-is.
-        Each file is written to a temp name, fsynced and renamed; weights before config."""
+        Each file is written to a temp name, fsynced and renamed; weights before config. config.json records
+        the target features the draft learned (sglang_ext.target_features, trainer.draft_kind)."""
         from safetensors.torch import save
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        cfg = self.cfg.to_dict()
+        cfg = with_target_features(self.cfg.to_dict())          # trained on our pre-deepstack captures
         cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")   # not kept in DraftConfig
         blob = save(self.export_state_dict(dtype), metadata={"format": "pt"})
         atomic_write_bytes(out_dir / WEIGHTS_NAME, blob, mode=0o644)

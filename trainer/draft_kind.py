@@ -235,6 +235,63 @@ class DraftKind(ABC):
         """Rebuild whatever SGLang's worker derived from the draft weights at load time."""
 
 
+# ---- the target-feature convention a draft was trained on (config.json `sglang_ext.target_features`) ------
+# Qwen3-VL adds deepstack visual embeddings to the residual stream after target layers 0-2 at image/video rows.
+# Our captures (trainer/capture.py, --online-train) record the features BEFORE that add; stock SGLang's aux
+# capture sees them after it. Every export of a draft kind records which it learned, and the always-on plugin
+# hooks (sglang_ext/hooks.py) feed a marked draft that convention whether or not --online-train is on.
+
+CONVENTION_KEY = "sglang_ext"                 # top-level config.json object of ours (SGLang / HF configs ignore it)
+TARGET_FEATURES_KEY = "target_features"       # ... and its key naming the convention
+PRE_DEEPSTACK = "pre_deepstack"               # residual stream after target layer k, before its deepstack add
+POST_DEEPSTACK = "post_deepstack"             # after it: what stock SGLang 0.5.23 feeds a draft
+TARGET_FEATURES = (PRE_DEEPSTACK, POST_DEEPSTACK)
+TRAINED_TARGET_FEATURES = PRE_DEEPSTACK       # what every capture of ours records, so what our exports learned
+
+
+def with_target_features(config: dict, convention: str = TRAINED_TARGET_FEATURES) -> dict:
+    """A copy of a draft config.json dict recording `convention` at sglang_ext.target_features (any other key
+    of the sglang_ext object is kept; the input, and the dicts it shares with a config's `extra`, untouched)."""
+    if convention not in TARGET_FEATURES:
+        raise ValueError(f"{CONVENTION_KEY}.{TARGET_FEATURES_KEY}: {convention!r} is not one of "
+                         f"{list(TARGET_FEATURES)}")
+    ours = config.get(CONVENTION_KEY) or {}
+    if not isinstance(ours, dict):
+        raise ValueError(f"draft config key {CONVENTION_KEY!r} must be an object, got {type(ours).__name__}")
+    return {**config, CONVENTION_KEY: {**ours, TARGET_FEATURES_KEY: convention}}
+
+
+def draft_target_features(config: dict, where: str = "draft config") -> str | None:
+    """The convention a draft config.json dict records (PRE_DEEPSTACK / POST_DEEPSTACK), None if it has no
+    marker (a draft not exported by this trainer: SGLang's default applies). ValueError naming `where` and the
+    key if the marker is malformed."""
+    ours = config.get(CONVENTION_KEY)
+    if ours is None:
+        return None
+    if not isinstance(ours, dict):
+        raise ValueError(f"{where}: key {CONVENTION_KEY!r} must be an object, got {type(ours).__name__}")
+    value = ours.get(TARGET_FEATURES_KEY)
+    if value is None:
+        return None
+    if value not in TARGET_FEATURES:
+        raise ValueError(f"{where}: {CONVENTION_KEY}.{TARGET_FEATURES_KEY} is {value!r}, expected one of "
+                         f"{list(TARGET_FEATURES)}")
+    return value
+
+
+def without_target_features(config: dict, where: str = "draft config") -> dict:
+    """A draft config.json dict without its marker (checked first: ValueError naming `where` if malformed), for
+    a kind's config to keep in `extra`: the marker belongs to the export, which writes what the exported draft
+    learned, so a loaded config equals the one exported and the marker is written once. Other keys of our
+    object are kept."""
+    draft_target_features(config, where)
+    ours = config.get(CONVENTION_KEY)
+    if not isinstance(ours, dict) or TARGET_FEATURES_KEY not in ours:
+        return config
+    rest = {k: v for k, v in ours.items() if k != TARGET_FEATURES_KEY}
+    return {**{k: v for k, v in config.items() if k != CONVENTION_KEY}, **({CONVENTION_KEY: rest} if rest else {})}
+
+
 # ---- registry ---------------------------------------------------------------------------------------------
 
 _KINDS: dict[str, DraftKind] = {}

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spec_kernels.eagle3_attention import eagle3_ttt_attention
-from trainer.draft_kind import read_draft_config
+from trainer.draft_kind import read_draft_config, with_target_features, without_target_features
 from trainer.fsutil import atomic_write_bytes
 from trainer.layers import (GatedMLP, RMSNorm, apply_rope, init_from_scratch, parse_rope, read_checkpoint,
                             rope_cos_sin)
@@ -144,7 +144,7 @@ class Eagle3Config:
         if not all(0 <= i < num_target - 1 for i in ids):
             raise ValueError(f"{source}: aux layer ids {ids} out of range for num_target_layers={num_target}")
         rope_theta, rope_type, rope_factor, rotary_dim = parse_rope(d, head_dim, source)
-        extra = {k: v for k, v in d.items() if k not in _OWN_KEYS}
+        extra = {k: v for k, v in without_target_features(d, source).items() if k not in _OWN_KEYS}
         extra_eagle = {k: v for k, v in eagle.items() if k != "eagle_aux_hidden_state_layer_ids"}
         if extra_eagle:
             extra["eagle_config"] = extra_eagle
@@ -419,11 +419,12 @@ class Eagle3Draft(nn.Module):
                 for k, v in self.state_dict().items()}
 
     def export(self, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
-        """Write config.json + model.safetensors that SGLang's LlamaForCausalLMEagle3 loads as-is."""
+        """Write config.json + model.safetensors that SGLang's LlamaForCausalLMEagle3 loads as-is. config.json
+        records the target features the draft learned (sglang_ext.target_features, trainer.draft_kind)."""
         from safetensors.torch import save
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        cfg = self.cfg.to_dict()
+        cfg = with_target_features(self.cfg.to_dict())          # trained on our pre-deepstack captures
         cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         blob = save(self.export_state_dict(dtype), metadata={"format": "pt"})
         atomic_write_bytes(out_dir / WEIGHTS_NAME, blob, mode=0o644)

@@ -4,7 +4,9 @@ The flag hooks are always on (they only add our flags to SGLang's parser and rea
 in processes where --online-train was given (the launcher passes the parsed settings to its children in
 $SGLANG_EXT_ONLINE_TRAIN). Which worker class and feed method they hook comes from the served draft's kind
 (`trainer.draft_kind.ServingFacts`). Between the hooks and the pipeline's objects there is one typed handle,
-`_pipeline` (sglang_ext/online/pipeline.py builds it).
+`_pipeline` (sglang_ext/online/pipeline.py builds it). The pre-deepstack target features --online-train feeds
+its draft come from sglang_ext/hooks.py (`register_general_hooks`), which also feeds them to a draft whose
+config.json is marked so without the flag.
 """
 from __future__ import annotations
 
@@ -70,24 +72,8 @@ def prepare_server_args_with_online_train(original, argv, *args, **kwargs):
 
 # ---- capture ----------------------------------------------------------------------------------------------
 
-# srt/models/qwen3_vl.py `Qwen3LLMModel.forward` (and qwen3_vl_moe.py `Qwen3MoeLLMModel.forward`): the aux
-# hidden state for target layer k is captured at the start of layer k+1, after layer k's deepstack visual
-# embedding was added (image/video rows of extend batches, k < 3). Subtract it again so the draft's features
-# are the residual stream after layer k and before deepstack, as the HF capture records them.
-# Exact up to one fp rounding of (h + d) - d: |error| <= ulp(|h + d|).
-def pre_deepstack_aux_hidden_states(original, self, *args, **kwargs):
-    out = original(self, *args, **kwargs)
-    deepstack = kwargs.get("input_deepstack_embeds", args[5] if len(args) > 5 else None)
-    if deepstack is None or not isinstance(out, tuple) or getattr(self, "use_hf_deepstack_order", False):
-        return out
-    _, aux = out
-    hidden_size = self.hidden_size
-    for i, captured_layer in enumerate(sorted(self.layers_to_capture)):
-        k = captured_layer - 1                       # the target layer whose output this capture is
-        if i < len(aux) and k in self.deepstack_embed_to_decoder_layer:
-            aux[i] = aux[i] - deepstack[:, k * hidden_size:(k + 1) * hidden_size].to(aux[i].dtype)
-    return out
-
+# The draft's features are pre-deepstack whenever --online-train is on: sglang_ext/hooks.py
+# `pre_deepstack_aux_hidden_states`, registered by `register_general_hooks` (also for a draft marked so).
 
 # <worker>.__init__ (DFlash: srt/speculative/dflash_worker_v2.py `DFlashWorkerV2.__init__`; EAGLE3:
 # eagle_worker_v2.py `EAGLEWorkerV2.__init__`): build the online
@@ -200,8 +186,6 @@ def register_online_hooks() -> None:
         return
     serving = get_kind(cfg.draft_kind or "dflash").serving
     worker = serving.worker_class
-    reg("sglang.srt.models.qwen3_vl.Qwen3LLMModel.forward", pre_deepstack_aux_hidden_states, HookType.AROUND)
-    reg("sglang.srt.models.qwen3_vl_moe.Qwen3MoeLLMModel.forward", pre_deepstack_aux_hidden_states, HookType.AROUND)
     reg(f"{worker}.__init__", start_online_pipeline, HookType.AFTER)
     reg(f"{worker}.forward_batch_generation", remember_batch, HookType.AROUND)
     for method in serving.capture:
