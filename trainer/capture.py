@@ -5,9 +5,12 @@
         [--regenerate --max-new-tokens N] [--include-prompt-loss]
 
 Data: one JSON object per line, {"messages": [{"role": ..., "content": str | [parts]}]}, parts being
-{"type": "text", "text": ...} or {"type": "image", "image": "<path>"} (relative paths are resolved against
-the JSONL file's directory). The whole file is validated before the model is loaded: a bad JSON line or a
-missing image file is an error naming the file and the line.
+{"type": "text", "text": ...}, {"type": "image", "image": "<path>"} or {"type": "video", "video": "<path>",
+...options} (relative paths are resolved against the JSONL file's directory; video options: SGLang's
+`--mm-process-config` video keys, trainer.hf_target.VIDEO_OPTIONS, e.g. "fps", "max_frames"; frames are
+sampled as the SGLang server samples them, so give the options the server uses). The whole file is validated
+before the model is loaded: a bad JSON line or a missing image / video file is an error naming the file and
+the line.
 
 Per conversation, one ReplayRecord (see trainer/replay.py):
     input_ids  [S]       the chat-template rendering tokenized by the target's processor (images expanded)
@@ -48,7 +51,7 @@ import torch
 
 from trainer.dflash_draft import default_target_layer_ids
 from trainer.draft_kind import kind_for_draft
-from trainer.hf_target import ChatDataError, ChatExample, EncodedPrompt, HFTarget, load_chat_jsonl, load_images
+from trainer.hf_target import ChatDataError, ChatExample, EncodedPrompt, HFTarget, load_chat_jsonl, load_media
 from trainer.replay import ReplayRecord, ReplaySpec, ShardWriter
 from trainer.target import target_identity, target_info
 
@@ -117,28 +120,29 @@ def assistant_char_spans(target: HFTarget, example: ChatExample) -> tuple[str, l
     return full, spans
 
 
-def _expanded_char_index(text: str, placeholder: str, expansions: list[int]) -> Callable[[int], int]:
-    """The processor replaces the k-th placeholder by placeholder * expansions[k]: map char positions of
-    `text` to positions in that expanded text."""
-    starts, pos = [], text.find(placeholder)
-    while pos >= 0:
-        starts.append(pos)
-        pos = text.find(placeholder, pos + len(placeholder))
-    if len(starts) != len(expansions):
-        raise ValueError(f"{len(starts)} image placeholders in the rendered text, {len(expansions)} images")
-
+def _expanded_char_index(replacements: list[tuple[int, int, int]]) -> Callable[[int], int]:
+    """Map char positions of the rendered text to positions in the processor's expanded text, given each
+    placeholder it replaced: (start, end) in the rendered text -> length of its expansion (an image: n image
+    pads; a Qwen3-VL video: per-frame timestamp text, vision start/end and video pads). Positions inside a
+    placeholder map to its start."""
     def index(c: int) -> int:
-        return c + sum((n - 1) * len(placeholder) for s, n in zip(starts, expansions) if s < c)
+        shift = 0
+        for start, end, new_len in replacements:
+            if end <= c:
+                shift += new_len - (end - start)
+            elif start < c:
+                return start + shift
+        return c + shift
     return index
 
 
 def token_mask_from_spans(enc: EncodedPrompt, text: str, spans: list[tuple[int, int]],
                           target: HFTarget) -> torch.Tensor:
-    """[S] bool: tokens whose first char lies inside one of the spans (spans in un-expanded `text`)."""
-    grid = enc.vision.get("image_grid_thw")
-    merge = int(target.model.config.vision_config.spatial_merge_size)
-    expansions = [int(g.prod()) // merge ** 2 for g in grid.cpu()] if grid is not None else []
-    index = _expanded_char_index(text, target.processor.image_token, expansions)
+    """[S] bool: tokens whose first char lies inside one of the spans (spans in un-expanded `text`; `enc`
+    encoded with offsets)."""
+    if enc.offsets is None or enc.replacements is None:
+        raise ValueError("token_mask_from_spans needs a prompt encoded with with_offsets=True")
+    index = _expanded_char_index(enc.replacements)
     starts = enc.offsets[:, 0]
     mask = torch.zeros(len(enc), dtype=torch.bool)
     for a, b in spans:
@@ -156,16 +160,20 @@ class CaptureOptions:
     include_prompt_loss: bool = False
 
 
+def _count_parts(messages: list[dict], kind: str) -> int:
+    return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == kind)
+
+
 def capture_example(target: HFTarget, example: ChatExample, opts: CaptureOptions) -> ReplayRecord:
-    images = load_images(example)
+    media = load_media(example)                      # images, then videos
+    images, videos = media[:len(example.image_paths)], media[len(example.image_paths):]
     if opts.regenerate:
         prompt_msgs = example.prompt_messages()
         if not prompt_msgs:
             raise ChatDataError(example.source, example.line, "nothing to continue: no message before the "
                                                              "assistant turn", "messages")
-        n_prompt_images = sum(1 for m in prompt_msgs if isinstance(m["content"], list)
-                              for p in m["content"] if p["type"] == "image")
-        prompt = target.encode(target.render(prompt_msgs, add_generation_prompt=True), images[:n_prompt_images])
+        prompt_media = images[:_count_parts(prompt_msgs, "image")] + videos[:_count_parts(prompt_msgs, "video")]
+        prompt = target.encode(target.render(prompt_msgs, add_generation_prompt=True), prompt_media)
         generated = target.greedy(prompt, opts.max_new_tokens)
         if not generated:
             raise ChatDataError(example.source, example.line, "the target generated no tokens")
@@ -176,7 +184,7 @@ def capture_example(target: HFTarget, example: ChatExample, opts: CaptureOptions
         if not spans:
             raise ChatDataError(example.source, example.line, "no assistant turn to train on (add one, or use "
                                                              "--regenerate to let the target write it)", "messages")
-        enc = target.encode(text, images, with_offsets=True)
+        enc = target.encode(text, media, with_offsets=True)
         loss_mask = token_mask_from_spans(enc, text, spans, target)
         if not loss_mask.any():
             raise ChatDataError(example.source, example.line, "the assistant turns tokenized to nothing")
@@ -184,7 +192,7 @@ def capture_example(target: HFTarget, example: ChatExample, opts: CaptureOptions
         loss_mask = loss_mask | ~enc.is_vision
     out = target.forward(enc.input_ids, enc.positions, opts.layer_ids, vision=enc.vision, mode="pre")
     meta = {"source": example.source, "line": example.line, "regenerated": opts.regenerate,
-            "num_images": len(images)}
+            "num_images": len(images), "num_videos": len(videos)}
     return ReplayRecord(input_ids=enc.input_ids, features=out.features.cpu(), positions=enc.positions,
                         loss_mask=loss_mask, meta=meta)
 

@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 
 from trainer.draft_kind import kind_for_draft
-from trainer.hf_target import FEATURE_MODES, ChatExample, HFTarget, load_chat_jsonl, load_images
+from trainer.hf_target import FEATURE_MODES, ChatExample, HFTarget, load_chat_jsonl, load_images, load_media
 
 
 @dataclass
@@ -213,7 +213,7 @@ def evaluate_offline(target_dir: str | Path, draft_dir: str | Path, prompts: str
                        max_new_tokens=max_new_tokens, context_features=context_features)
     for ex in tqdm(examples, desc="offline tau", unit="prompt", disable=not progress):
         text = target.render(ex.prompt_messages(), add_generation_prompt=True)
-        report.prompts.append(kind.simulate_prompt(target, draft, text, load_images(ex), block_size=block_size,
+        report.prompts.append(kind.simulate_prompt(target, draft, text, load_media(ex), block_size=block_size,
                                                    max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
                                                    context_features=context_features, name=_short_name(ex)))
     report.wall_s = time.monotonic() - t0
@@ -257,17 +257,20 @@ def evaluate_served(target_dir: str | Path, draft_dir: str | Path, prompts: str 
     from transformers import AutoProcessor
     processor = AutoProcessor.from_pretrained(target_dir)
     requests = [(_short_name(ex), processor.apply_chat_template(ex.prompt_messages(), tokenize=False,
-                                                         add_generation_prompt=True), load_images(ex))
+                                                         add_generation_prompt=True), load_images(ex),
+                 [str(v.path) for v in ex.videos])
                 for ex in examples]
     report = TauReport(mode="served", target=str(target_dir), draft=str(draft_dir), block_size=block_size,
                        max_new_tokens=max_new_tokens)
 
     def run(server) -> None:
-        for name, text, images in tqdm(requests, desc="served tau", unit="prompt", disable=not progress):
+        for name, text, images, videos in tqdm(requests, desc="served tau", unit="prompt", disable=not progress):
             body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                                                       "ignore_eos": ignore_eos}}
             if images:
                 body["image_data"] = [image_to_data_url(im) for im in images]
+            if videos:                       # sampled with the server's video config (give parts the same options)
+                body["video_data"] = videos
             report.prompts.append(served_prompt_tau(name, server.post("/generate", body), block_size))
 
     if url is not None:

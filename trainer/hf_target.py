@@ -1,7 +1,8 @@
 """The Qwen3-VL target run with HF transformers, offline: what `trainer.capture` and `trainer.evaluate` share.
 
     chat JSONL  --load_chat_jsonl-->  [ChatExample]          (validated: bad line / missing image -> ChatDataError)
-    HFTarget(path).encode(text, images)   -> EncodedPrompt   input_ids [S], mRoPE positions [3, S], pixels
+    load_media(example)                   -> [PIL image | VideoClip]   (videos sampled as SGLang samples them)
+    HFTarget(path).encode(text, media)    -> EncodedPrompt   input_ids [S], mRoPE positions [3, S], pixels
     HFTarget.forward(ids, positions, ...) -> TargetOutput    logits [n, V], features [n, K*H] (pre-deepstack)
     HFTarget.greedy(prompt, N)            -> [token ids]     the target's own greedy continuation
 
@@ -26,6 +27,14 @@ is also pre-deepstack; the post-deepstack stream is only visible as the next lay
 mRoPE positions: `model.model.get_rope_index` for a prompt ([3, S]); tokens appended after it (decode /
 verify) sit at seq index t -> position t + rope_delta in all three rows, as in HF generation and SGLang's
 verify (1-D positions + per-request mrope delta).
+
+Video parts ({"type": "video", "video": path, ...options}): the frames are sampled and resized as SGLang
+0.5.23's Qwen-VL processor does before calling the HF processor (`qwen_vl.preprocess_video`: torchcodec
+decode, `smart_nframes` frame count, linspace frame indices, `smart_resize` + bilinear resize), then the HF
+processor runs with those frames, their metadata and `do_sample_frames=False`, as SGLang calls it. The options
+are SGLang's `--mm-process-config '{"video": {...}}'` keys (VIDEO_OPTIONS); give a part the same options as the
+server that served it. The processor expands each video into per-frame timestamp text and vision start/end
+tokens around the video pads; `EncodedPrompt.replacements` records that expansion for the loss mask.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from typing import Any, Iterator
 import torch
 
 FEATURE_MODES = ("pre", "post")
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")   # model kwargs
 
 
 # ---- chat data -------------------------------------------------------------------------------------------
@@ -59,6 +69,7 @@ class ChatExample:
     image_paths: list[Path]         # every image part, in order of appearance
     source: str                     # file the example came from
     line: int                       # 1-based line number in that file
+    videos: list["VideoRef"] = field(default_factory=list)   # every video part, in order of appearance
 
     @property
     def where(self) -> str:
@@ -72,18 +83,53 @@ class ChatExample:
         return msgs
 
 
-def _resolve_image(value: Any, base: Path, path: Path, line: int, field_name: str) -> Path:
+def _resolve_image(value: Any, base: Path, path: Path, line: int, field_name: str, kind: str = "image") -> Path:
     if not isinstance(value, str) or not value:
-        raise ChatDataError(path, line, f"image must be a non-empty file path string, got {value!r}", field_name)
+        raise ChatDataError(path, line, f"{kind} must be a non-empty file path string, got {value!r}", field_name)
     if value.startswith(("http://", "https://", "data:")):
-        raise ChatDataError(path, line, f"only local image files are supported offline, got {value[:60]!r}",
+        raise ChatDataError(path, line, f"only local {kind} files are supported offline, got {value[:60]!r}",
                             field_name)
     p = Path(value.removeprefix("file://")).expanduser()
     if not p.is_absolute():
         p = base / p
     if not p.is_file():
-        raise ChatDataError(path, line, f"image file not found: {p}", field_name)
+        raise ChatDataError(path, line, f"{kind} file not found: {p}", field_name)
     return p
+
+
+# SGLang's `--mm-process-config '{"video": {...}}'` keys that decide which frames the model sees and their size
+# (sglang/srt/multimodal/processors/qwen_vl.py QWEN_VIDEO_PREPROCESS_CONFIG_KEYS); a chat video part may carry them.
+VIDEO_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
+                 "resized_height", "resized_width")
+_INT_VIDEO_OPTIONS = {"nframes", "min_frames", "max_frames", "resized_height", "resized_width"}
+
+
+@dataclass
+class VideoRef:
+    """A chat video part: the file and its sampling options (a subset of VIDEO_OPTIONS)."""
+    path: Path
+    options: dict[str, float | int] = field(default_factory=dict)
+
+
+def parse_video_options(part: dict, path: Path, line: int, where: str) -> dict[str, float | int]:
+    """The VIDEO_OPTIONS of a video part, validated (positive numbers; fps xor nframes; both resized_* or none)."""
+    opts = {}
+    for key, value in part.items():
+        if key in ("type", "video"):
+            continue
+        if key not in VIDEO_OPTIONS:
+            raise ChatDataError(path, line, f"unknown video option {key!r} (expected one of {', '.join(VIDEO_OPTIONS)})",
+                                f"{where}.{key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
+                (key in _INT_VIDEO_OPTIONS and value != int(value)):
+            kind = "a positive integer" if key in _INT_VIDEO_OPTIONS else "a positive number"
+            raise ChatDataError(path, line, f"video option {key} must be {kind}, got {value!r}", f"{where}.{key}")
+        opts[key] = int(value) if key in _INT_VIDEO_OPTIONS else float(value)
+    if "fps" in opts and "nframes" in opts:
+        raise ChatDataError(path, line, "give either fps or nframes, not both", where)
+    if ("resized_height" in opts) != ("resized_width" in opts):
+        raise ChatDataError(path, line, "give resized_height and resized_width together", where)
+    return opts
 
 
 def parse_chat_example(obj: Any, path: Path, line: int) -> ChatExample:
@@ -93,7 +139,7 @@ def parse_chat_example(obj: Any, path: Path, line: int) -> ChatExample:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise ChatDataError(path, line, "must be a non-empty list", "messages")
-    images, clean = [], []
+    images, videos, clean = [], [], []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
@@ -117,11 +163,16 @@ def parse_chat_example(obj: Any, path: Path, line: int) -> ChatExample:
                 img = _resolve_image(part.get("image"), path.parent, path, line, pwhere + ".image")
                 images.append(img)
                 parts.append({"type": "image", "image": str(img)})
+            elif kind == "video":
+                video = _resolve_image(part.get("video"), path.parent, path, line, pwhere + ".video", "video")
+                options = parse_video_options(part, path, line, pwhere)
+                videos.append(VideoRef(video, options))
+                parts.append({"type": "video", "video": str(video), **options})
             else:
-                raise ChatDataError(path, line, f"unsupported part type {kind!r} (expected 'text' or 'image')",
-                                    pwhere)
+                raise ChatDataError(path, line, f"unsupported part type {kind!r} (expected 'text', 'image' or "
+                                                "'video')", pwhere)
         clean.append({"role": msg["role"], "content": parts})
-    return ChatExample(messages=clean, image_paths=images, source=str(path), line=line)
+    return ChatExample(messages=clean, image_paths=images, source=str(path), line=line, videos=videos)
 
 
 def load_chat_jsonl(path: str | os.PathLike) -> list[ChatExample]:
@@ -156,6 +207,121 @@ def load_images(example: ChatExample) -> list:
     return out
 
 
+def load_media(example: ChatExample) -> list:
+    """The example's images (PIL) then videos (VideoClip): what `HFTarget.encode` takes (each kind in order of
+    appearance; the processor matches them to the image / video placeholders of its kind in order)."""
+    videos = []
+    for ref in example.videos:
+        try:
+            videos.append(load_video(ref.path, ref.options))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ChatDataError(example.source, example.line, f"cannot read video {ref.path}: {e}") from e
+    return load_images(example) + videos
+
+
+# ---- video: frames as SGLang samples them (sglang/srt/multimodal/processors/qwen_vl.py, 0.5.23) ------------
+
+IMAGE_FACTOR = 28
+IMAGE_MIN_PIXELS = 4 * 28 * 28            # smart_resize's defaults (used with resized_height / resized_width)
+IMAGE_MAX_PIXELS = 16384 * 28 * 28        # $SGLANG_IMAGE_MAX_PIXELS default
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+FRAME_FACTOR = 2
+VIDEO_FPS = 2.0
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+MAX_RATIO = 200
+
+
+def video_total_pixels() -> int:
+    """SGLang's VIDEO_TOTAL_PIXELS (read from $VIDEO_MAX_PIXELS as SGLang reads it)."""
+    return int(float(os.environ.get("VIDEO_MAX_PIXELS", 128000 * 28 * 28 * 0.9)))
+
+
+@dataclass
+class VideoClip:
+    """Sampled, resized frames and the metadata the HF processor needs (its timestamps come from it)."""
+    frames: torch.Tensor             # [T, 3, H, W] uint8
+    metadata: dict                   # fps, duration, total_num_frames, frames_indices, video_backend
+
+
+def _round_by(x: float, f: int) -> int:
+    return round(x / f) * f
+
+
+def _ceil_by(x: float, f: int) -> int:
+    import math
+    return math.ceil(x / f) * f
+
+
+def _floor_by(x: float, f: int) -> int:
+    import math
+    return math.floor(x / f) * f
+
+
+def video_num_frames(options: dict, total_frames: int, video_fps: float) -> int:
+    """SGLang's `smart_nframes`: nframes (rounded to FRAME_FACTOR), else the clip's duration at `fps` clamped
+    to [min_frames, max_frames] and to the clip."""
+    if "nframes" in options:
+        n = _round_by(options["nframes"], FRAME_FACTOR)
+    else:
+        fps = options.get("fps", VIDEO_FPS)
+        min_frames = _ceil_by(options.get("min_frames", FPS_MIN_FRAMES), FRAME_FACTOR)
+        max_frames = _floor_by(options.get("max_frames", min(FPS_MAX_FRAMES, total_frames)), FRAME_FACTOR)
+        n = total_frames / video_fps * fps
+        n = _floor_by(min(min(max(n, min_frames), max_frames), total_frames), FRAME_FACTOR)
+    if not FRAME_FACTOR <= n <= total_frames:
+        raise ValueError(f"{n} frames to sample, outside [{FRAME_FACTOR}, {total_frames}] (the clip has "
+                         f"{total_frames} frames)")
+    return int(n)
+
+
+def video_resize(height: int, width: int, factor: int, min_pixels: float, max_pixels: float) -> tuple[int, int]:
+    """SGLang's `smart_resize`: both sides multiples of `factor`, area within [min_pixels, max_pixels]."""
+    import math
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} above {MAX_RATIO}")
+    h, w = max(factor, _round_by(height, factor)), max(factor, _round_by(width, factor))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = _floor_by(height / beta, factor), _floor_by(width / beta, factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = _ceil_by(height * beta, factor), _ceil_by(width * beta, factor)
+    return h, w
+
+
+def load_video(path: str | os.PathLike, options: dict | None = None) -> VideoClip:
+    """Decode with torchcodec and sample / resize as SGLang's `qwen_vl.preprocess_video` does with video config
+    `options` (VIDEO_OPTIONS; {} = SGLang's defaults: 2 fps, at least 4 frames)."""
+    import numpy as np
+    import torchvision
+    from torchcodec.decoders import VideoDecoder
+    from torchvision.transforms import InterpolationMode
+
+    options = dict(options or {})
+    decoder = VideoDecoder(str(path), dimension_order="NHWC")
+    total, fps = int(decoder.metadata.num_frames), float(decoder.metadata.average_fps)
+    n = video_num_frames(options, total, fps)
+    idx = np.unique(np.linspace(0, total - 1, num=n, dtype=np.int64))
+    video = decoder.get_frames_at(idx.tolist()).data.permute(0, 3, 1, 2)        # NHWC -> TCHW
+    t, _, height, width = video.shape
+    min_pixels = options.get("min_pixels", VIDEO_MIN_PIXELS)
+    total_pixels = options.get("total_pixels", video_total_pixels())
+    max_pixels = max(min(options.get("max_pixels", VIDEO_MAX_PIXELS), total_pixels / t * FRAME_FACTOR),
+                     int(min_pixels * 1.05))
+    max_pixels = min(options.get("max_pixels", max_pixels), max_pixels)
+    if "resized_height" in options and "resized_width" in options:
+        h, w = video_resize(options["resized_height"], options["resized_width"], IMAGE_FACTOR, IMAGE_MIN_PIXELS,
+                            int(os.environ.get("SGLANG_IMAGE_MAX_PIXELS", IMAGE_MAX_PIXELS)))
+    else:
+        h, w = video_resize(height, width, IMAGE_FACTOR, min_pixels, max_pixels)
+    video = torchvision.transforms.functional.resize(video, [h, w], interpolation=InterpolationMode.BILINEAR)
+    metadata = {"fps": fps, "duration": total / fps, "total_num_frames": total, "frames_indices": idx,
+                "video_backend": "torchvision"}
+    return VideoClip(frames=video, metadata=metadata)
+
+
 # ---- the target ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -163,9 +329,11 @@ class EncodedPrompt:
     input_ids: torch.Tensor          # [S] long
     positions: torch.Tensor          # [3, S] long, mRoPE (t, h, w)
     rope_delta: int                  # a token appended at seq index t sits at position t + rope_delta
-    vision: dict[str, torch.Tensor]  # pixel_values / image_grid_thw for the model (empty for text-only)
+    vision: dict[str, torch.Tensor]  # VISION_INPUTS the processor returned, for the model (empty for text-only)
     is_vision: torch.Tensor          # [S] bool, image/video placeholder rows (where deepstack is added)
     offsets: torch.Tensor | None = None   # [S, 2] char offsets into the processor's expanded text
+    # with offsets: each placeholder the processor expanded, (start, end) in the given text -> expanded length
+    replacements: list[tuple[int, int, int]] | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -221,20 +389,34 @@ class HFTarget:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str, images: list | None = None, *, with_offsets: bool = False) -> EncodedPrompt:
-        """Tokenize (expanding each image placeholder to its patch count) and compute mRoPE positions."""
-        kwargs = {"return_offsets_mapping": True} if with_offsets else {}
-        enc = self.processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+        """Tokenize (expanding each image / video placeholder: image pads, or per-frame timestamps and vision
+        start/end around video pads) and compute mRoPE positions. `images`: the media in order, PIL images and
+        VideoClips (load_media); each kind is matched to its placeholders in order."""
+        media = list(images or [])
+        pictures = [m for m in media if not isinstance(m, VideoClip)]
+        videos = [m for m in media if isinstance(m, VideoClip)]
+        kwargs = {"return_offsets_mapping": True, "return_text_replacement_offsets": True} if with_offsets else {}
+        if videos:       # frames already sampled as SGLang samples them; HF takes the timestamps from the metadata
+            kwargs.update(videos=[v.frames for v in videos], video_metadata=[dict(v.metadata) for v in videos],
+                          do_sample_frames=False)
+        enc = self.processor(text=[text], images=pictures or None, return_tensors="pt", **kwargs)
         ids = enc["input_ids"][0].long()
         types = enc.get("mm_token_type_ids")
         types = types if types is not None else torch.zeros_like(enc["input_ids"])
-        vision = {k: enc[k].to(self.device) for k in ("pixel_values", "image_grid_thw") if k in enc}
-        if "pixel_values" in vision:
-            vision["pixel_values"] = vision["pixel_values"].to(self.dtype)
+        vision = {k: enc[k].to(self.device) for k in VISION_INPUTS if k in enc}
+        for k in ("pixel_values", "pixel_values_videos"):
+            if k in vision:
+                vision[k] = vision[k].to(self.dtype)
         positions, delta = self.model.model.get_rope_index(
-            enc["input_ids"], mm_token_type_ids=types, image_grid_thw=enc.get("image_grid_thw"))
+            enc["input_ids"], mm_token_type_ids=types, image_grid_thw=enc.get("image_grid_thw"),
+            video_grid_thw=enc.get("video_grid_thw"))
+        replacements = None
+        if with_offsets:
+            replacements = [(int(r["span"][0]), int(r["span"][1]), len(r["replacement"]))
+                            for r in enc["text_replacement_offsets"][0]]
         return EncodedPrompt(input_ids=ids, positions=positions[:, 0].long().cpu(),
                              rope_delta=int(delta.reshape(-1)[0]), vision=vision, is_vision=types[0] != 0,
-                             offsets=enc["offset_mapping"][0] if with_offsets else None)
+                             offsets=enc["offset_mapping"][0] if with_offsets else None, replacements=replacements)
 
     def continuation_positions(self, prompt: EncodedPrompt, start: int, n: int) -> torch.Tensor:
         """[3, n] mRoPE positions of n tokens appended at seq indices start .. start+n-1."""
