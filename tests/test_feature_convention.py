@@ -262,12 +262,20 @@ def test_marked_draft_gets_pre_deepstack_without_online_train(tiny, server_log_d
         assert result["meta_info"]["spec_verify_ct"] > 0
         consumed, covered = _consumed(dumps[name], result["meta_info"]["id"], len(prompt.input_ids),
                                       len(layer_ids) * H)
-        assert covered.all(), name                                         # every prompt row fed the draft
-        got[name] = consumed
+        # every image row fed the draft (the first rows may be radix-cache hits of the warm-up request)
+        assert covered[image_rows].all() and covered.sum() > len(covered) // 2, name
+        got[name] = consumed, covered
         want = "pre-deepstack" if name == "marked" else "post-deepstack"
         assert f"sglang_ext: the draft gets {want} target features" in log, name
-    # marked: HF's pre-deepstack capture everywhere (fp32; different kernels: atol 1e-4), image rows included
-    torch.testing.assert_close(got["marked"], pre, rtol=1e-4, atol=1e-4)
-    # unmarked: SGLang's own, post-deepstack (equal to the marked one's away from the deepstack add)
-    torch.testing.assert_close(got["unmarked"], post, rtol=1e-4, atol=1e-4)
-    assert (got["unmarked"][image_rows][:, deepstack_cols] - pre[image_rows][:, deepstack_cols]).abs().max() > 1e-2
+    # marked: HF's pre-deepstack capture on every row it consumed (fp32; different kernels: atol 1e-4), image
+    # rows of the deepstack layers included
+    consumed, covered = got["marked"]
+    torch.testing.assert_close(consumed[covered], pre[covered], rtol=1e-4, atol=1e-4)
+    marked_err = (consumed[covered] - pre[covered]).abs().max()
+    # unmarked: SGLang's own, post-deepstack (the same as pre-deepstack away from the image rows of layers < 3)
+    consumed, covered = got["unmarked"]
+    torch.testing.assert_close(consumed[covered], post[covered], rtol=1e-4, atol=1e-4)
+    off = (consumed[image_rows][:, deepstack_cols] - pre[image_rows][:, deepstack_cols]).abs().max()
+    assert off > 1e-2, off
+    print(f"\nmarked vs HF pre-deepstack: max |diff| {marked_err:.2e}; unmarked vs pre at image rows of layers < 3: "
+          f"{off:.3f} (post - pre there: {gap:.3f})")

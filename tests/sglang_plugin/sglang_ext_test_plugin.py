@@ -5,7 +5,8 @@ tests/support/plugin.py): importlib.metadata then finds the dist-info beside thi
 `register()` in every process it starts. What it does is chosen by environment variables the test sets:
 
   SGLANG_EXT_TEST_DUMP_DIR=DIR       DFlash: after each feed of target features into the live draft, save them
-                                     with the layer-0 keys the draft wrote into its KV cache for them; EAGLE3:
+                                     with the layer-0 keys the draft wrote into its KV cache for them (with or
+                                     without --online-train); EAGLE3:
                                      save the input of the draft's fc (with positions) in every draft forward
                                      that reads target features. So a test can prove the recorded features are
                                      the ones the live draft consumed.
@@ -86,6 +87,12 @@ def register() -> None:
     if os.environ.get(DUMP_ENV):
         HookRegistry.register("sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2."
                               "_append_target_hidden_to_draft_kv_by_loc", dump_draft_context, HookType.AFTER)
+        from sglang_ext.online.config import OnlineTrainConfig
+        if OnlineTrainConfig.from_env() is None:
+            # Without --online-train nothing remembers the batch the DFlash dump maps rows by: do it here.
+            from sglang_ext.online.hooks import remember_batch
+            HookRegistry.register("sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2.forward_batch_generation",
+                                  remember_batch, HookType.AROUND)
         HookRegistry.register("sglang.srt.models.llama_eagle3.LlamaModel.forward", dump_eagle3_draft_input,
                               HookType.BEFORE)
     if os.environ.get(FAULTS_ENV):
