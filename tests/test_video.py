@@ -234,7 +234,7 @@ def test_online_capture_records_video_requests(video_serving):
     right, left = s.records["generate-video-right"], s.records["generate-video-left"]
     assert torch.equal(right.input_ids, left.input_ids)
     video_rows = right.input_ids == s.video_token_id
-    assert video_rows.sum() > 50
+    assert video_rows.sum() >= 4          # the tiny processor caps a frame pair at 128x128 px: 2 pads per pair here
     assert (right.features[video_rows] - left.features[video_rows]).abs().max() > 1e-2
 
 
@@ -354,7 +354,7 @@ def test_offline_capture_of_video_equals_live_capture(tiny, video_serving, tmp_p
         assert torch.equal(off.positions, live.positions[:, :n]), rid
         assert torch.equal(off.loss_mask, live.loss_mask[:n]), rid
         video_rows = off.input_ids == s.video_token_id
-        assert video_rows.sum() >= 8, rid
+        assert video_rows.sum() >= 4, rid
         # features: live persisted rows are bf16; the dumped rows are the fp32 tensors the draft consumed
         consumed, covered = _assemble(s.dumps[rid], len(live), live.features.shape[1])
         rows = video_rows & covered[:n]
