@@ -2,9 +2,11 @@
 real SGLang on the CPU platform (float32): the first server exports its accepted versions under
 <dir>/<run id>/version-NNNNNN/ and keeps the newest --online-train-keep-checkpoints; the second, started on the
 first run's newest export with the same directory, writes its own run directory, keeps at most keep_checkpoints of
-its own versions, and leaves every byte of the first run's as it was. Directories 0700, files 0600. Greedy output
+its own versions, and leaves every byte of the first run's versions as it was (a partial export the first
+server's stop cut short, if any, is deleted). Directories 0700, files 0600. Greedy output
 equals plain serving throughout. (The unit-level twin, with the supervisor and trainer but no server, is in
 tests/test_online_safety.py.)"""
+import fnmatch
 import hashlib
 import stat
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sglang_ext.launcher import draft_args, launch_server
+from sglang_ext.online.trainer_worker import PARTIAL_EXPORT, RUN_LOCK, VERSION_DIR
 
 pytestmark = pytest.mark.server
 BLOCK = 4
@@ -21,10 +24,15 @@ KEEP = 2
 MAX_ROUNDS = 6
 
 
+def partial(p: Path, run_dir: Path) -> bool:
+    """`p` is in a partial export (a trainer killed mid-export when its server stopped)."""
+    return fnmatch.fnmatch(p.relative_to(run_dir).parts[0], PARTIAL_EXPORT)
+
+
 def contents(run_dir: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under `run_dir`."""
+    """Relative path -> sha256 of every file under `run_dir` but partial exports."""
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and not partial(p, run_dir)}
 
 
 def mode(path: Path) -> int:
@@ -62,7 +70,7 @@ def serve_until_versions(tiny, draft: Path, ckpt: Path, requests, expected, serv
 def assert_kept_newest(run_dir: Path, last_seen: int) -> int:
     """`run_dir` holds exactly the KEEP newest versions of its run (the trainer may publish more after the
     traffic stops, so the newest is at least the last one seen); returns the newest."""
-    kept = sorted(p.name for p in run_dir.iterdir())
+    kept = sorted(p.name for p in run_dir.iterdir() if VERSION_DIR.fullmatch(p.name))
     newest = int(kept[-1].removeprefix("version-"))
     assert newest >= last_seen and kept == [f"version-{v:06d}" for v in range(newest - KEEP + 1, newest + 1)], kept
     return newest
@@ -86,10 +94,14 @@ def test_restart_keeps_the_earlier_runs_checkpoints(tiny, plain_reference, serve
     assert len(runs) == 2 and run1 in runs
     (run2,) = [r for r in runs if r != run1]
     assert contents(run1) == before                              # nothing of the earlier run deleted or changed
+    assert not list(run1.glob(PARTIAL_EXPORT))                   # ... but a partial export, if its stop left one
     assert_kept_newest(run2, last2)                              # its own versions, pruned to KEEP
 
     assert mode(ckpt) == 0o700
     for run in (run1, run2):
         assert mode(run) == 0o700
+        assert mode(run / RUN_LOCK) == 0o600
         for p in run.rglob("*"):
+            if partial(p, run) and p.parent != run:             # inside an export cut short: its directory is 0700
+                continue
             assert mode(p) == (0o700 if p.is_dir() else 0o600), (p, oct(mode(p)))

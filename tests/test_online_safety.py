@@ -3,7 +3,8 @@
   * checkpoints go to <checkpoint_dir>/<run id>/version-NNNNNN/, one run id per server start (the supervisor
     picks it, trainer restarts keep it); a later run with the same directory prunes only its own versions (at
     most keep_checkpoints) and never touches an earlier run's; directories 0700, files 0600 (real exports of a
-    tiny draft);
+    tiny draft); the partial export of a run that has ended (its trainer's run lock free) is deleted, a live
+    run's is not;
   * a poison record sent through the supervisor to a real trainer process: a token id past the vocabulary is
     dropped on arrival, a record whose step raises is dropped after that step; both are counted, the trainer
     keeps running (no restart), and after a trainer restart neither is sent again (no restart loop).
@@ -19,6 +20,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -30,7 +32,7 @@ import torch
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.protocol import TrainerSpec, decode_record, encode_record
-from sglang_ext.online.trainer_worker import OnlineTrainer, main
+from sglang_ext.online.trainer_worker import RUN_LOCK, OnlineTrainer, main, sweep_partial_exports
 from trainer.replay import ReplayRecord
 
 LOG_ENV = "SGLANG_EXT_TEST_POISON_LOG"
@@ -154,14 +156,17 @@ def test_checkpoints_per_run_pruned_within_the_run_and_private(tiny, draft_dir, 
         finally:
             slot.close()
     first, second = (root / r for r in runs)
-    assert sorted(p.name for p in first.iterdir()) == ["version-000002", "version-000003"]
-    assert sorted(p.name for p in second.iterdir()) == ["version-000002", "version-000003"]
+    assert sorted(p.name for p in first.iterdir()) == [RUN_LOCK, "version-000002", "version-000003"]
+    assert sorted(p.name for p in second.iterdir()) == [RUN_LOCK, "version-000002", "version-000003"]
     assert (legacy / "config.json").exists()
     assert sorted(p.name for p in root.iterdir()) == sorted(runs + ["version-000001"])
     assert mode(root) == 0o700
     for run in (first, second):
         assert mode(run) == 0o700
+        assert mode(run / RUN_LOCK) == 0o600
         for version in run.iterdir():
+            if version.name == RUN_LOCK:
+                continue
             assert mode(version) == 0o700
             files = sorted(version.iterdir())
             assert {f.name for f in files} >= {"config.json", "model.safetensors"}
@@ -170,6 +175,46 @@ def test_checkpoints_per_run_pruned_within_the_run_and_private(tiny, draft_dir, 
     from trainer.draft_kind import get_kind
     kind = get_kind("dflash")
     kind.from_pretrained(str(second / "version-000003"), kind.load_config(str(second / "version-000003")))
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_partial_exports_of_ended_runs_are_deleted_live_runs_kept(tmp_path):
+    """A server shut down mid-export leaves <run>/.version-NNNNNN.tmp; the next run's trainer deletes it once
+    that run's lock is free (its trainer has exited, however), and leaves alone a live run's partial export
+    (another server sharing the directory), a run directory without a lock, and every complete version."""
+    root = tmp_path / "ckpt"
+    ended, live, unlocked, own = (root / f"run-{name}" for name in ("ended", "live", "nolock", "own"))
+    for run in (ended, live, unlocked, own):
+        (run / "version-000003").mkdir(parents=True)
+        (run / "version-000003" / "model.safetensors").write_bytes(b"complete")
+        (run / ".version-000004.tmp").mkdir()
+        (run / ".version-000004.tmp" / "model.safetensors").write_bytes(b"partial")
+    (ended / RUN_LOCK).touch()                           # its trainer exited: nobody holds the lock
+    (own / RUN_LOCK).touch()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(live / RUN_LOCK)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert sweep_partial_exports(root, own) == 1
+        assert not (ended / ".version-000004.tmp").exists()
+        for run in (live, unlocked, own):                # a live run's, a lockless one's, the caller's own
+            assert (run / ".version-000004.tmp" / "model.safetensors").read_bytes() == b"partial"
+        for run in (ended, live, unlocked, own):
+            assert (run / "version-000003" / "model.safetensors").read_bytes() == b"complete"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sweep_partial_exports(root, own) == 1         # the live run ended (killed): its partial export goes
+    assert not (live / ".version-000004.tmp").exists()
+    assert (unlocked / ".version-000004.tmp").exists() and (own / ".version-000004.tmp").exists()
 
 
 def wait_for(what: str, cond, sup, timeout: float = 240.0):

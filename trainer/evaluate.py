@@ -41,12 +41,13 @@ The draft's kind (trainer.draft_kind, from its config.json) supplies the model a
     reading meta_info.
 
 Context features: "pre" (default) feeds the draft the same pre-deepstack features trainer.capture records,
-which is also what a server started with this plugin's --online-train feeds its draft
-(sglang_ext.online.capture.pre_deepstack_aux_hidden_states subtracts the deepstack again, up to one rounding).
-A stock SGLang 0.5.23 DFLASH server feeds POST-deepstack features on the prompt's image rows of layers k < 3
-(`Qwen3LLMModel.forward` captures the residual entering layer k+1): pass context_features="post"
-(--context-features post) to mirror that exactly on image prompts. Text rows and all decode rows are
-identical either way.
+which is also what a server with this plugin installed feeds a draft under --online-train, and any draft whose
+config.json carries our export marker (sglang_ext.target_features = pre_deepstack; every export writes it)
+with or without --online-train (sglang_ext.hooks.pre_deepstack_aux_hidden_states subtracts the deepstack
+again, up to one rounding). Stock SGLang 0.5.23 (or an unmarked draft) gets POST-deepstack features on the
+prompt's image / video rows of layers k < 3 (`Qwen3LLMModel.forward` captures the residual entering layer
+k+1): pass context_features="post" (--context-features post) to mirror that exactly on such a server. Text
+rows and all decode rows are identical either way.
 
 Numerics: offline and served run the same float32 weights; they agree exactly as long as no greedy argmax is a
 near-tie that different kernels break differently. tests/test_evaluate.py compares per prompt: output ids,

@@ -21,7 +21,9 @@ records socket with the record's seq, so the supervisor counts it and never send
 step's batch are reported too, so a record that kills the process outright can be found (supervisor.py).
 
 Checkpoints (--online-train-checkpoint-dir): <dir>/<run id>/version-NNNNNN/, the run id chosen once per server
-start by the supervisor; only the run's own versions are pruned; directories 0700, files 0600.
+start by the supervisor; only the run's own versions are pruned; directories 0700, files 0600. The trainer holds
+<run id>/.run.lock (flock) while it lives, so a partial export of an ended run (killed mid-export at shutdown) is
+told from a live server's and deleted by the next run's trainer.
 
 A multi-device trainer (--online-train-device cuda:1,cuda:2, or cpu,cpu) is `spec.world_size` such processes in
 one process group (the supervisor sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; gloo on CPU, nccl on
@@ -37,6 +39,7 @@ stalls rank 0 in that collective and stops its heartbeat: the supervisor then re
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import math
 import os
@@ -74,6 +77,8 @@ GROUP_TIMEOUT = datetime.timedelta(hours=6)   # collectives: hangs are the super
 
 
 VERSION_DIR = re.compile(r"version-\d{6}")    # a checkpoint of a run: <checkpoint_dir>/<run id>/version-NNNNNN
+PARTIAL_EXPORT = ".version-*.tmp"   # an export being written (renamed to version-NNNNNN when complete)
+RUN_LOCK = ".run.lock"          # <run dir>/.run.lock: flock'd by the run's trainer while it lives (freed by any exit)
 LOWEST_STREAM_PRIORITY = 1 << 20   # torch maps a priority past the range to the lowest one the device has
 
 
@@ -158,6 +163,40 @@ def make_private(path: Path) -> None:
         os.chmod(p, 0o700 if p.is_dir() else 0o600)
 
 
+def hold_run_lock(run_dir: Path) -> int | None:
+    """Lock `run_dir` as this process's (an flock on its RUN_LOCK file, 0600, released when the process exits
+    however it exits); returns the fd to keep open, or None when another live process holds it."""
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def sweep_partial_exports(root: Path, own_run: Path) -> int:
+    """Delete the partial exports (PARTIAL_EXPORT: a trainer killed mid-export, e.g. at server shutdown) of
+    every run under `root` that has ended: its RUN_LOCK exists and no process holds it. Live runs (other
+    servers sharing the directory), directories without a lock and complete versions are left alone. Returns
+    the number deleted."""
+    swept = 0
+    for run_dir in sorted(root.iterdir()):
+        if run_dir == own_run or not (run_dir / RUN_LOCK).is_file() or not any(run_dir.glob(PARTIAL_EXPORT)):
+            continue
+        fd = hold_run_lock(run_dir)
+        if fd is None:                                  # its trainer lives
+            continue
+        try:
+            for partial in run_dir.glob(PARTIAL_EXPORT):
+                shutil.rmtree(partial, ignore_errors=True)
+                swept += 1
+                log.info("removed %s: a partial export of an ended run", partial)
+        finally:
+            os.close(fd)
+    return swept
+
+
 class OnlineTrainer:
     def __init__(self, spec: TrainerSpec, group: Dist | None = None, conn=None):
         """group: this process's place in a multi-device trainer (default: one process), whose process group is
@@ -182,6 +221,7 @@ class OnlineTrainer:
         self.poisoned: list[tuple[int | None, str]] = []   # (seq, reason) of the records this process dropped
         self.raised_steps = 0               # steps in a row that raised
         self.run_id = s.run_id or new_run_id()   # the supervisor's (kept across restarts), else this process's
+        self.run_lock_fd: int | None = None # RUN_LOCK of <checkpoint_dir>/<run id>, taken at the first export
         self.feature_width = feature_width(self.kind, cfg)
         if conn is not None:
             self.start_receiver(conn)
@@ -517,13 +557,17 @@ class OnlineTrainer:
         """Export the accepted version to <checkpoint_dir>/<run id>/version-NNNNNN/ (directories 0700, files 0600:
         a draft trained on user traffic can memorise it), written under a temp name and renamed, then prune this
         run's oldest versions to keep_checkpoints. Other runs' directories (earlier server starts, other servers
-        sharing checkpoint_dir) and anything else there are never touched."""
+        sharing checkpoint_dir) keep every version; of an ended run (its RUN_LOCK free) the partial export a
+        shutdown cut short is deleted, once per trainer process."""
         root = Path(self.settings.checkpoint_dir)
         run_dir = root / self.run_id
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)     # an existing root keeps its mode
             private_dir(run_dir)
-            for stale in run_dir.glob(".version-*.tmp"):           # an export cut short by a trainer restart
+            if self.run_lock_fd is None:                           # this process's first export
+                self.run_lock_fd = hold_run_lock(run_dir)
+                sweep_partial_exports(root, run_dir)                # ... left by runs that have ended
+            for stale in run_dir.glob(PARTIAL_EXPORT):             # an export cut short by a trainer restart
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = run_dir / f".version-{version:06d}.tmp"
             private_dir(tmp)
