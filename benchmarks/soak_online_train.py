@@ -62,9 +62,10 @@ def read_metrics(server) -> dict:
 
 
 def process_rss(server, trainer_module: str) -> dict:
-    """RSS in MB: `server` (every process of the server but the trainer) and `trainer`."""
+    """RSS in MB: `server` (every process of the server but the trainer) and `trainer`; `by_process`: each
+    server process's RSS by its name (SGLang titles its processes, e.g. sglang::scheduler)."""
     import psutil
-    out = {"server": 0.0, "trainer": 0.0, "processes": 0}
+    out = {"server": 0.0, "trainer": 0.0, "processes": 0, "by_process": {}}
     try:
         root = psutil.Process(server.process.pid)
         procs = [root] + root.children(recursive=True)
@@ -74,11 +75,26 @@ def process_rss(server, trainer_module: str) -> dict:
         try:
             rss = p.memory_info().rss / 2**20
             key = "trainer" if trainer_module in " ".join(p.cmdline()) else "server"
+            name = p.name()
         except psutil.Error:
             continue
         out[key] += rss
         out["processes"] += 1
+        if key == "server":
+            label = name if p.pid != root.pid else f"{name} (launcher)"
+            while label in out["by_process"]:                  # two processes of one name
+                label += "'"
+            out["by_process"][label] = rss
     return out
+
+
+def growth_by_process(samples: list[dict], after_s: float) -> list[tuple[str, float]]:
+    """(server process, MB its RSS grew from the first sample after warm-up to the last), largest first."""
+    after = [s for s in samples if s["t"] >= after_s and s["rss"].get("by_process")]
+    if len(after) < 2:
+        return []
+    first, last = after[0]["rss"]["by_process"], after[-1]["rss"]["by_process"]
+    return sorted(((k, last[k] - first[k]) for k in last if k in first), key=lambda kv: -kv[1])
 
 
 def dir_bytes(path: Path) -> int:
@@ -240,6 +256,8 @@ def table(result: dict) -> str:
         ("trainer RSS slope after warm-up (MB/hour, across restarts)",
          f"{result['rss_slope_mb_per_hour']['trainer']:.1f}"
          if result["rss_slope_mb_per_hour"]["trainer"] is not None else "n/a"),
+        ("server RSS growth after warm-up by process (MB)",
+         ", ".join(f"{k} {v:+.0f}" for k, v in result.get("rss_growth_by_process", [])) or "n/a"),
     ]
     lines = ["| measure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
@@ -348,6 +366,7 @@ def main(argv=None) -> int:
         "rss_server_after_warmup": [after[0], after[-1], max(after)],
         "rss_slope_mb_per_hour": {k: slope_mb_per_hour(samples, args.warmup_min * 60, k)
                                   for k in ("server", "trainer")},
+        "rss_growth_by_process": growth_by_process(samples, args.warmup_min * 60),
     }
     (args.out / "soak_online_train.json").write_text(json.dumps(result, indent=1))
     md = table(result)
