@@ -10,8 +10,8 @@ import sys
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 logger = logging.getLogger(__name__)
-# the target features the served draft gets, decided once in the launcher (prepare_server_args) and read by
-# every process it starts: "pre_deepstack" (our hook below) or "post_deepstack" (SGLang's own)
+# the target features the served draft gets, decided once in the launcher (prepare_server_args, or
+# Engine._launch_subprocesses for sglang.Engine) and read by every process it starts: "pre_deepstack" (our hook below) or "post_deepstack" (SGLang's own)
 TARGET_FEATURES_ENV_VAR = "SGLANG_EXT_DRAFT_TARGET_FEATURES"
 
 
@@ -103,19 +103,16 @@ def online_train_on(argv) -> bool:
         return False
 
 
-# srt/server_args.py `prepare_server_args` (AFTER; runs in the launcher before any scheduler process starts):
-# decide once which target features the served draft gets (its config.json marker, --online-train), log it,
-# and hand the decision to every process SGLang starts through $SGLANG_EXT_DRAFT_TARGET_FEATURES.
-def decide_draft_target_features(server_args, argv, *args, **kwargs):
+def decide_and_publish(server_args, online: bool) -> None:
+    """Decide which target features the served draft gets (its config.json marker, --online-train), log it, and
+    hand the decision to every process SGLang starts from here through $SGLANG_EXT_DRAFT_TARGET_FEATURES.
+    ValueError naming the file and key for a malformed marker."""
+    global _decided_for
     os.environ.pop(TARGET_FEATURES_ENV_VAR, None)
+    _decided_for = server_args
     if not getattr(server_args, "speculative_draft_model_path", None):
-        return None
-    try:
-        marked, where = draft_marker(server_args)
-    except ValueError as e:
-        sys.stderr.write(f"sglang serve: error: --speculative-draft-model-path: {e}\n")
-        raise SystemExit(2) from None
-    online = online_train_on(argv)
+        return
+    marked, where = draft_marker(server_args)
     served = served_target_features(marked, online)
     os.environ[TARGET_FEATURES_ENV_VAR] = served
     why = ("--online-train records and trains on them" if online else
@@ -123,6 +120,30 @@ def decide_draft_target_features(server_args, argv, *args, **kwargs):
            f"{where} has no sglang_ext.target_features marker: SGLang's default")
     logger.info("sglang_ext: the draft gets %s target features at Qwen3-VL deepstack layers (%s)",
                 served.replace("_", "-"), why)
+
+
+_decided_for = None                 # the ServerArgs the decision above was made for
+
+
+# srt/server_args.py `prepare_server_args` (AFTER; the `sglang serve` / launch_server command line, before any
+# scheduler process starts): decide with the command line's --online-train; a bad marker is a usage error.
+def decide_draft_target_features(server_args, argv, *args, **kwargs):
+    try:
+        decide_and_publish(server_args, online_train_on(argv))
+    except ValueError as e:
+        sys.stderr.write(f"sglang serve: error: --speculative-draft-model-path: {e}\n")
+        raise SystemExit(2) from None
+    return None
+
+
+# srt/entrypoints/engine.py `Engine._launch_subprocesses` (BEFORE; every launch, `sglang.Engine(...)` included,
+# which never calls prepare_server_args): decide here unless the command line's hook above already did for
+# these server args.
+def decide_draft_target_features_at_launch(cls, server_args, *args, **kwargs):
+    if _decided_for is not server_args:
+        from sglang_ext.online.config import OnlineTrainConfig
+        online = OnlineTrainConfig.from_env()
+        decide_and_publish(server_args, online is not None and online.enabled)
     return None
 
 
@@ -144,6 +165,8 @@ def register_general_hooks() -> None:
                           extend_forward_kwargs_in_model_dtype, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.prepare_server_args", decide_draft_target_features,
                           HookType.AFTER)
+    HookRegistry.register("sglang.srt.entrypoints.engine.Engine._launch_subprocesses",
+                          decide_draft_target_features_at_launch, HookType.BEFORE)
     if feeds_pre_deepstack():
         HookRegistry.register("sglang.srt.models.qwen3_vl.Qwen3LLMModel.forward", pre_deepstack_aux_hidden_states,
                               HookType.AROUND)

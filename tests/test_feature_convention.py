@@ -8,21 +8,21 @@ unmarked draft keeps SGLang's default (and --online-train, as before, always fee
 
 Unit tests: every kind's export writes the marker (once, keeping other keys of our object), SGLang's own config
 parsing loads it, a draft without it loads as before, and the launcher's decision for every case (local dir,
-Hugging Face repo id, --online-train, a malformed marker). One real-SGLang test (CPU platform, float32): the same
-DFLASH draft marked and unmarked, served without --online-train, one image request each; the features each live
-draft consumed (the test plugin's debug dump) are HF's pre-deepstack capture and HF's post-deepstack one."""
+Hugging Face repo id, --online-train, a malformed marker, sglang.Engine). Two real-SGLang tests (CPU platform,
+float32): the same DFLASH draft marked and unmarked, served without --online-train, one image request each; the
+features each live draft consumed (the test plugin's debug dump) are HF's pre-deepstack capture and HF's
+post-deepstack one. And the marked draft under `sglang.Engine(...)` (no command line): pre-deepstack too."""
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sglang_ext.hooks import (TARGET_FEATURES_ENV_VAR, decide_draft_target_features, feeds_pre_deepstack,
-                              served_target_features)
+from sglang_ext.hooks import (TARGET_FEATURES_ENV_VAR, decide_draft_target_features,
+                              decide_draft_target_features_at_launch, feeds_pre_deepstack, served_target_features)
 from sglang_ext.online.config import ENV_VAR as ONLINE_ENV_VAR
 from trainer.draft_kind import (CONVENTION_KEY, POST_DEEPSTACK, PRE_DEEPSTACK, TARGET_FEATURES_KEY,
                                 draft_target_features, get_kind, kinds, with_target_features)
@@ -181,6 +181,35 @@ def test_launcher_decides_once_and_children_follow(tiny, tmp_path, clean_env, ca
     assert TARGET_FEATURES_ENV_VAR not in os.environ
 
 
+def test_engine_launch_decides_unless_the_command_line_did(tiny, tmp_path, clean_env, caplog):
+    """sglang.Engine(...) never calls prepare_server_args: the decision is made when its subprocesses launch
+    (Engine._launch_subprocesses, which `sglang serve` reaches too: there it is not made twice)."""
+    marked = _copy_draft(tiny.draft_dense, tmp_path / "marked", PRE_DEEPSTACK)
+    unmarked = _copy_draft(tiny.draft_dense, tmp_path / "unmarked", None)
+    caplog.set_level(logging.INFO, logger="sglang_ext.hooks")
+
+    def args(draft):
+        return SimpleNamespace(model_path="unused", revision=None, speculative_draft_model_path=str(draft),
+                               speculative_draft_model_revision=None, download_dir=None,
+                               speculative_algorithm="DFLASH")
+
+    engine_args = args(marked)                                            # sglang.Engine: no command line
+    assert decide_draft_target_features_at_launch(object, engine_args) is None
+    assert os.environ[TARGET_FEATURES_ENV_VAR] == PRE_DEEPSTACK and feeds_pre_deepstack()
+    decide_draft_target_features_at_launch(object, args(unmarked))        # another engine, another decision
+    assert os.environ[TARGET_FEATURES_ENV_VAR] == POST_DEEPSTACK
+    cli_args = args(unmarked)                                             # `sglang serve ... --online-train`
+    decide_draft_target_features(cli_args, ["--online-train"])
+    assert os.environ[TARGET_FEATURES_ENV_VAR] == PRE_DEEPSTACK
+    decide_draft_target_features_at_launch(object, cli_args)              # the same server args: kept
+    assert os.environ[TARGET_FEATURES_ENV_VAR] == PRE_DEEPSTACK
+    assert len([r for r in caplog.records if r.name == "sglang_ext.hooks"]) == 3
+    bad = _copy_draft(tiny.draft_dense, tmp_path / "bad", None)           # a bad marker: an error naming it
+    (bad / "config.json").write_text(json.dumps({**_config(bad), CONVENTION_KEY: {TARGET_FEATURES_KEY: "pre"}}))
+    with pytest.raises(ValueError, match="sglang_ext.target_features"):
+        decide_draft_target_features_at_launch(object, args(bad))
+
+
 def test_launcher_reads_a_repo_id_through_the_local_hf_cache(tiny, tmp_path, clean_env):
     import huggingface_hub.constants as constants
     from test_online_hub_ids import hub_snapshot
@@ -220,13 +249,31 @@ def _consumed(dump_dir: Path, rid: str, length: int, width: int) -> tuple[torch.
     return feats, covered
 
 
+def _hf_features(tiny, text, images):
+    """HF's capture of the prompt: (encoded prompt, pre-deepstack features, post-deepstack features, the
+    draft's target layer ids, hidden size, the feature columns of deepstack layers, max |post - pre| there)."""
+    from trainer.hf_target import HFTarget
+    hf = HFTarget(tiny.dense, device="cpu", dtype=torch.float32)
+    prompt = hf.encode(text, images)
+    layer_ids = sorted(_config(tiny.draft_dense)["dflash_config"]["target_layer_ids"])
+    assert any(k < 3 for k in layer_ids)                                  # deepstack layers are among them
+    H = hf.hidden_size
+    pre = hf.forward(prompt.input_ids, prompt.positions, layer_ids, vision=prompt.vision, mode="pre").features
+    post = hf.forward(prompt.input_ids, prompt.positions, layer_ids, vision=prompt.vision, mode="post").features
+    image_rows = prompt.is_vision
+    assert image_rows.any()
+    deepstack_cols = torch.cat([torch.arange(i * H, (i + 1) * H) for i, k in enumerate(layer_ids) if k < 3])
+    gap = (post[image_rows][:, deepstack_cols] - pre[image_rows][:, deepstack_cols]).abs().max()
+    assert gap > 1e-2, gap                                                # the check can tell them apart
+    return prompt, pre, post, layer_ids, H, deepstack_cols, gap
+
+
 @pytest.mark.server
 def test_marked_draft_gets_pre_deepstack_without_online_train(tiny, server_log_dir, tmp_path):
     from sglang_ext.demo.prompts import chat_prompt, make_image
     from sglang_ext.launcher import draft_args, launch_server
     from support.plugin import plugin_env
     from support.servers import launch_servers, run_concurrently
-    from trainer.hf_target import HFTarget
 
     text, images = chat_prompt("What colour is the shape?", 1), [make_image(3)]
     drafts = {name: _copy_draft(tiny.draft_dense, tmp_path / name, marker)
@@ -244,18 +291,8 @@ def test_marked_draft_gets_pre_deepstack_without_online_train(tiny, server_log_d
     with launch_servers(*(launcher(n) for n in drafts)) as servers:
         runs = dict(zip(drafts, run_concurrently(*(lambda s=s: serve(s) for s in servers))))
 
-    hf = HFTarget(tiny.dense, device="cpu", dtype=torch.float32)
-    prompt = hf.encode(text, images)
-    layer_ids = sorted(_config(tiny.draft_dense)["dflash_config"]["target_layer_ids"])
-    assert any(k < 3 for k in layer_ids)                                  # deepstack layers are among them
-    H = hf.hidden_size
-    pre = hf.forward(prompt.input_ids, prompt.positions, layer_ids, vision=prompt.vision, mode="pre").features
-    post = hf.forward(prompt.input_ids, prompt.positions, layer_ids, vision=prompt.vision, mode="post").features
+    prompt, pre, post, layer_ids, H, deepstack_cols, gap = _hf_features(tiny, text, images)
     image_rows = prompt.is_vision
-    assert image_rows.any()
-    deepstack_cols = torch.cat([torch.arange(i * H, (i + 1) * H) for i, k in enumerate(layer_ids) if k < 3])
-    gap = (post[image_rows][:, deepstack_cols] - pre[image_rows][:, deepstack_cols]).abs().max()
-    assert gap > 1e-2, gap                                                # the check can tell them apart
 
     got = {}
     for name, (result, log) in runs.items():
@@ -279,3 +316,60 @@ def test_marked_draft_gets_pre_deepstack_without_online_train(tiny, server_log_d
     assert off > 1e-2, off
     print(f"\nmarked vs HF pre-deepstack: max |diff| {marked_err:.2e}; unmarked vs pre at image rows of layers < 3: "
           f"{off:.3f} (post - pre there: {gap:.3f})")
+
+
+ENGINE_SCRIPT = """
+import json, sys
+import sglang
+
+if __name__ == "__main__":
+    model, draft, image, text, out = sys.argv[1:6]
+    engine = sglang.Engine(model_path=model, device="cpu", dtype="float32", max_total_tokens=16384,
+                           max_running_requests=16, mem_fraction_static=0.5, speculative_algorithm="DFLASH",
+                           speculative_draft_model_path=draft, log_level="info")
+    try:
+        result = engine.generate(prompt=text, image_data=[image],
+                                 sampling_params={"max_new_tokens": 4, "temperature": 0.0})
+    finally:
+        engine.shutdown()
+    with open(out, "w") as f:
+        json.dump(result["meta_info"], f)
+"""
+
+
+@pytest.mark.server
+def test_marked_draft_gets_pre_deepstack_from_sglang_engine(tiny, server_log_dir, tmp_path):
+    """sglang.Engine(...) (the offline engine API: no command line, no prepare_server_args) with a marked
+    draft: the draft consumes HF's pre-deepstack features."""
+    import subprocess
+    import sys
+
+    from sglang_ext.demo.prompts import chat_prompt, make_image
+    from support.plugin import plugin_env
+
+    text, images = chat_prompt("What colour is the shape?", 1), [make_image(3)]
+    draft = _copy_draft(tiny.draft_dense, tmp_path / "marked", PRE_DEEPSTACK)
+    dump, image, out = tmp_path / "dump", tmp_path / "image.png", tmp_path / "meta_info.json"
+    dump.mkdir()
+    images[0].save(image)
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in (TARGET_FEATURES_ENV_VAR, ONLINE_ENV_VAR)}
+    env.pop("TRITON_INTERPRET", None)
+    env.update(plugin_env(dump_dir=dump), SGLANG_PLATFORM="torch_cpu")
+    log_path = server_log_dir / "convention-engine.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(script), str(tiny.dense), str(draft), str(image), text, str(out)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, timeout=900)
+    assert proc.returncode == 0, log_path.read_text()[-4000:]
+    meta = json.loads(out.read_text())
+    assert meta["spec_verify_ct"] > 0
+
+    prompt, pre, post, layer_ids, H, deepstack_cols, gap = _hf_features(tiny, text, images)
+    image_rows = prompt.is_vision
+    consumed, covered = _consumed(dump, meta["id"], len(prompt.input_ids), len(layer_ids) * H)
+    assert covered[image_rows].all() and covered.sum() > len(covered) // 2
+    torch.testing.assert_close(consumed[covered], pre[covered], rtol=1e-4, atol=1e-4)
+    off_post = (consumed[image_rows][:, deepstack_cols] - post[image_rows][:, deepstack_cols]).abs().max()
+    assert off_post > 1e-2, off_post                                      # not SGLang's post-deepstack
