@@ -174,6 +174,15 @@ MAX_ROUNDS = 6
 ROLLED_BACK = re.compile(r"draft version (\d+) rolled back after (\d+) verify steps: version (\d+) restored")
 
 
+def steps_and_histogram(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """role -> (version_verify_steps, its accept-length histogram's +Inf bucket) in one /metrics scrape."""
+    from sglang_ext.launcher import metric_value
+    return {role: (metric_value(metrics_text, "sglang:online_train_version_verify_steps", role=role),
+                   metric_value(metrics_text, "sglang:online_train_version_accept_length_bucket", role=role,
+                                le="+Inf"))
+            for role in ("current", "previous")}
+
+
 @pytest.mark.server
 def test_a_version_that_serves_worse_is_rolled_back(tiny, plain_reference, server_log_dir, tmp_path):
     from sglang_ext.demo.traffic import online_metrics
@@ -201,7 +210,8 @@ def test_a_version_that_serves_worse_is_rolled_back(tiny, plain_reference, serve
             text = server.metrics()
             rounds.append({"round": r, "tau": sum(x["meta_info"]["spec_accept_length"] for x in results) / len(results),
                            "version": m["draft_version"], "swaps": m["swaps_total"],
-                           "rollbacks": metric_value(text, "sglang:online_train_rollbacks_total")})
+                           "rollbacks": metric_value(text, "sglang:online_train_rollbacks_total"),
+                           "steps_and_histogram": steps_and_histogram(text)})
             print(rounds[-1], flush=True)
             if rounds[-1]["rollbacks"] >= 1 and len(rounds) >= 2 and rounds[-2]["rollbacks"] >= 1:
                 break                                               # a whole round served after the rollback
@@ -225,9 +235,13 @@ def test_a_version_that_serves_worse_is_rolled_back(tiny, plain_reference, serve
     # per-version acceptance on /metrics: the two roles, and version 1 served worse than version 0 did
     series = [line for line in text.splitlines() if line.startswith("sglang:online_train_version_accept_length{")]
     assert len(series) == 2 and all('role="current"' in x or 'role="previous"' in x for x in series), series
-    for role in ("current", "previous"):      # its histogram counts the same verify steps as the mean
-        assert metric_value(text, "sglang:online_train_version_accept_length_bucket", role=role, le="+Inf") == \
-            metric_value(text, "sglang:online_train_version_verify_steps", role=role) > 0
+    # each role's histogram counts the same verify steps as its mean, in every scrape (a version that went live
+    # just before a scrape may have none yet: some scrape must show counted steps)
+    scrapes = [x["steps_and_histogram"] for x in rounds] + [steps_and_histogram(text)]
+    for scrape in scrapes:
+        for role, (verify_steps, inf_bucket) in scrape.items():
+            assert inf_bucket == verify_steps, (role, scrape)
+    assert max(verify_steps for scrape in scrapes for verify_steps, _ in scrape.values()) > 0, scrapes
     served = re.search(r"draft version 1 serves worse than the previous version \(mean accept length ([\d.]+) over "
                        r"\d+ verify steps vs ([\d.]+)", log_text)
     assert served and float(served.group(1)) < float(served.group(2)) - 0.25, served
