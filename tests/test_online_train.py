@@ -321,4 +321,5 @@ def test_online_training_under_tensor_parallelism(quick_workload, traffic, plain
     from trainer.replay import ReplayReader
     persisted = len(ReplayReader([persist]))           # read after the server flushed its last records
     assert persisted >= metric_value(metrics_text, "sglang:online_train_persisted_records_total") > 0
-    assert sent // 2 < persisted <= sent, (persisted, sent)   # a writer per rank would hold each request twice
+    # a writer per rank would hold each request twice (+ 1: SGLang's own warm-up request is recorded too)
+    assert sent // 2 < persisted <= sent + 1, (persisted, sent)
