@@ -11,7 +11,8 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 logger = logging.getLogger(__name__)
 # the target features the served draft gets, decided once in the launcher (prepare_server_args, or
-# Engine._launch_subprocesses for sglang.Engine) and read by every process it starts: "pre_deepstack" (our hook below) or "post_deepstack" (SGLang's own)
+# Engine._launch_subprocesses for sglang.Engine) and read by every process it starts: "pre_deepstack" (our hook
+# below) or "post_deepstack" (SGLang's own)
 TARGET_FEATURES_ENV_VAR = "SGLANG_EXT_DRAFT_TARGET_FEATURES"
 
 

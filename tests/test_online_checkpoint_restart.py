@@ -6,16 +6,15 @@ its own versions, and leaves every byte of the first run's versions as it was (a
 server's stop cut short, if any, is deleted). Directories 0700, files 0600. Greedy output
 equals plain serving throughout. (The unit-level twin, with the supervisor and trainer but no server, is in
 tests/test_online_safety.py.)"""
-import fnmatch
 import hashlib
-import stat
 import time
 from pathlib import Path
 
 import pytest
 
 from sglang_ext.launcher import draft_args, launch_server
-from sglang_ext.online.trainer_worker import PARTIAL_EXPORT, RUN_LOCK, VERSION_DIR
+from sglang_ext.online.trainer_worker import PARTIAL_EXPORT, VERSION_DIR
+from support.checkpoints import assert_private_run, in_partial_export, mode
 
 pytestmark = pytest.mark.server
 BLOCK = 4
@@ -24,19 +23,10 @@ KEEP = 2
 MAX_ROUNDS = 6
 
 
-def partial(p: Path, run_dir: Path) -> bool:
-    """`p` is in a partial export (a trainer killed mid-export when its server stopped)."""
-    return fnmatch.fnmatch(p.relative_to(run_dir).parts[0], PARTIAL_EXPORT)
-
-
 def contents(run_dir: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `run_dir` but partial exports."""
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and not partial(p, run_dir)}
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and not in_partial_export(p, run_dir)}
 
 
 def serve_until_versions(tiny, draft: Path, ckpt: Path, requests, expected, server_log_dir, name: str) -> int:
@@ -99,9 +89,4 @@ def test_restart_keeps_the_earlier_runs_checkpoints(tiny, plain_reference, serve
 
     assert mode(ckpt) == 0o700
     for run in (run1, run2):
-        assert mode(run) == 0o700
-        assert mode(run / RUN_LOCK) == 0o600
-        for p in run.rglob("*"):
-            if partial(p, run) and p.parent != run:             # inside an export cut short: its directory is 0700
-                continue
-            assert mode(p) == (0o700 if p.is_dir() else 0o600), (p, oct(mode(p)))
+        assert_private_run(run)

@@ -24,7 +24,8 @@ from sglang_ext.demo.traffic import (make_random_draft, online_metrics, send_tra
                                        trainer_pids)
 from sglang_ext.demo.workload import record_prompt
 from sglang_ext.launcher import draft_args, launch_server, metric_value
-from sglang_ext.online.trainer_worker import RUN_LOCK, VERSION_DIR
+from sglang_ext.online.trainer_worker import VERSION_DIR
+from support.checkpoints import assert_private_run
 from support.plugin import plugin_env
 
 pytestmark = pytest.mark.server
@@ -197,11 +198,9 @@ def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic
     # (and its trainer's .run.lock; a .version-NNNNNN.tmp if the server stopped mid-export: 0700, contents unchecked)
     (run,) = ckpt.iterdir()
     kept = sorted(p.name for p in run.iterdir() if VERSION_DIR.fullmatch(p.name))
-    assert run.name.startswith("run-") and (run.stat().st_mode & 0o777) == 0o700
+    assert run.name.startswith("run-")
     assert 1 <= len(kept) <= 2 and all((run / k / "model.safetensors").is_file() for k in kept), kept
-    assert (run / RUN_LOCK).is_file()
-    finished = [f for f in run.rglob("*") if not f.relative_to(run).parts[0].endswith(".tmp") or f.parent == run]
-    assert all((f.stat().st_mode & 0o777) == (0o700 if f.is_dir() else 0o600) for f in finished)
+    assert_private_run(run)
     if kind == "eagle3":
         check_eagle3_records(quick_workload.target_dir, draft, traffic, persist, dump_dir, tmp_path)
 
