@@ -80,11 +80,47 @@ def process_rss(server, trainer_module: str) -> dict:
             continue
         out[key] += rss
         out["processes"] += 1
+        if name == "sglang::scheduler" and "scheduler_regions" not in out:
+            out["scheduler_regions"] = memory_regions(p.pid)
         if key == "server":
             label = name if p.pid != root.pid else f"{name} (launcher)"
             while label in out["by_process"]:                  # two processes of one name
                 label += "'"
             out["by_process"][label] = rss
+    return out
+
+
+ARENA_HEAP = 64 << 20      # glibc's thread arenas grow in heaps of at most this size, aligned to it
+
+
+def memory_regions(pid: int) -> dict[str, float]:
+    """RSS in MB of one process by the kind of mapping it is in (/proc/<pid>/smaps): `main_heap` (glibc's main
+    arena, [heap]), `thread_arenas` (anonymous mappings aligned to and at most 64 MiB: the heaps of glibc's
+    per-thread arenas), `anon_other` (other anonymous mappings: allocations glibc mmaps whole, Python's and
+    other allocators' arenas), `file` (libraries, mapped files), `other` ([stack] and the like)."""
+    out = {"main_heap": 0.0, "thread_arenas": 0.0, "anon_other": 0.0, "file": 0.0, "other": 0.0}
+    kind = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 6)
+                if "-" in head[0] and not head[0].endswith(":"):
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    name = head[5].strip() if len(head) > 5 else ""
+                    if name == "[heap]":
+                        kind = "main_heap"
+                    elif name.startswith("/"):
+                        kind = "file"
+                    elif name:
+                        kind = "other"
+                    elif start % ARENA_HEAP == 0 and end - start <= ARENA_HEAP:
+                        kind = "thread_arenas"
+                    else:
+                        kind = "anon_other"
+                elif head[0] == "Rss:" and kind is not None:
+                    out[kind] += int(head[1]) / 1024
+    except OSError:
+        return {}
     return out
 
 
@@ -94,6 +130,15 @@ def growth_by_process(samples: list[dict], after_s: float) -> list[tuple[str, fl
     if len(after) < 2:
         return []
     first, last = after[0]["rss"]["by_process"], after[-1]["rss"]["by_process"]
+    return sorted(((k, last[k] - first[k]) for k in last if k in first), key=lambda kv: -kv[1])
+
+
+def growth_by_region(samples: list[dict], after_s: float) -> list[tuple[str, float]]:
+    """(mapping kind, MB the scheduler's RSS in it grew from the first sample after warm-up to the last)."""
+    after = [s for s in samples if s["t"] >= after_s and s["rss"].get("scheduler_regions")]
+    if len(after) < 2:
+        return []
+    first, last = after[0]["rss"]["scheduler_regions"], after[-1]["rss"]["scheduler_regions"]
     return sorted(((k, last[k] - first[k]) for k in last if k in first), key=lambda kv: -kv[1])
 
 
@@ -258,6 +303,8 @@ def table(result: dict) -> str:
          if result["rss_slope_mb_per_hour"]["trainer"] is not None else "n/a"),
         ("server RSS growth after warm-up by process (MB)",
          ", ".join(f"{k} {v:+.0f}" for k, v in result.get("rss_growth_by_process", [])) or "n/a"),
+        ("scheduler RSS growth after warm-up by mapping (MB)",
+         ", ".join(f"{k} {v:+.0f}" for k, v in result.get("scheduler_growth_by_region", [])) or "n/a"),
     ]
     lines = ["| measure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
@@ -367,6 +414,7 @@ def main(argv=None) -> int:
         "rss_slope_mb_per_hour": {k: slope_mb_per_hour(samples, args.warmup_min * 60, k)
                                   for k in ("server", "trainer")},
         "rss_growth_by_process": growth_by_process(samples, args.warmup_min * 60),
+        "scheduler_growth_by_region": growth_by_region(samples, args.warmup_min * 60),
     }
     (args.out / "soak_online_train.json").write_text(json.dumps(result, indent=1))
     md = table(result)

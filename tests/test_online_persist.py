@@ -217,31 +217,79 @@ def test_poison_records_are_dropped_counted_never_kept_persisted_or_sent(tmp_pat
         {reason: len(recs) for reason, recs in bad.items()}
 
 
+def dir_total(replay_dir: Path) -> int:
+    """Every byte the directory holds (shards, manifest, lock, journals)."""
+    return sum(p.stat().st_size for p in replay_dir.iterdir() if p.is_file())
+
+
 def test_retention_deletes_the_oldest_shards_and_counts(tmp_path):
     from trainer import replay
-    if not hasattr(replay, "prune_replay"):
-        pytest.skip("trainer.replay.prune_replay not there yet")
     buf, metrics = make_buffer(tmp_path, shard_tokens=30)
     out = tmp_path / "replay"
     buf.accept(record(0))
     buf.write_due_shard(time.monotonic())
     one = shard_files(out)[0].stat().st_size
-    buf.cfg.persist_max_bytes = int(2.5 * one)          # room for two shards
+    # room for two shards and the listing files (a journal line per shard, the retention journal's lines)
+    buf.cfg.persist_max_bytes = int(2.5 * one) + replay.metadata_bytes(out) + 1500
     for i in range(1, 5):
         buf.accept(record(i))
         buf.write_due_shard(time.monotonic())
-        assert replay.replay_bytes(out) <= buf.cfg.persist_max_bytes
+        assert dir_total(out) <= buf.cfg.persist_max_bytes
+        assert metrics.calls("persist_dir_bytes")[-1] == (dir_total(out),)
     assert rids(out) == ["r3", "r4"]                     # the oldest went first
     assert buf.stats.pruned_shards == 3 and buf.stats.pruned_records == 3
     assert metrics.total("persist_pruned", 0) == 3 and metrics.total("persist_pruned", 2) == 3
     assert metrics.total("persist_pruned", 1) == buf.stats.pruned_bytes >= 3 * one - 64
-    assert metrics.calls("persist_dir_bytes")[-1] == (replay.replay_bytes(out),)
+
+
+def test_retention_holds_the_whole_directory_under_the_limit_over_many_shards(tmp_path):
+    """Many small shards: the journals (a line per shard added, per shard pruned) would outgrow a small limit
+    if only shards counted (a 60-min soak ended at 3.0 MB under a 2 MB limit). Shards and listing files are
+    counted together, and the writer's journal is restarted past a sixteenth of the limit."""
+    limit = 256 << 10
+    buf, metrics = make_buffer(tmp_path, shard_tokens=30, persist_max_bytes=limit)
+    assert buf.writer.journal_max_bytes == 64 << 10
+    out = tmp_path / "replay"
+    first_journal = buf.writer.journal
+    for i in range(400):
+        assert buf.accept(record(i))
+        buf.write_due_shard(time.monotonic())
+        total = dir_total(out)
+        assert total <= limit, f"after shard {i}: {total} bytes in the directory, limit {limit}"
+        assert metrics.calls("persist_dir_bytes")[-1] == (total,)
+    kept = rids(out)
+    assert kept == [f"r{i}" for i in range(400 - len(kept), 400)] and len(kept) > 100   # the newest, many
+    assert buf.stats.pruned_shards == 400 - len(kept) == metrics.total("persist_pruned", 0)
+    assert buf.writer.journal != first_journal and not first_journal.exists()     # restarted past its bound
+    assert len(list(out.glob("journal-*.jsonl"))) <= 2   # the writer's and retention's
+
+
+def test_shards_are_capped_in_bytes_by_the_budget_a_fixed_cap_and_the_retention_limit(tmp_path):
+    """What a shard write holds in memory at once is bounded, and a retention limit keeps several shards."""
+    from sglang_ext.online.buffer import SHARD_MAX_FEATURE_BYTES
+    mib = 1 << 20
+    cases = [(dict(replay_budget_bytes=64 * mib), 32 * mib, 8 << 20),
+             (dict(replay_budget_bytes=2048 * mib), SHARD_MAX_FEATURE_BYTES, 8 << 20),
+             (dict(replay_budget_bytes=64 * mib, persist_max_bytes=2 * mib), mib // 2, 128 << 10),
+             (dict(replay_budget_bytes=64 * mib, persist_max_bytes=mib // 2), mib // 8, 64 << 10),
+             (dict(replay_budget_bytes=2048 * mib, persist_max_bytes=1 << 40), SHARD_MAX_FEATURE_BYTES, 8 << 20)]
+    for n, (cfg, shard_bytes, journal_bytes) in enumerate(cases):
+        buf, _ = make_buffer(tmp_path / str(n), **cfg)
+        assert (buf.shard_max_bytes, buf.journal_max_bytes, buf.writer.journal_max_bytes) == \
+            (shard_bytes, journal_bytes, journal_bytes), cfg
+    assert SHARD_MAX_FEATURE_BYTES == 64 * mib
+    # a shard is due once its records' feature bytes reach the cap, whatever shard_tokens says
+    buf, _ = make_buffer(tmp_path / "due", shard_tokens=10**6, persist_max_bytes=4 * 30 * WIDTH * 2 * 3)
+    assert buf.shard_max_bytes == 3 * 30 * WIDTH * 2     # three 30-token bf16 records
+    for i in range(3):
+        assert not shard_files(tmp_path / "due" / "replay")
+        buf.accept(record(i))
+        buf.write_due_shard(time.monotonic())
+    assert len(shard_files(tmp_path / "due" / "replay")) == 1 and not buf.pending
 
 
 def test_startup_sweeps_temp_files_and_unlisted_shards(tmp_path):
     from trainer import replay
-    if not hasattr(replay, "sweep_replay"):
-        pytest.skip("trainer.replay.sweep_replay not there yet")
     out = tmp_path / "replay"
     replay.write_replay(out, SPEC, [record(0)])
     listed = shard_files(out)

@@ -7,7 +7,8 @@
     run's is not;
   * a poison record sent through the supervisor to a real trainer process: a token id past the vocabulary is
     dropped on arrival, a record whose step raises is dropped after that step; both are counted, the trainer
-    keeps running (no restart), and after a trainer restart neither is sent again (no restart loop).
+    keeps running (no restart), and after a trainer restart neither is sent again (no restart loop); that
+    backlog holds only the newest records that fit the outbox's byte bound.
 
 Run as a script, this file is the trainer process of the poison test (the production trainer; a record whose
 rid starts with "poison-step" makes any batch holding it raise, one starting with "poison-crash" kills the
@@ -230,6 +231,22 @@ def wait_for(what: str, cond, sup, timeout: float = 240.0):
 
 def log_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_restart_backlog_encodes_only_the_newest_records_that_fit_the_outbox():
+    """A restarted trainer is sent the replay buffer's records; only the newest that fit the outbox's bound are
+    encoded (the replay budget can be many times the bound), in their order, and at least the newest one."""
+    from sglang_ext.online.supervisor import newest_within
+
+    def rec(i, rows):
+        return ReplayRecord(torch.zeros(rows, dtype=torch.long), torch.zeros(rows, 4), torch.zeros(3, rows),
+                            torch.zeros(rows, dtype=torch.bool), {"seq": i})
+    records = [rec(i, 10) for i in range(10)]             # 160 feature bytes each
+    seqs = lambda rs: [r.meta["seq"] for r in rs]        # noqa: E731
+    assert seqs(newest_within(records, 10 * 160)) == list(range(10))
+    assert seqs(newest_within(records, 3 * 160 + 159)) == [7, 8, 9]
+    assert seqs(newest_within(records, 1)) == [9]
+    assert newest_within([], 100) == []
 
 
 def test_poison_record_is_dropped_counted_and_never_resent(tiny, draft_dir, tmp_path, monkeypatch):

@@ -68,7 +68,8 @@ sees a listed-but-missing shard; counts come back as PruneResult(shards, bytes, 
 sweep_replay(dir, min_age_s) deletes `*.tmp` files and unlisted shards older than min_age_s (a younger
 one may be another writer's shard in flight) and folds then deletes idle writer journals, never
 touching a listed shard, and keeping unlisted ones when the listing cannot be read cleanly;
-replay_bytes(dir) is the listed total. prune and sweep hold manifest.lock exclusively.
+replay_bytes(dir) is the listed total, metadata_bytes(dir) the listing files' (manifest, lock,
+journals). prune and sweep hold manifest.lock exclusively.
 """
 from __future__ import annotations
 
@@ -832,6 +833,17 @@ def replay_bytes(replay_dir: str | os.PathLike) -> int:
     with _shared_lock(d):
         snap = _snapshot(d)
     return sum(s["bytes"] for s in _read_listing(d, strict=False, rebuild=False, snapshot=snap).shards)
+
+
+def metadata_bytes(replay_dir: str | os.PathLike) -> int:
+    """Bytes of a replay directory's listing files (manifest.json, manifest.lock, the journals): what the
+    directory holds besides its shards. A stat per file (one journal per live writer, plus retention's)."""
+    d = Path(replay_dir)
+    total = 0
+    for p in [d / MANIFEST, d / LOCK, *_journal_files(d)]:
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size
+    return total
 
 
 def _append_retention(d: Path, lines: str) -> None:

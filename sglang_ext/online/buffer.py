@@ -8,13 +8,17 @@ inside the target's vocabulary, finite features, consistent shapes); a poison re
 trainer names a record whose step failed, so that it is never re-sent.
 
 Persistence (`--online-train-persist-dir`): records wait in memory until a shard is due, which is when they
-reach `shard_tokens` tokens or half the replay budget in feature bytes, or the oldest waited `shard_seconds`
-(--online-train-shard-seconds), whichever comes first, or when the buffer stops. A shard write that fails is
+reach `shard_tokens` tokens or `shard_max_bytes` feature bytes (half the replay budget, at most 64 MiB, and at
+most a quarter of --online-train-persist-max-bytes), or the oldest waited `shard_seconds`
+(--online-train-shard-seconds), whichever comes first, or when the buffer stops. The byte cap bounds what a
+shard write holds in memory at once (the records' features concatenated, their storage-dtype copy, the file's
+bytes), and keeps shards small enough for retention to keep several. A shard write that fails is
 retried (backoff 1 s doubling to 60 s) with the records kept; what waits is bounded by the replay budget (the
 records waiting are mostly the ones the in-memory buffer holds anyway), past which
 the oldest waiting records are given up and counted as lost (sglang:online_train_persist_lost_records_total).
 After each shard, with --online-train-persist-max-bytes, the oldest shards of the directory are deleted until
-it fits (counted). At startup, temp files and shard files no manifest lists (left by a crash) are swept.
+it fits, shards and listing files (manifest, journals) together (counted); the writer's journal is then kept
+under a sixteenth of the limit (folded into the manifest and restarted past it). At startup, temp files and shard files no manifest lists (left by a crash) are swept.
 What a crash (or SGLang's shutdown, which kills the scheduler process with SIGKILL) loses: the records still
 waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / half the replay budget).
 """
@@ -32,6 +36,8 @@ from sglang_ext.online.queues import ByteQueue
 logger = logging.getLogger(__name__)
 STORAGE = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 RETRY_BACKOFF_S = (1.0, 60.0)       # a failed shard write is retried after this, doubling up to the second
+SHARD_MAX_FEATURE_BYTES = 64 << 20  # a shard is written once its records hold this many feature bytes in memory
+JOURNAL_MAX_BYTES = (64 << 10, 8 << 20)   # writer journal bound with a retention limit: limit/16, within these
 
 
 @dataclass
@@ -84,7 +90,7 @@ class ReplayBuffer:
         self.pending_since: float | None = None
         self.retry_at = 0.0
         self.retry_backoff = RETRY_BACKOFF_S[0]
-        self.dir_bytes = 0                    # bytes the persist directory's listing holds (retention, gauge)
+        self.dir_bytes = 0                    # bytes of the shards the persist directory lists
         self._stop = threading.Event()
         if cfg.prefix_store_bytes > 0:
             from sglang_ext.online.prefix_store import PrefixFeatureStore
@@ -93,7 +99,8 @@ class ReplayBuffer:
             from trainer.replay import ShardWriter
             self._sweep()
             # The buffer decides when a shard is written (tokens, bytes, age): the writer never flushes by itself
-            self.writer = ShardWriter(cfg.persist_dir, spec, max_shard_tokens=1 << 62)
+            self.writer = ShardWriter(cfg.persist_dir, spec, max_shard_tokens=1 << 62,
+                                      journal_max_bytes=self.journal_max_bytes)
             self._update_dir_bytes()
             self._retain()                    # a directory already over the limit is brought under it now
         self.thread = threading.Thread(target=self._run, name="sglang-ext-replay", daemon=True)
@@ -102,8 +109,22 @@ class ReplayBuffer:
 
     @property
     def shard_max_bytes(self) -> int:
-        """Feature bytes past which a shard is written anyway: half of what may wait (the replay budget)."""
-        return max(1, int(self.cfg.replay_budget_bytes) // 2)
+        """Feature bytes (in memory) past which a shard is written anyway: half of what may wait (the replay
+        budget), at most SHARD_MAX_FEATURE_BYTES, and at most a quarter of the retention limit (stored features
+        are never larger than in memory: bf16 or fp8 from float32 or bf16)."""
+        cap = min(int(self.cfg.replay_budget_bytes) // 2, SHARD_MAX_FEATURE_BYTES)
+        if self.cfg.persist_max_bytes:
+            cap = min(cap, int(self.cfg.persist_max_bytes) // 4)
+        return max(1, cap)
+
+    @property
+    def journal_max_bytes(self) -> int:
+        """The shard writer's journal bound: a sixteenth of the retention limit (within JOURNAL_MAX_BYTES), or
+        the writer's default without one."""
+        low, high = JOURNAL_MAX_BYTES
+        if not self.cfg.persist_max_bytes:
+            return high
+        return min(high, max(low, int(self.cfg.persist_max_bytes) // 16))
 
     # -- scheduler thread ------------------------------------------------------------------------------
     def submit(self, finished) -> None:
@@ -264,7 +285,6 @@ class ReplayBuffer:
         self.dir_bytes += nbytes
         self.metrics.persisted(len(records))
         self.metrics.persisted_shard(nbytes)
-        self.metrics.persist_dir_bytes(self.dir_bytes)
         self._retain()
 
     def _write_shard(self, records: list):
@@ -284,27 +304,44 @@ class ReplayBuffer:
         finally:
             _discard_buffered(writer)              # a failed flush leaves nothing behind in the writer
 
-    def _retain(self) -> None:
-        """--online-train-persist-max-bytes: delete the directory's oldest shards until it fits (counted)."""
-        limit = self.cfg.persist_max_bytes
-        if not limit or self.dir_bytes <= limit:
-            return
+    def _metadata_bytes(self) -> int:
+        """Bytes of the directory's listing files (manifest, lock, journals): a few stats."""
         from trainer import replay
         try:
-            pruned = replay.prune_replay(self.cfg.persist_dir, limit)
-        except Exception:
-            logger.exception("sglang_ext: could not apply --online-train-persist-max-bytes to %s",
-                             self.cfg.persist_dir)
-            return
-        self.dir_bytes = max(0, self.dir_bytes - pruned.bytes)
-        self.metrics.persist_dir_bytes(self.dir_bytes)
-        if pruned.shards:
-            self.stats.pruned_shards += pruned.shards
-            self.stats.pruned_bytes += pruned.bytes
-            self.stats.pruned_records += pruned.records
-            self.metrics.persist_pruned(pruned.shards, pruned.bytes, pruned.records)
+            return replay.metadata_bytes(self.cfg.persist_dir)
+        except OSError:
+            return 0
+
+    def _retain(self) -> None:
+        """--online-train-persist-max-bytes: delete the directory's oldest shards until its shards and listing
+        files fit (counted); the gauge gets both. A prune journals its removals, which the listing files then
+        also hold: a second (rarely a third) pass deletes one more shard for them."""
+        limit = self.cfg.persist_max_bytes
+        from trainer import replay
+        total = replay.PruneResult()
+        for _ in range(3):
+            metadata = self._metadata_bytes()
+            if not limit or self.dir_bytes + metadata <= limit:
+                break
+            try:
+                pruned = replay.prune_replay(self.cfg.persist_dir, max(0, limit - metadata))
+            except Exception:
+                logger.exception("sglang_ext: could not apply --online-train-persist-max-bytes to %s",
+                                 self.cfg.persist_dir)
+                break
+            self.dir_bytes = max(0, self.dir_bytes - pruned.bytes)
+            total.shards, total.bytes, total.records = (total.shards + pruned.shards, total.bytes + pruned.bytes,
+                                                        total.records + pruned.records)
+            if not pruned.shards:
+                break
+        self.metrics.persist_dir_bytes(self.dir_bytes + self._metadata_bytes())
+        if total.shards:
+            self.stats.pruned_shards += total.shards
+            self.stats.pruned_bytes += total.bytes
+            self.stats.pruned_records += total.records
+            self.metrics.persist_pruned(total.shards, total.bytes, total.records)
             logger.info("sglang_ext: retention: deleted the %d oldest shard(s) (%d records, %d bytes) of %s to "
-                        "stay under %d bytes", pruned.shards, pruned.records, pruned.bytes, self.cfg.persist_dir,
+                        "stay under %d bytes", total.shards, total.records, total.bytes, self.cfg.persist_dir,
                         limit)
 
     def _sweep(self) -> None:
@@ -324,15 +361,15 @@ class ReplayBuffer:
                            ", ".join(p.name for p in swept[:8]) + (" ..." if len(swept) > 8 else ""))
 
     def _update_dir_bytes(self) -> None:
-        """Bytes the directory's listing holds, read at startup (a listing read), then kept up to date by adding
-        each shard written and subtracting each pruned, so a flush stays O(1) (other writers' shards in the same
-        directory are seen by prune_replay, not here)."""
+        """Bytes of the shards the directory lists, read at startup (a listing read), then kept up to date by
+        adding each shard written and subtracting each pruned, so a flush stays O(1) (other writers' shards in
+        the same directory are seen by prune_replay, not here); the listing files are stat'ed each time."""
         from trainer import replay
         try:
             self.dir_bytes = int(replay.replay_bytes(self.cfg.persist_dir))
         except Exception:
             logger.warning("sglang_ext: could not size %s", self.cfg.persist_dir, exc_info=True)
-        self.metrics.persist_dir_bytes(self.dir_bytes)
+        self.metrics.persist_dir_bytes(self.dir_bytes + self._metadata_bytes())
 
     # -- memory ----------------------------------------------------------------------------------------
     def _add(self, record) -> None:

@@ -262,14 +262,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--online-train-shard-seconds", type=float, metavar="SECONDS",
                    help="with --online-train-persist-dir: records wait in memory until a shard holds shard_tokens "
                         "tokens (default 65536) or the oldest waited this long (default 300), then one shard is "
-                        "written (or once they hold half the replay budget); a failed write is retried, the "
+                        "written (or once their features hold half the replay budget, at most 64MiB, at most a "
+                        "quarter of --online-train-persist-max-bytes); a failed write is retried, the "
                         "records kept (bounded by the replay budget; past it the oldest are counted as lost, "
                         "sglang:online_train_persist_lost_records_total). Records still "
                         "waiting when the server is killed are lost")
     g.add_argument("--online-train-persist-max-bytes", metavar="SIZE",
                    help="retention of --online-train-persist-dir, e.g. 200GiB: after each shard the oldest shards "
-                        "are deleted until the directory's shards fit (counted in "
-                        "sglang:online_train_persist_pruned_*_total); default 0: unlimited")
+                        "are deleted until the directory fits, shards and listing files (manifest, journals) "
+                        "together (counted in sglang:online_train_persist_pruned_*_total); shards are then at "
+                        "most a quarter of it (in feature bytes); default 0: unlimited")
     g.add_argument("--online-train-learn-from", choices=list(LEARN_FROM),
                    help="which requests to record, by the inputs SGLang received with them: all (default); text: "
                         "no image, video or audio; image: at least one image; video: at least one video; "

@@ -45,7 +45,8 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_persist_pruned_shards_total / _bytes_total / _records_total   deleted by
                                                            --online-train-persist-max-bytes (oldest first)
     sglang:online_train_persist_swept_files_total          leftover temp / unlisted shard files deleted at startup
-    sglang:online_train_persist_dir_bytes                  bytes of the shards the persist directory lists
+    sglang:online_train_persist_dir_bytes                  bytes of the persist directory: the shards it lists
+                                                           and its listing files (manifest, journals)
     sglang:online_train_poison_records_total{reason}       records dropped as poison: token_id (outside the
                                                            vocabulary) | non_finite (features) | shape (in the
                                                            replay buffer or the trainer) | step_failed (its
@@ -242,7 +243,7 @@ class OnlineMetrics:
         self._pruned_bytes = counter("persist_pruned_bytes", "Bytes of shards deleted by the retention limit")
         self._pruned_records = counter("persist_pruned_records", "Records in shards deleted by the retention limit")
         self._swept = counter("persist_swept_files", "Leftover temp and unlisted shard files deleted at startup")
-        self._dir_bytes = gauge("persist_dir_bytes", "Bytes of the shards the persist directory lists")
+        self._dir_bytes = gauge("persist_dir_bytes", "Bytes of the persist directory: listed shards, manifest and journals")
         self._poison = counter("poison_records", "Records dropped as poison (never trained on or re-sent)",
                                extra=("reason",))
         for c in (self._persisted_shards, self._persisted_bytes, self._persist_errors, self._persist_lost,

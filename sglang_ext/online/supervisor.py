@@ -161,6 +161,18 @@ def check_trainer_memory(need, device: str, max_memory: int | None, free: int | 
                          f"(cpu or another cuda:N)")
 
 
+def newest_within(records: list, max_bytes: int) -> list:
+    """The newest of `records` (oldest first) whose feature bytes, about their encoded size, fit max_bytes
+    (always at least the newest one), in their order."""
+    kept, total = 0, 0
+    for record in reversed(records):
+        total += record.features.numel() * record.features.element_size()
+        if kept and total > max_bytes:
+            break
+        kept += 1
+    return records[len(records) - kept:]
+
+
 class TrainerGroupSupervisor:
     """Start, feed, watch and restart the trainer: one process, or one group of processes (a device list).
     No SGLang here: `TrainerSupervisor` adds the hot swap into the live draft."""
@@ -268,12 +280,13 @@ class TrainerGroupSupervisor:
                         self.world_size, [p.pid for p in self.procs], self.device, port, self.starts)
         if self.starts > 1:
             self.metrics.trainer_restarted()
-            # A fresh trainer has no records: give it what the replay buffer still holds (newest first kept),
-            # except the records a trainer reported as poison.
+            # A fresh trainer has no records: give it what the replay buffer still holds, except the records a
+            # trainer reported as poison; only the newest that fit the outbox's bound are encoded (the replay
+            # budget can be many times that bound), oldest of them first.
             backlog = [r for r in (self.snapshot_fn() if self.snapshot_fn is not None else [])
                        if r.meta.get("seq") not in self.poisoned]
             self.outbox.clear()
-            for record in backlog:                  # bounded too: past the bound the oldest are dropped
+            for record in newest_within(backlog, self.outbox.max_bytes):
                 self.outbox.put(encode_record(record))
 
     def _supervise(self) -> None:
