@@ -7,8 +7,8 @@
     run's is not;
   * a poison record sent through the supervisor to a real trainer process: a token id past the vocabulary is
     dropped on arrival, a record whose step raises is dropped after that step; both are counted, the trainer
-    keeps running (no restart), and after a trainer restart neither is sent again (no restart loop); that
-    backlog holds only the newest records that fit the outbox's byte bound.
+    keeps running (no restart), and after a trainer restart neither is sent again (no restart loop); records
+    wait for the trainer as references to the buffer's own, not copies.
 
 Run as a script, this file is the trainer process of the poison test (the production trainer; a record whose
 rid starts with "poison-step" makes any batch holding it raise, one starting with "poison-crash" kills the
@@ -233,20 +233,23 @@ def log_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_restart_backlog_encodes_only_the_newest_records_that_fit_the_outbox():
-    """A restarted trainer is sent the replay buffer's records; only the newest that fit the outbox's bound are
-    encoded (the replay budget can be many times the bound), in their order, and at least the newest one."""
-    from sglang_ext.online.supervisor import newest_within
+def test_outbox_holds_the_buffers_own_records_not_copies(tiny, draft_dir):
+    """Records offered to the trainer (and a restart's backlog) wait as references to the records the replay
+    buffer holds, encoded one at a time as they are sent: no copy of the buffer, no burst of encoding (a soak
+    showed the scheduler's RSS step up by the replay budget at trainer restarts)."""
+    from sglang_ext.online.supervisor import TrainerGroupSupervisor
 
-    def rec(i, rows):
-        return ReplayRecord(torch.zeros(rows, dtype=torch.long), torch.zeros(rows, 4), torch.zeros(3, rows),
-                            torch.zeros(rows, dtype=torch.bool), {"seq": i})
-    records = [rec(i, 10) for i in range(10)]             # 160 feature bytes each
-    seqs = lambda rs: [r.meta["seq"] for r in rs]        # noqa: E731
-    assert seqs(newest_within(records, 10 * 160)) == list(range(10))
-    assert seqs(newest_within(records, 3 * 160 + 159)) == [7, 8, 9]
-    assert seqs(newest_within(records, 1)) == [9]
-    assert newest_within([], 100) == []
+    records = make_records(draft_dir, 5)
+    size = records[0].features.numel() * records[0].features.element_size()
+    cfg = OnlineTrainConfig(enabled=True, queue_bytes=int(2.5 * size)).validate()     # room for two
+    slot = ws.WeightSlot.create(ws.draft_layout(draft_dir))
+    sup = TrainerGroupSupervisor(cfg, spec_for(cfg, tiny, draft_dir, slot), slot, Metrics(), ["cpu"])
+    for r in records:
+        sup.offer(r)
+    assert sup.outbox.nbytes == 2 * size and sup.outbox.dropped_total == 3
+    kept = [sup.outbox.get(), sup.outbox.get()]
+    assert kept[0] is records[3] and kept[1] is records[4]     # the newest two, the buffer's own objects
+    assert sup.outbox.get() is None
 
 
 def test_poison_record_is_dropped_counted_and_never_resent(tiny, draft_dir, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The one kind of queue between the stages of the online path: a FIFO bounded in bytes.
 
-    scheduler --CapturedRequest--> replay buffer thread --encoded record--> supervisor thread --socket-->
+    scheduler --CapturedRequest--> replay buffer thread --ReplayRecord--> supervisor thread --socket-->
     trainer's records thread --ReplayRecord--> training loop
 
 Each hand-off is a `ByteQueue` (the `--online-train-queue-bytes` bound each): `put` never blocks, and past

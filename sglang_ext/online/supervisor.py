@@ -47,12 +47,13 @@ from multiprocessing.connection import Connection
 import torch
 
 from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.protocol import TrainerSpec, encode_record, new_run_id, parse_report
+from sglang_ext.online.protocol import TrainerSpec, encode_record, new_run_id, parse_report, record_nbytes
 from sglang_ext.online.queues import ByteQueue
 from sglang_ext.online.swap import StagedSwap, plan_placements
 from sglang_ext.online.rollback import RollbackWatch, Verdict, load_draft_weights
 from sglang_ext.online.tp import SlotHandle, TPGroup, apply_version, restore_weights, rollback_code, swap_log
 from sglang_ext.online.trainer_worker import trainer_memory_need
+from trainer.replay import ReplayRecord
 
 logger = logging.getLogger(__name__)
 TRAINER_MODULE = "sglang_ext.online.trainer_worker"
@@ -161,18 +162,6 @@ def check_trainer_memory(need, device: str, max_memory: int | None, free: int | 
                          f"(cpu or another cuda:N)")
 
 
-def newest_within(records: list, max_bytes: int) -> list:
-    """The newest of `records` (oldest first) whose feature bytes, about their encoded size, fit max_bytes
-    (always at least the newest one), in their order."""
-    kept, total = 0, 0
-    for record in reversed(records):
-        total += record.features.numel() * record.features.element_size()
-        if kept and total > max_bytes:
-            break
-        kept += 1
-    return records[len(records) - kept:]
-
-
 class TrainerGroupSupervisor:
     """Start, feed, watch and restart the trainer: one process, or one group of processes (a device list).
     No SGLang here: `TrainerSupervisor` adds the hot swap into the live draft."""
@@ -192,7 +181,9 @@ class TrainerGroupSupervisor:
         self._hung_kill = False                     # the group exiting now was killed by us as hung
         self.devices = list(devices)                # one per trainer rank
         self.device = ",".join(self.devices)
-        self.outbox: ByteQueue[bytes] = ByteQueue(cfg.queue_bytes)   # encoded records for the trainer
+        # records for the trainer, encoded one at a time as they are sent: the queue holds references to records
+        # the replay buffer holds anyway, so neither an offer nor a restart's backlog copies them
+        self.outbox: ByteQueue[ReplayRecord] = ByteQueue(cfg.queue_bytes, size=record_nbytes)
         self.snapshot_fn = None                     # -> records to resend after a restart
         self.procs: list[subprocess.Popen] = []     # the current trainer group, rank order; [] when none runs
         self.conn: Connection | None = None
@@ -218,7 +209,7 @@ class TrainerGroupSupervisor:
     # -- supervisor thread ---------------------------------------------------------------------------------
     def offer(self, record) -> None:
         """A finished replay record (called by the replay buffer's thread)."""
-        self.outbox.put(encode_record(record))
+        self.outbox.put(record)
 
     def heartbeat_age(self, now: float | None = None) -> float:
         """Seconds since the current trainer process last showed life (its start counts as the first beat)."""
@@ -280,14 +271,13 @@ class TrainerGroupSupervisor:
                         self.world_size, [p.pid for p in self.procs], self.device, port, self.starts)
         if self.starts > 1:
             self.metrics.trainer_restarted()
-            # A fresh trainer has no records: give it what the replay buffer still holds, except the records a
-            # trainer reported as poison; only the newest that fit the outbox's bound are encoded (the replay
-            # budget can be many times that bound), oldest of them first.
+            # A fresh trainer has no records: give it what the replay buffer still holds (newest first kept),
+            # except the records a trainer reported as poison.
             backlog = [r for r in (self.snapshot_fn() if self.snapshot_fn is not None else [])
                        if r.meta.get("seq") not in self.poisoned]
             self.outbox.clear()
-            for record in newest_within(backlog, self.outbox.max_bytes):
-                self.outbox.put(encode_record(record))
+            for record in backlog:                  # bounded too: past the bound the oldest are dropped
+                self.outbox.put(record)
 
     def _supervise(self) -> None:
         backoff = self.RESTART_BACKOFF_S[0]
@@ -317,12 +307,12 @@ class TrainerGroupSupervisor:
                 # socket, where a burst (the backlog after a restart) would time a send out as "stopped reading"
                 time.sleep(0.1)
                 continue
-            payload = self.outbox.get(timeout=0.1 if self.stager is not None else 0.5)
-            if payload is not None:
+            record = self.outbox.get(timeout=0.1 if self.stager is not None else 0.5)
+            if record is not None:
                 try:
-                    self.conn.send_bytes(payload)
+                    self.conn.send_bytes(encode_record(record))
                 except OSError as e:           # the trainer is gone, its socket is, or it stopped reading
-                    self.outbox.put(payload, front=True)
+                    self.outbox.put(record, front=True)
                     if self.proc.poll() is None:
                         self._kill_hung(f"sending it a record failed ({type(e).__name__}: it stopped reading)")
 
