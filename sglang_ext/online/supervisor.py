@@ -431,7 +431,6 @@ class TrainerSupervisor(TrainerGroupSupervisor):
         super().__init__(cfg, spec, slot, metrics, devices)
         self.swaps = 0
         self.last_swap_t: float | None = None
-        self.swap_latencies_s: list[float] = []
         self._seen = {"rejected_worse": 0, "rejected_nan": 0}
         self._seen_inbox_dropped = 0
         self._last_metrics_t = 0.0
@@ -528,7 +527,6 @@ class TrainerSupervisor(TrainerGroupSupervisor):
                                 self.watch.steps, self.watch.tolerance)
         self.swaps += 1
         self.last_swap_t = time.monotonic()
-        self.swap_latencies_s.append(latency)
         self.metrics.swapped(version, latency, in_flight)
         logger.info("sglang_ext: draft version %d swapped in (%.2f ms, %d requests in flight, scheduler iteration "
                     "%.2f ms on average, trainer step %d, held-out tau %.3f vs %.3f)", version, latency * 1e3,
