@@ -124,21 +124,14 @@ def memory_regions(pid: int) -> dict[str, float]:
     return out
 
 
-def growth_by_process(samples: list[dict], after_s: float) -> list[tuple[str, float]]:
-    """(server process, MB its RSS grew from the first sample after warm-up to the last), largest first."""
-    after = [s for s in samples if s["t"] >= after_s and s["rss"].get("by_process")]
+def growth_after(samples: list[dict], after_s: float, key: str) -> list[tuple[str, float]]:
+    """(name, MB its RSS grew from the first sample after warm-up to the last), largest first, for each entry of
+    the samples' rss[key]: "by_process" (each server process) or "scheduler_regions" (each kind of mapping of the
+    scheduler process)."""
+    after = [s for s in samples if s["t"] >= after_s and s["rss"].get(key)]
     if len(after) < 2:
         return []
-    first, last = after[0]["rss"]["by_process"], after[-1]["rss"]["by_process"]
-    return sorted(((k, last[k] - first[k]) for k in last if k in first), key=lambda kv: -kv[1])
-
-
-def growth_by_region(samples: list[dict], after_s: float) -> list[tuple[str, float]]:
-    """(mapping kind, MB the scheduler's RSS in it grew from the first sample after warm-up to the last)."""
-    after = [s for s in samples if s["t"] >= after_s and s["rss"].get("scheduler_regions")]
-    if len(after) < 2:
-        return []
-    first, last = after[0]["rss"]["scheduler_regions"], after[-1]["rss"]["scheduler_regions"]
+    first, last = after[0]["rss"][key], after[-1]["rss"][key]
     return sorted(((k, last[k] - first[k]) for k in last if k in first), key=lambda kv: -kv[1])
 
 
@@ -413,8 +406,8 @@ def main(argv=None) -> int:
         "rss_server_after_warmup": [after[0], after[-1], max(after)],
         "rss_slope_mb_per_hour": {k: slope_mb_per_hour(samples, args.warmup_min * 60, k)
                                   for k in ("server", "trainer")},
-        "rss_growth_by_process": growth_by_process(samples, args.warmup_min * 60),
-        "scheduler_growth_by_region": growth_by_region(samples, args.warmup_min * 60),
+        "rss_growth_by_process": growth_after(samples, args.warmup_min * 60, "by_process"),
+        "scheduler_growth_by_region": growth_after(samples, args.warmup_min * 60, "scheduler_regions"),
     }
     (args.out / "soak_online_train.json").write_text(json.dumps(result, indent=1))
     md = table(result)

@@ -18,7 +18,8 @@ records waiting are mostly the ones the in-memory buffer holds anyway), past whi
 the oldest waiting records are given up and counted as lost (sglang:online_train_persist_lost_records_total).
 After each shard, with --online-train-persist-max-bytes, the oldest shards of the directory are deleted until
 it fits, shards and listing files (manifest, journals) together (counted); the writer's journal is then kept
-under a sixteenth of the limit (folded into the manifest and restarted past it). At startup, temp files and shard files no manifest lists (left by a crash) are swept.
+under a sixteenth of the limit (folded into the manifest and restarted past it). At startup, temp files and
+shard files no manifest lists (left by a crash) are swept.
 What a crash (or SGLang's shutdown, which kills the scheduler process with SIGKILL) loses: the records still
 waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / half the replay budget).
 """
@@ -30,7 +31,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from sglang_ext.online.protocol import check_record
+from sglang_ext.online.protocol import check_record, record_nbytes
 from sglang_ext.online.queues import ByteQueue
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,6 @@ class BufferStats:
     pruned_bytes: int = 0
     pruned_records: int = 0
     swept_files: int = 0      # orphan shards and temp files deleted at startup
-
-
-def feature_bytes(record) -> int:
-    return record.features.numel() * record.features.element_size()
 
 
 class ReplayBuffer:
@@ -218,7 +215,7 @@ class ReplayBuffer:
             self.pending_since = time.monotonic()
         self.pending.append(record)
         self.pending_tokens += len(record)
-        self.pending_bytes += feature_bytes(record)
+        self.pending_bytes += record_nbytes(record)
         limit = self.cfg.replay_budget_bytes
         if self.pending_bytes > limit and time.monotonic() >= self.retry_at:
             # Over the bound with no failed write outstanding: write now (a small record then a large one can
@@ -235,7 +232,7 @@ class ReplayBuffer:
     def _unqueue_oldest(self):
         old = self.pending.popleft()
         self.pending_tokens -= len(old)
-        self.pending_bytes -= feature_bytes(old)
+        self.pending_bytes -= record_nbytes(old)
         return old
 
     def _lost(self, n: int, why: str) -> None:
@@ -319,8 +316,8 @@ class ReplayBuffer:
         limit = self.cfg.persist_max_bytes
         from trainer import replay
         total = replay.PruneResult()
+        metadata = self._metadata_bytes()
         for _ in range(3):
-            metadata = self._metadata_bytes()
             if not limit or self.dir_bytes + metadata <= limit:
                 break
             try:
@@ -332,9 +329,10 @@ class ReplayBuffer:
             self.dir_bytes = max(0, self.dir_bytes - pruned.bytes)
             total.shards, total.bytes, total.records = (total.shards + pruned.shards, total.bytes + pruned.bytes,
                                                         total.records + pruned.records)
+            metadata = self._metadata_bytes()           # the prune journaled its removals, may have compacted
             if not pruned.shards:
                 break
-        self.metrics.persist_dir_bytes(self.dir_bytes + self._metadata_bytes())
+        self.metrics.persist_dir_bytes(self.dir_bytes + metadata)
         if total.shards:
             self.stats.pruned_shards += total.shards
             self.stats.pruned_bytes += total.bytes
@@ -373,7 +371,7 @@ class ReplayBuffer:
 
     # -- memory ----------------------------------------------------------------------------------------
     def _add(self, record) -> None:
-        nbytes = feature_bytes(record)
+        nbytes = record_nbytes(record)
         with self.lock:
             self.records.append((record, nbytes))
             self.stats.records += 1

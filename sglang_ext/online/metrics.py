@@ -243,7 +243,8 @@ class OnlineMetrics:
         self._pruned_bytes = counter("persist_pruned_bytes", "Bytes of shards deleted by the retention limit")
         self._pruned_records = counter("persist_pruned_records", "Records in shards deleted by the retention limit")
         self._swept = counter("persist_swept_files", "Leftover temp and unlisted shard files deleted at startup")
-        self._dir_bytes = gauge("persist_dir_bytes", "Bytes of the persist directory: listed shards, manifest and journals")
+        self._dir_bytes = gauge("persist_dir_bytes",
+                                "Bytes of the persist directory: listed shards, manifest and journals")
         self._poison = counter("poison_records", "Records dropped as poison (never trained on or re-sent)",
                                extra=("reason",))
         for c in (self._persisted_shards, self._persisted_bytes, self._persist_errors, self._persist_lost,
