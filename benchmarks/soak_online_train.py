@@ -52,6 +52,9 @@ METRICS = {            # short name -> (metric, labels)
     "trainer_up": ("sglang:online_train_trainer_up", {}),
     "accept_sum": ("sglang:online_train_accept_length_sum", {}),
     "accept_count": ("sglang:online_train_accept_length_count", {}),
+    "trims": ("sglang:online_train_malloc_trims_total", {}),
+    "trim_seconds": ("sglang:online_train_malloc_trim_seconds_total", {}),
+    "trim_released": ("sglang:online_train_malloc_trim_released_bytes_total", {}),
 }
 
 

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from sglang_ext.online.memory import TRIM_INTERVAL_S, Trimmer
 from sglang_ext.online.protocol import check_record, record_nbytes
 from sglang_ext.online.queues import ByteQueue
 
@@ -61,10 +62,11 @@ class BufferStats:
 
 class ReplayBuffer:
     def __init__(self, cfg, spec, metrics, flush_interval_s: float = 1.0, *, vocab_size: int | None = None,
-                 start: bool = True):
+                 start: bool = True, trim_interval_s: float = TRIM_INTERVAL_S):
         """flush_interval_s: how often the thread wakes without traffic to check whether a shard is due;
         vocab_size: the target's vocabulary, for the token id check (None: not checked); start: run the thread
-        (False: the caller drives `accept` and `write_due_shard`, as tests do)."""
+        (False: the caller drives `accept` and `write_due_shard`, as tests do); trim_interval_s: how often the
+        thread hands freed heap pages back to the OS (`sglang_ext.online.memory`; 0: never)."""
         self.cfg = cfg
         self.spec = spec                      # trainer.replay.ReplaySpec
         self.metrics = metrics
@@ -88,6 +90,8 @@ class ReplayBuffer:
         self.retry_at = 0.0
         self.retry_backoff = RETRY_BACKOFF_S[0]
         self.dir_bytes = 0                    # bytes of the shards the persist directory lists
+        # records freed oldest first leave free pages inside this thread's malloc arena: given back regularly
+        self.trimmer = Trimmer(trim_interval_s)
         self._stop = threading.Event()
         if cfg.prefix_store_bytes > 0:
             from sglang_ext.online.prefix_store import PrefixFeatureStore
@@ -167,6 +171,7 @@ class ReplayBuffer:
             last = stopping and finished is None
             if self.writer is not None:
                 self.write_due_shard(time.monotonic(), final=last)
+            self._trim(time.monotonic())
             if last:
                 self._close_writer()
                 return
@@ -370,6 +375,17 @@ class ReplayBuffer:
         self.metrics.persist_dir_bytes(self.dir_bytes + self._metadata_bytes())
 
     # -- memory ----------------------------------------------------------------------------------------
+    def _trim(self, now: float) -> None:
+        """Every trim_interval_s: freed heap pages back to the OS (counted, timed)."""
+        try:
+            trimmed = self.trimmer.maybe_trim(now)
+        except Exception:                       # never let it stop the buffer
+            logger.exception("sglang_ext: malloc_trim failed")
+            self.trimmer = Trimmer(0)
+            return
+        if trimmed is not None:
+            self.metrics.malloc_trimmed(trimmed.seconds, trimmed.released_bytes)
+
     def _add(self, record) -> None:
         nbytes = record_nbytes(record)
         with self.lock:

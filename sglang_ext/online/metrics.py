@@ -247,8 +247,14 @@ class OnlineMetrics:
                                 "Bytes of the persist directory: listed shards, manifest and journals")
         self._poison = counter("poison_records", "Records dropped as poison (never trained on or re-sent)",
                                extra=("reason",))
+        self._trims = counter("malloc_trims", "Times the replay buffer's thread handed freed heap pages back to "
+                              "the OS (glibc malloc_trim, once a minute; sglang_ext.online.memory)")
+        self._trim_seconds = counter("malloc_trim_seconds", "Seconds spent in malloc_trim (it holds each malloc "
+                                     "arena's lock while it walks it)")
+        self._trim_released = counter("malloc_trim_released_bytes", "Scheduler RSS given back by malloc_trim")
         for c in (self._persisted_shards, self._persisted_bytes, self._persist_errors, self._persist_lost,
-                  self._pruned_shards, self._pruned_bytes, self._pruned_records, self._swept):
+                  self._pruned_shards, self._pruned_bytes, self._pruned_records, self._swept, self._trims,
+                  self._trim_seconds, self._trim_released):
             c.labels(**self.labels).inc(0)
         for reason in POISON_REASONS:
             self._poison.labels(**self.labels, reason=reason).inc(0)
@@ -273,6 +279,11 @@ class OnlineMetrics:
 
     def persist_dir_bytes(self, nbytes: int) -> None:
         self._dir_bytes.labels(**self.labels).set(nbytes)
+
+    def malloc_trimmed(self, seconds: float, released_bytes: int) -> None:
+        self._trims.labels(**self.labels).inc()
+        self._trim_seconds.labels(**self.labels).inc(seconds)
+        self._trim_released.labels(**self.labels).inc(max(0, released_bytes))
 
     def poison_records(self, reason: str, n: int = 1) -> None:
         self._poison.labels(**self.labels, reason=reason).inc(n)
