@@ -14,7 +14,8 @@ Reports, every --sample-s seconds and at the end: RSS of the server's processes 
 errors (HTTP errors other than aborts; ERROR lines and tracebacks in the server log), finished requests against
 records made (every finished request is within the record budget here, so every one must be recorded; SGLang's
 own start-up warm-up request adds at most one), records persisted / lost, shards pruned, trainer restarts and
-swaps. RSS slope: least squares over the samples after --warmup-min minutes, in MB per hour.
+swaps, and what the replay buffer's malloc_trim gave back. RSS slope: least squares over the samples after
+--warmup-min minutes, and over the second half of the run, in MB per hour.
 Writes <out>/soak_online_train.json, .md (the table) and .png (RSS over time).
 """
 from __future__ import annotations
@@ -294,6 +295,8 @@ def table(result: dict) -> str:
          " / ".join(f"{v:.0f}" for v in result["rss_server_after_warmup"])),
         ("server RSS slope after warm-up (MB/hour)", f"{result['rss_slope_mb_per_hour']['server']:.1f}"
          if result["rss_slope_mb_per_hour"]["server"] is not None else "n/a"),
+        ("server RSS slope over the second half (MB/hour)", f"{result['rss_slope_second_half_mb_per_hour']:.1f}"
+         if result.get("rss_slope_second_half_mb_per_hour") is not None else "n/a"),
         ("trainer RSS slope after warm-up (MB/hour, across restarts)",
          f"{result['rss_slope_mb_per_hour']['trainer']:.1f}"
          if result["rss_slope_mb_per_hour"]["trainer"] is not None else "n/a"),
@@ -301,6 +304,9 @@ def table(result: dict) -> str:
          ", ".join(f"{k} {v:+.0f}" for k, v in result.get("rss_growth_by_process", [])) or "n/a"),
         ("scheduler RSS growth after warm-up by mapping (MB)",
          ", ".join(f"{k} {v:+.0f}" for k, v in result.get("scheduler_growth_by_region", [])) or "n/a"),
+        ("malloc_trim (replay buffer thread): calls / mean ms / RSS given back (MB)",
+         f"{f.get('trims', 0):.0f} / {1e3 * f.get('trim_seconds', 0) / max(1.0, f.get('trims', 0)):.1f} / "
+         f"{f.get('trim_released', 0) / 2**20:.0f}"),
     ]
     lines = ["| measure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
@@ -409,6 +415,8 @@ def main(argv=None) -> int:
         "rss_server_after_warmup": [after[0], after[-1], max(after)],
         "rss_slope_mb_per_hour": {k: slope_mb_per_hour(samples, args.warmup_min * 60, k)
                                   for k in ("server", "trainer")},
+        # the second half alone: whether what grows after warm-up levels off
+        "rss_slope_second_half_mb_per_hour": slope_mb_per_hour(samples, args.minutes * 30, "server"),
         "rss_growth_by_process": growth_after(samples, args.warmup_min * 60, "by_process"),
         "scheduler_growth_by_region": growth_after(samples, args.warmup_min * 60, "scheduler_regions"),
     }

@@ -14,8 +14,8 @@ done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,10 +24,10 @@ TRIM_INTERVAL_S = 60.0        # how often the replay buffer's thread trims
 
 
 def _malloc_trim():
-    """libc's malloc_trim, or None where there is none."""
+    """The malloc_trim of the C library this process already uses (dlopen(NULL): no search, no subprocess), or
+    None where there is none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_size_t]
@@ -39,14 +39,9 @@ def rss_bytes() -> int | None:
     """This process's resident set (Linux), or None."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _page_size()
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _page_size() -> int:
-    import resource
-    return resource.getpagesize()
 
 
 @dataclass
@@ -93,9 +88,8 @@ class Trimmer:
         seconds = time.perf_counter() - start
         result = TrimResult(released, seconds, before, rss_bytes())
         self.trims += 1
-        if before is not None and result.rss_after is not None:
-            logger.debug("sglang_ext: malloc_trim gave back %.1f MB in %.1f ms", (before - result.rss_after) / 2**20,
-                         seconds * 1e3)
+        logger.debug("sglang_ext: malloc_trim gave back %.1f MB in %.1f ms", result.released_bytes / 2**20,
+                     seconds * 1e3)
         return result
 
 
