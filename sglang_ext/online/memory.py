@@ -2,11 +2,12 @@
 
 Why: the replay buffer keeps records of varying sizes (a few KB to a few MB each) under its byte budget and frees
 them oldest first, from its own thread. glibc serves such blocks from that thread's arena once its dynamic mmap
-threshold has risen past them, and a freed block in the middle of an arena stays resident: over hours the arena's
-RSS creeps up in steps although what is live stays under the budget (seen in the soak,
-`benchmarks/soak_online_train.py`). `malloc_trim(0)` walks every arena and returns the whole free pages in it to
-the OS (madvise), so what stays resident is what is live. It takes the arenas' locks as any malloc does, so it is
-safe from any thread; it costs a few ms, done once a minute from the replay buffer's thread.
+threshold has risen past them, and a freed block in the middle of an arena stays resident: the arena's RSS creeps
+up in steps although what is live stays under the budget (the soak, `benchmarks/soak_online_train.py`: +54 MB/h
+of the server's RSS, all in thread arenas). `malloc_trim(0)` walks every arena and returns the whole free pages in
+it to the OS (madvise), so what stays resident is what is live (with it the soak's RSS was flat). It takes the
+arenas' locks as any malloc does, so it is safe from any thread; a call took about 12 ms in the soak (a scheduler
+allocation may wait that long), done once a minute from the replay buffer's thread.
 
 Elsewhere (musl, macOS, a static build) there is no `malloc_trim`: `Trimmer.available` is False and nothing is
 done.
