@@ -27,8 +27,9 @@ def test_flags_and_config_file(tmp_path):
     assert cfg.persist_dir == str(persist) and persist.is_dir()
     assert OnlineTrainConfig(**json.loads(cfg.to_env())) == cfg
     sized = parse_argv(["--online-train", "--online-train-max-memory", "6GiB", "--online-train-queue-bytes", "64MB",
-                        "--online-train-duty-cycle", "0.25"])
+                        "--online-train-duty-cycle", "0.25", "--online-train-malloc-trim-seconds", "0"])
     assert (sized.max_memory_bytes, sized.queue_bytes, sized.duty_cycle) == (6 * 2**30, 64 * 10**6, 0.25)
+    assert sized.malloc_trim_seconds == 0 and parse_argv(["--online-train"]).malloc_trim_seconds == 60
     settings = sized.trainer_settings()
     assert (settings.max_memory_bytes, settings.inbox_bytes, settings.duty_cycle) == (6 * 2**30, 64 * 10**6, 0.25)
 
@@ -52,6 +53,8 @@ def test_parse_size(text, want):
     (["--online-train", "--online-train-duty-cycle", "1.5"], "--online-train-duty-cycle must be in (0, 1]"),
     (["--online-train", "--online-train-max-memory", "much"], "--online-train-max-memory: cannot parse size"),
     (["--online-train", "--online-train-queue-bytes", "-1"], "--online-train-queue-bytes: cannot parse size"),
+    (["--online-train", "--online-train-malloc-trim-seconds", "-1"],
+     "--online-train-malloc-trim-seconds must be a number of seconds >= 0 (0: off), got -1.0"),
 ])
 def test_bad_values_are_named(argv, message):
     with pytest.raises(OnlineTrainConfigError, match=message.replace("(", r"\(").replace(")", r"\)")

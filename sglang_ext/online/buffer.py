@@ -23,8 +23,8 @@ shard files no manifest lists (left by a crash) are swept.
 What a crash (or SGLang's shutdown, which kills the scheduler process with SIGKILL) loses: the records still
 waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / half the replay budget).
 Memory: records of varying sizes freed oldest first leave free pages inside this thread's malloc arena, which
-glibc keeps resident; once a minute the thread gives them back (`sglang_ext.online.memory`, counted and timed on
-/metrics).
+glibc keeps resident; once a minute (--online-train-malloc-trim-seconds) the thread gives them back
+(`sglang_ext.online.memory`, counted and timed on /metrics).
 """
 from __future__ import annotations
 

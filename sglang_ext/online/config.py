@@ -66,6 +66,7 @@ class OnlineTrainConfig:
     shard_seconds: float = 300.0                 # ... or a shard once the oldest waiting record is this old
     persist_max_bytes: int = 0                   # retention: oldest shards of persist_dir deleted past it (0: off)
     prefix_store_bytes: int = 0                  # features of recorded prefixes, to fill radix-cache hits (0: off)
+    malloc_trim_seconds: float = 60.0            # the replay thread gives freed heap pages back this often (0: off)
     # -- the co-located trainer (part 2) --
     trainer: bool = True                         # False: capture only (no trainer process, no swaps)
     trainer_device: str = "auto"                 # auto (the serving device) | cpu | cuda | cuda:N, or a list
@@ -135,6 +136,9 @@ class OnlineTrainConfig:
         if not 0 < float(self.shard_seconds) < float("inf"):
             raise OnlineTrainConfigError(f"--online-train-shard-seconds must be a positive number of seconds, "
                                          f"got {self.shard_seconds}")
+        if not 0 <= float(self.malloc_trim_seconds) < float("inf"):
+            raise OnlineTrainConfigError(f"--online-train-malloc-trim-seconds must be a number of seconds >= 0 "
+                                         f"(0: off), got {self.malloc_trim_seconds}")
         if self.replay_policy not in ("uniform", "recency"):
             raise OnlineTrainConfigError(f"--online-train-replay-policy must be uniform or recency, "
                                          f"got {self.replay_policy!r}")
@@ -272,6 +276,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "are deleted until the directory fits, shards and listing files (manifest, journals) "
                         "together (counted in sglang:online_train_persist_pruned_*_total); shards are then at "
                         "most a quarter of it (in feature bytes); default 0: unlimited")
+    g.add_argument("--online-train-malloc-trim-seconds", type=float, metavar="SECONDS",
+                   help="how often the replay buffer's thread hands freed heap pages back to the OS (glibc "
+                        "malloc_trim; records freed oldest first otherwise leave the scheduler's RSS creeping up); "
+                        "a call holds each malloc arena's lock while it walks it, about 12 ms in the CPU soak "
+                        "(sglang:online_train_malloc_trim_seconds_total); default 60, 0: off")
     g.add_argument("--online-train-learn-from", choices=list(LEARN_FROM),
                    help="which requests to record, by the inputs SGLang received with them: all (default); text: "
                         "no image, video or audio; image: at least one image; video: at least one video; "
@@ -377,6 +386,7 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes",
                   "online_train_shard_seconds": "shard_seconds",
                   "online_train_persist_max_bytes": "persist_max_bytes",
+                  "online_train_malloc_trim_seconds": "malloc_trim_seconds",
                   "online_train_replay_policy": "replay_policy",
                   "online_train_rollback_steps": "rollback_steps",
                   "online_train_rollback_tolerance": "rollback_tolerance"}

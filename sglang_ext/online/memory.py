@@ -7,7 +7,8 @@ up in steps although what is live stays under the budget (the soak, `benchmarks/
 of the server's RSS, all in thread arenas). `malloc_trim(0)` walks every arena and returns the whole free pages in
 it to the OS (madvise), so what stays resident is what is live (with it the soak's RSS was flat). It takes the
 arenas' locks as any malloc does, so it is safe from any thread; a call took about 12 ms in the soak (a scheduler
-allocation may wait that long), done once a minute from the replay buffer's thread.
+allocation may wait that long), done once a minute (--online-train-malloc-trim-seconds) from the replay buffer's
+thread.
 
 Elsewhere (musl, macOS, a static build) there is no `malloc_trim`: `Trimmer.available` is False and nothing is
 done.

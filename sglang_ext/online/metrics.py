@@ -231,7 +231,7 @@ class OnlineMetrics:
         if since_swap is not None:
             self._since_swap.labels(**lab).set(since_swap)
 
-    # -- persistence and poison records (issue 14) ---------------------------------------------------------
+    # -- persistence, poison records, heap memory (issue 14) ---------------------------------------------
     def _init_persist_metrics(self, counter, gauge) -> None:
         from sglang_ext.online.protocol import POISON_REASONS
         self._persisted_shards = counter("persisted_shards", "Replay shards written to the persist directory")
@@ -248,7 +248,8 @@ class OnlineMetrics:
         self._poison = counter("poison_records", "Records dropped as poison (never trained on or re-sent)",
                                extra=("reason",))
         self._trims = counter("malloc_trims", "Times the replay buffer's thread handed freed heap pages back to "
-                              "the OS (glibc malloc_trim, once a minute; sglang_ext.online.memory)")
+                              "the OS (glibc malloc_trim, every --online-train-malloc-trim-seconds; "
+                              "sglang_ext.online.memory)")
         self._trim_seconds = counter("malloc_trim_seconds", "Seconds spent in malloc_trim (it holds each malloc "
                                      "arena's lock while it walks it)")
         self._trim_released = counter("malloc_trim_released_bytes", "Scheduler RSS given back by malloc_trim")
