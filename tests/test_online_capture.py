@@ -73,6 +73,8 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
                                             "--online-train-persist-dir", str(persist),
                                             "--online-train-shard-seconds", "1",   # a shard a second, read here
                                             "--online-train-replay-budget", str(BUDGET_BYTES),
+                                            # malloc_trim all through the run: serving and capture unchanged
+                                            "--online-train-malloc-trim-seconds", "0.5",
                                             "--chunked-prefill-size", "16"]
     with launch_server(tiny.dense, args, log_dir=server_log_dir, name="online-dense",
                        env=plugin_env(dump_dir=dump_dir)) as server:
@@ -236,6 +238,8 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
         metric_value(metrics, "sglang:online_train_recorded_records_total") - \
         metric_value(metrics, "sglang:online_train_replay_records")
     assert metric_value(metrics, "sglang:online_train_draft_version") == 0
+    assert metric_value(metrics, "sglang:online_train_malloc_trims_total") >= 1
+    assert metric_value(metrics, "sglang:online_train_malloc_trim_seconds_total") > 0
 
     # 5. trainer/finetune.py trains from the shards unchanged.
     out = tmp_path / "finetuned"
