@@ -88,8 +88,8 @@ def test_trimmer_waits_its_interval_and_zero_turns_it_off():
 
 def test_the_buffer_thread_trims_and_reports_it_on_metrics():
     metrics = TrimMetrics()
-    buf = ReplayBuffer(OnlineTrainConfig(enabled=True), SPEC, metrics, flush_interval_s=0.02, vocab_size=100,
-                       trim_interval_s=0.05)
+    buf = ReplayBuffer(OnlineTrainConfig(enabled=True, malloc_trim_seconds=0.05), SPEC, metrics,
+                       flush_interval_s=0.02, vocab_size=100)
     try:
         for _ in range(20):
             buf.accept(a_record())
@@ -106,8 +106,8 @@ def test_the_buffer_thread_trims_and_reports_it_on_metrics():
 
 def test_a_buffer_with_trimming_off_never_trims():
     metrics = TrimMetrics()
-    buf = ReplayBuffer(OnlineTrainConfig(enabled=True), SPEC, metrics, flush_interval_s=0.02, vocab_size=100,
-                       trim_interval_s=0)
+    buf = ReplayBuffer(OnlineTrainConfig(enabled=True, malloc_trim_seconds=0), SPEC, metrics,
+                       flush_interval_s=0.02, vocab_size=100)
     try:
         buf.accept(a_record())
         time.sleep(0.3)

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from sglang_ext.online.memory import TRIM_INTERVAL_S, Trimmer
+from sglang_ext.online.memory import Trimmer
 from sglang_ext.online.protocol import check_record, record_nbytes
 from sglang_ext.online.queues import ByteQueue
 
@@ -65,11 +65,10 @@ class BufferStats:
 
 class ReplayBuffer:
     def __init__(self, cfg, spec, metrics, flush_interval_s: float = 1.0, *, vocab_size: int | None = None,
-                 start: bool = True, trim_interval_s: float = TRIM_INTERVAL_S):
+                 start: bool = True):
         """flush_interval_s: how often the thread wakes without traffic to check whether a shard is due;
         vocab_size: the target's vocabulary, for the token id check (None: not checked); start: run the thread
-        (False: the caller drives `accept` and `write_due_shard`, as tests do); trim_interval_s: how often the
-        thread hands freed heap pages back to the OS (`sglang_ext.online.memory`; 0: never)."""
+        (False: the caller drives `accept` and `write_due_shard`, as tests do)."""
         self.cfg = cfg
         self.spec = spec                      # trainer.replay.ReplaySpec
         self.metrics = metrics
@@ -94,7 +93,7 @@ class ReplayBuffer:
         self.retry_backoff = RETRY_BACKOFF_S[0]
         self.dir_bytes = 0                    # bytes of the shards the persist directory lists
         # records freed oldest first leave free pages inside this thread's malloc arena: given back regularly
-        self.trimmer = Trimmer(trim_interval_s)
+        self.trimmer = Trimmer(cfg.malloc_trim_seconds)
         self._stop = threading.Event()
         if cfg.prefix_store_bytes > 0:
             from sglang_ext.online.prefix_store import PrefixFeatureStore
@@ -379,7 +378,7 @@ class ReplayBuffer:
 
     # -- memory ----------------------------------------------------------------------------------------
     def _trim(self, now: float) -> None:
-        """Every trim_interval_s: freed heap pages back to the OS (counted, timed)."""
+        """Every cfg.malloc_trim_seconds: freed heap pages back to the OS (counted, timed)."""
         try:
             trimmed = self.trimmer.maybe_trim(now)
         except Exception:                       # never let it stop the buffer

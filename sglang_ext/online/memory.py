@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
-TRIM_INTERVAL_S = 60.0        # how often the replay buffer's thread trims
 
 
 def _malloc_trim():
@@ -49,7 +48,6 @@ def rss_bytes() -> int | None:
 
 @dataclass
 class TrimResult:
-    released: bool            # malloc_trim said it gave memory back
     seconds: float            # how long the call took
     rss_before: int | None    # bytes, when /proc tells
     rss_after: int | None
@@ -65,7 +63,8 @@ class TrimResult:
 class Trimmer:
     """`maybe_trim(now)` trims when `interval_s` passed since the last trim (never more often)."""
 
-    def __init__(self, interval_s: float = TRIM_INTERVAL_S):
+    def __init__(self, interval_s: float):
+        """interval_s: --online-train-malloc-trim-seconds (0: never)."""
         self.interval_s = interval_s
         self._fn = _malloc_trim() if interval_s > 0 else None
         self.last = time.monotonic()
@@ -87,13 +86,13 @@ class Trimmer:
             return None
         before = rss_bytes()
         start = time.perf_counter()
-        released = bool(self._fn(0))
+        self._fn(0)
         seconds = time.perf_counter() - start
-        result = TrimResult(released, seconds, before, rss_bytes())
+        result = TrimResult(seconds, before, rss_bytes())
         self.trims += 1
         logger.debug("sglang_ext: malloc_trim gave back %.1f MB in %.1f ms", result.released_bytes / 2**20,
                      seconds * 1e3)
         return result
 
 
-__all__ = ["Trimmer", "TrimResult", "TRIM_INTERVAL_S", "rss_bytes"]
+__all__ = ["Trimmer", "TrimResult", "rss_bytes"]

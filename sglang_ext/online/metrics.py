@@ -284,7 +284,7 @@ class OnlineMetrics:
     def malloc_trimmed(self, seconds: float, released_bytes: int) -> None:
         self._trims.labels(**self.labels).inc()
         self._trim_seconds.labels(**self.labels).inc(seconds)
-        self._trim_released.labels(**self.labels).inc(max(0, released_bytes))
+        self._trim_released.labels(**self.labels).inc(released_bytes)       # TrimResult.released_bytes: >= 0
 
     def poison_records(self, reason: str, n: int = 1) -> None:
         self._poison.labels(**self.labels, reason=reason).inc(n)

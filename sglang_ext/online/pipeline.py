@@ -90,8 +90,7 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
                       STORAGE[cfg.storage_dtype])
     metrics = OnlineMetrics({"model_name": str(server_args.served_model_name or server_args.model_path)})
     # records are checked against the target's vocabulary before they are kept, persisted or sent (poison)
-    buffer = ReplayBuffer(cfg, spec, metrics, vocab_size=target_info(target_path).vocab_size,
-                          trim_interval_s=cfg.malloc_trim_seconds)
+    buffer = ReplayBuffer(cfg, spec, metrics, vocab_size=target_info(target_path).vocab_size)
     atexit.register(buffer.stop)                                # writes what waits, if the process exits itself
     recorder = Recorder(cfg, buffer.submit, metrics)            # capture -> buffer
     block_size = kind.served_block_size(worker)
