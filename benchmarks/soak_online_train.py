@@ -139,6 +139,36 @@ def growth_after(samples: list[dict], after_s: float, key: str) -> list[tuple[st
     return sorted(((k, last[k] - first[k]) for k in last if k in first), key=lambda kv: -kv[1])
 
 
+def window_means(samples: list[dict], after_s: float, width_s: float, key: str = "server") -> list[tuple[float, float]]:
+    """(start minute, mean RSS in MB) of each full `width_s` window of samples from `after_s` on: single samples
+    jump by several MB as arenas grow and are trimmed, window means show whether the level still moves."""
+    out = []
+    end = max((s["t"] for s in samples), default=0.0)
+    start = after_s
+    while start + width_s <= end + 1e-6:
+        vals = [s["rss"][key] for s in samples if start <= s["t"] < start + width_s]
+        if vals:
+            out.append((start / 60, statistics.fmean(vals)))
+        start += width_s
+    return out
+
+
+def rss_summary(samples: list[dict], minutes: float, warmup_min: float) -> dict:
+    """The RSS fields of the result, from the samples alone (so --report can recompute them from a saved run)."""
+    after = [s["rss"]["server"] for s in samples if s["t"] >= warmup_min * 60] or [float("nan")]
+    width_s = 600.0 if minutes >= 60 else 300.0
+    return {
+        "rss_server_after_warmup": [after[0], after[-1], max(after)],
+        "rss_slope_mb_per_hour": {k: slope_mb_per_hour(samples, warmup_min * 60, k) for k in ("server", "trainer")},
+        # the second half alone: whether what grows after warm-up levels off
+        "rss_slope_second_half_mb_per_hour": slope_mb_per_hour(samples, minutes * 30, "server"),
+        "rss_server_window_min": width_s / 60,
+        "rss_server_window_means": window_means(samples, warmup_min * 60, width_s),
+        "rss_growth_by_process": growth_after(samples, warmup_min * 60, "by_process"),
+        "scheduler_growth_by_region": growth_after(samples, warmup_min * 60, "scheduler_regions"),
+    }
+
+
 def dir_bytes(path: Path) -> int:
     total = 0
     for p in path.rglob("*"):
@@ -250,23 +280,31 @@ def log_problems(log_text: str) -> dict:
 
 
 def plot(result: dict, path: Path) -> Path | None:
+    """Two panels sharing the time axis: the server's RSS on its own scale (a creep of a few MB shows), with the
+    window means after warm-up, and the trainer's (it drops to 0 at each kill)."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     from bench_offline_pipeline import pyplot
     plt = pyplot()
     if plt is None:
         return None
     s = result["samples"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5.0), sharex=True, height_ratios=(2, 1))
     t = [x["t"] / 60 for x in s]
-    ax.plot(t, [x["rss"]["server"] for x in s], label="server processes (RSS, MB)")
-    ax.plot(t, [x["rss"]["trainer"] for x in s], label="trainer (RSS, MB)")
-    for k in result["kills"]:
-        ax.axvline(k["t"] / 60, color="tab:red", lw=0.6, ls=":")
-    ax.axvline(result["settings"]["warmup_min"], color="grey", lw=0.8, ls="--", label="end of warm-up")
-    ax.set_xlabel("minutes (dotted: trainer killed)")
-    ax.set_ylabel("MB")
-    ax.set_title(f"--online-train soak, {result['machine']}", fontsize=9)
-    ax.legend(fontsize=8)
+    top.plot(t, [x["rss"]["server"] for x in s], lw=0.8, label="server processes")
+    width = result.get("rss_server_window_min", 0)
+    for i, (start, mean) in enumerate(result.get("rss_server_window_means", [])):
+        top.hlines(mean, start, start + width, color="black", lw=1.5,
+                   label=f"{width:g}-minute means after warm-up" if i == 0 else None)
+    bottom.plot(t, [x["rss"]["trainer"] for x in s], color="tab:orange", lw=0.8, label="trainer")
+    for ax in (top, bottom):
+        for k in result["kills"]:
+            ax.axvline(k["t"] / 60, color="tab:red", lw=0.5, ls=":")
+        ax.axvline(result["settings"]["warmup_min"], color="grey", lw=0.8, ls="--",
+                   label="end of warm-up" if ax is top else None)
+        ax.set_ylabel("RSS (MB)")
+        ax.legend(fontsize=8, loc="lower right")
+    bottom.set_xlabel("minutes (dotted: trainer killed)")
+    top.set_title(f"--online-train soak, {result['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -297,6 +335,8 @@ def table(result: dict) -> str:
          if result["rss_slope_mb_per_hour"]["server"] is not None else "n/a"),
         ("server RSS slope over the second half (MB/hour)", f"{result['rss_slope_second_half_mb_per_hour']:.1f}"
          if result.get("rss_slope_second_half_mb_per_hour") is not None else "n/a"),
+        (f"server RSS, {result.get('rss_server_window_min', 0):g}-minute means after warm-up (MB)",
+         ", ".join(f"{v:.0f}" for _, v in result.get("rss_server_window_means", [])) or "n/a"),
         ("trainer RSS slope after warm-up (MB/hour, across restarts)",
          f"{result['rss_slope_mb_per_hour']['trainer']:.1f}"
          if result["rss_slope_mb_per_hour"]["trainer"] is not None else "n/a"),
@@ -333,7 +373,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gpu", action="store_true", help="serve on CUDA instead of the torch_cpu platform")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="run nothing: recompute the RSS figures, table and plot of a saved soak_online_train.json "
+                         "from its samples and write them to --out")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        result = json.loads(args.report.read_text())
+        st = result["settings"]
+        result.update(rss_summary(result["samples"], st["minutes"], st["warmup_min"]))
+        write_report(result, args.out)
+        return verdict(result)
 
     from sglang_ext.demo.online import BLOCK_SIZE
     from sglang_ext.demo.traffic import TRAINER_MODULE, make_random_draft
@@ -405,33 +454,35 @@ def main(argv=None) -> int:
         final = read_metrics(server)
         log = log_problems(server.log_path.read_text(errors="replace"))
         alive = server.process.poll() is None
-    after = [s["rss"]["server"] for s in samples if s["t"] >= args.warmup_min * 60] or [float("nan")]
     result = {
-        "machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine, "date": time.strftime("%Y-%m-%d"), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "work_dir": str(work), "samples": samples, "kills": kills, "final": final, "traffic": traffic.counts,
         "errors": traffic.errors[:50], "log": log, "server_alive_at_end": alive,
         "persist_dir_bytes": dir_bytes(persist),
         "tau": final["accept_sum"] / max(1.0, final["accept_count"]),
-        "rss_server_after_warmup": [after[0], after[-1], max(after)],
-        "rss_slope_mb_per_hour": {k: slope_mb_per_hour(samples, args.warmup_min * 60, k)
-                                  for k in ("server", "trainer")},
-        # the second half alone: whether what grows after warm-up levels off
-        "rss_slope_second_half_mb_per_hour": slope_mb_per_hour(samples, args.minutes * 30, "server"),
-        "rss_growth_by_process": growth_after(samples, args.warmup_min * 60, "by_process"),
-        "scheduler_growth_by_region": growth_after(samples, args.warmup_min * 60, "scheduler_regions"),
+        **rss_summary(samples, args.minutes, args.warmup_min),
     }
-    (args.out / "soak_online_train.json").write_text(json.dumps(result, indent=1))
+    write_report(result, args.out)
+    return verdict(result)
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak_online_train.json").write_text(json.dumps(result, indent=1))
     md = table(result)
-    (args.out / "soak_online_train.md").write_text(
-        f"# --online-train soak ({time.strftime('%Y-%m-%d')})\n\n{md}\n")
-    png = plot(result, args.out / "soak_online_train.png")
+    day = result.get("date") or time.strftime("%Y-%m-%d")
+    (out / "soak_online_train.md").write_text(f"# --online-train soak ({day})\n\n{md}\n")
+    png = plot(result, out / "soak_online_train.png")
     print("\n" + md)
-    print(f"\nwrote {args.out / 'soak_online_train.json'}" + (f", {png}" if png else ""))
-    expected_ok = final["recorded"] >= traffic.counts["finished"] and \
-        final["recorded"] <= traffic.counts["finished"] + 1          # + SGLang's warm-up request
-    ok = alive and traffic.counts["errors"] == 0 and expected_ok and final["persist_lost"] == 0
-    print("soak: " + ("PASS" if ok else "FAIL") + f" (server alive {alive}, errors {traffic.counts['errors']}, "
-          f"recorded {final['recorded']:.0f} for {traffic.counts['finished']} finished, "
+    print(f"\nwrote {out / 'soak_online_train.json'}" + (f", {png}" if png else ""))
+
+
+def verdict(result: dict) -> int:
+    final, counts, alive = result["final"], result["traffic"], result["server_alive_at_end"]
+    expected_ok = counts["finished"] <= final["recorded"] <= counts["finished"] + 1   # + SGLang's warm-up request
+    ok = alive and counts["errors"] == 0 and expected_ok and final["persist_lost"] == 0
+    print("soak: " + ("PASS" if ok else "FAIL") + f" (server alive {alive}, errors {counts['errors']}, "
+          f"recorded {final['recorded']:.0f} for {counts['finished']} finished, "
           f"lost {final['persist_lost']:.0f})")
     return 0 if ok else 1
 
