@@ -6,8 +6,8 @@ threshold has risen past them, and a freed block in the middle of an arena stays
 up in steps although what is live stays under the budget (the soak, `benchmarks/soak_online_train.py`: +54 MB/h
 of the server's RSS, all in thread arenas). `malloc_trim(0)` walks every arena and returns the whole free pages in
 it to the OS (madvise), so what stays resident is what is live, and the pages that a live block shares with free
-space (with it the soak's creep fell to +13 to +30 MB/h, slowing down). It takes the
-arenas' locks as any malloc does, so it is safe from any thread; a call took about 12 ms in the soak (a scheduler
+space (with it, a 2-hour soak's RSS was flat from 40 minutes on: -0.3 MB/h over its second half). It takes the
+arenas' locks as any malloc does, so it is safe from any thread; a call took 12-14 ms in the soaks (a scheduler
 allocation may wait that long), done once a minute (--online-train-malloc-trim-seconds) from the replay buffer's
 thread.
 
