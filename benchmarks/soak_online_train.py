@@ -455,7 +455,8 @@ def main(argv=None) -> int:
         log = log_problems(server.log_path.read_text(errors="replace"))
         alive = server.process.poll() is None
     result = {
-        "machine": machine, "date": time.strftime("%Y-%m-%d"), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine, "date": time.strftime("%Y-%m-%d"),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "work_dir": str(work), "samples": samples, "kills": kills, "final": final, "traffic": traffic.counts,
         "errors": traffic.errors[:50], "log": log, "server_alive_at_end": alive,
         "persist_dir_bytes": dir_bytes(persist),

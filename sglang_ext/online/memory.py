@@ -5,8 +5,8 @@ them oldest first, from its own thread. glibc serves such blocks from that threa
 threshold has risen past them, and a freed block in the middle of an arena stays resident: the arena's RSS creeps
 up in steps although what is live stays under the budget (the soak, `benchmarks/soak_online_train.py`: +54 MB/h
 of the server's RSS, all in thread arenas). `malloc_trim(0)` walks every arena and returns the whole free pages in
-it to the OS (madvise), so what stays resident is what is live, and the pages that a live block shares with free
-space (with it, a 2-hour soak's RSS was flat from 40 minutes on: -0.3 MB/h over its second half). It takes the
+it to the OS (madvise), so what stays resident is what is live plus the pages a live block shares with free
+space. With it, a 2-hour soak's RSS was flat from 40 minutes on (-0.3 MB/h over its second half). It takes the
 arenas' locks as any malloc does, so it is safe from any thread; a call took 12-14 ms in the soaks (a scheduler
 allocation may wait that long), done once a minute (--online-train-malloc-trim-seconds) from the replay buffer's
 thread.
