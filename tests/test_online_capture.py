@@ -240,6 +240,10 @@ def test_online_train_dense_end_to_end(tiny, server_log_dir, plain_outputs, tmp_
     assert metric_value(metrics, "sglang:online_train_draft_version") == 0
     assert metric_value(metrics, "sglang:online_train_malloc_trims_total") >= 1
     assert metric_value(metrics, "sglang:online_train_malloc_trim_seconds_total") > 0
+    # what the online path costs the scheduler thread: its hooks' time, and the iterations to divide it by (at
+    # least one per verify step of the sequential phase, where each iteration verified one request)
+    assert metric_value(metrics, "sglang:online_train_scheduler_iterations_total") >= metric_steps
+    assert metric_value(metrics, "sglang:online_train_scheduler_seconds_total") > 0
 
     # 5. trainer/finetune.py trains from the shards unchanged.
     out = tmp_path / "finetuned"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -108,10 +109,12 @@ def _observe(batch, target_hidden, **layout) -> None:
     if _pipeline is None or _pipeline.recorder is None or batch is None or target_hidden is None \
             or not target_hidden.numel():
         return
+    t0 = time.perf_counter()
     try:
         _pipeline.recorder.observe(batch, target_hidden, **layout)
     except Exception:                       # capture must never take serving down
         logger.exception("sglang_ext: capture failed; serving continues")
+    _pipeline.clock.seconds += time.perf_counter() - t0
 
 
 # DFlash: srt/speculative/dflash_worker_v2.py `DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`: the one
@@ -153,23 +156,28 @@ CAPTURE_HOOKS = {
 def finish_request(original, req, *args, **kwargs):
     out = original(req, *args, **kwargs)
     if _pipeline is not None and _pipeline.recorder is not None:
+        t0 = time.perf_counter()
         try:
             _pipeline.recorder.release(req)
         except Exception:
             logger.exception("sglang_ext: could not finish the record of request %s", getattr(req, "rid", "?"))
+        _pipeline.clock.seconds += time.perf_counter() - t0
     return out
 
 
-# ---- hot swap ---------------------------------------------------------------------------------------------
+# ---- between iterations: hot swap, metrics -------------------------------------------------------------------
 
 # srt/managers/scheduler.py `Scheduler.ingest_requests`: called at the top of every scheduler iteration, when
 # no forward is running (on every TP rank, in step): the one point where the live draft's weights may change.
-def swap_between_iterations(scheduler, *args, **kwargs):
+def between_iterations(scheduler, *args, **kwargs):
     if _pipeline is not None:
+        t0 = time.perf_counter()
+        _pipeline.clock.iterations += 1
         try:
             _pipeline.tick(scheduler)
         except Exception:                   # a failed swap must not take serving down
             logger.exception("sglang_ext: hot swap / trainer bookkeeping failed; serving goes on")
+        _pipeline.clock.seconds += time.perf_counter() - t0
     return None
 
 
@@ -191,5 +199,4 @@ def register_online_hooks() -> None:
     for method in serving.capture:
         reg(method, CAPTURE_HOOKS[method.rsplit(".", 1)[1]], HookType.AROUND)
     reg("sglang.srt.mem_cache.common.release_kv_cache", finish_request, HookType.AROUND)
-    if cfg.trainer:
-        reg("sglang.srt.managers.scheduler.Scheduler.ingest_requests", swap_between_iterations, HookType.BEFORE)
+    reg("sglang.srt.managers.scheduler.Scheduler.ingest_requests", between_iterations, HookType.BEFORE)

@@ -36,6 +36,10 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_rejected_swaps_total{reason}       candidates not swapped: worse (guard) | nan
     sglang:online_train_swap_latency_seconds               histogram: weight copy + helper rebuild
     sglang:online_train_seconds_since_last_swap            -1 before the first swap
+    sglang:online_train_scheduler_seconds_total            seconds the online path spent on the scheduler thread
+                                                           (its part of SGLang's hooks: capture, release, swap
+                                                           point; sglang_ext.online.hooks.SchedulerClock)
+    sglang:online_train_scheduler_iterations_total         scheduler iterations (per-iteration cost: divide)
   persistence and poison records (issue 14):
     sglang:online_train_persisted_shards_total             replay shards written to the persist directory
     sglang:online_train_persisted_bytes_total              ... their bytes
@@ -319,6 +323,12 @@ class OnlineMetrics:
                                     "Verify steps of the version in this role that committed at most `le` tokens "
                                     "(cumulative, since it went live)", labelnames=list(self.labels) + ["role", "le"],
                                     multiprocess_mode="mostrecent")
+        self._scheduler_s = counter("scheduler_seconds", "Seconds the online path spent on the scheduler thread "
+                                    "(capture, release and swap-point hooks)")
+        self._scheduler_it = counter("scheduler_iterations", "Scheduler iterations (the online path's cost per "
+                                     "iteration: scheduler_seconds / scheduler_iterations)")
+        self._scheduler_s.labels(**self.labels).inc(0)
+        self._scheduler_it.labels(**self.labels).inc(0)
         self._rollbacks = counter("rollbacks", "Draft versions rolled back after a swap: served acceptance "
                                   "dropped below the previous version's by more than the tolerance")
         self._rollbacks.labels(**self.labels).inc(0)
@@ -359,6 +369,10 @@ class OnlineMetrics:
         self.live_version = version
         self._per_version = {"current": self._new_version_stats(version), "previous": self._per_version["current"]}
         self._publish_versions()
+
+    def scheduler_time(self, seconds: float, iterations: int) -> None:
+        self._scheduler_s.labels(**self.labels).inc(seconds)
+        self._scheduler_it.labels(**self.labels).inc(iterations)
 
     def rolled_back(self, from_version: int, to_version: int) -> None:
         """`from_version` was swapped out again for `to_version` (the previous one): the roles exchange."""

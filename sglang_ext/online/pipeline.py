@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import atexit
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sglang_ext.online.buffer import STORAGE, ReplayBuffer
 from sglang_ext.online.capture import Recorder
@@ -29,6 +30,25 @@ logger = logging.getLogger(__name__)
 HUB_FILES = ["*.json", "*.safetensors"]    # what the online path reads of a repo id's snapshot, if it must fetch
 
 
+class SchedulerClock:
+    """What the online path costs the scheduler thread: seconds spent in our part of its hooks (capture, release,
+    the swap point; SGLang's own work inside the hooked methods excluded; sglang_ext/online/hooks.py counts), and
+    scheduler iterations. `OnlinePipeline.tick` puts them on /metrics once a second
+    (sglang:online_train_scheduler_seconds_total, ..._scheduler_iterations_total). Time that other threads of
+    the process take from this one (the GIL) is not in it: benchmarks/bench_online_cost.py measures that as
+    throughput."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.iterations = 0
+
+    def take(self) -> tuple[float, int]:
+        """(seconds, iterations) since the last call."""
+        out = (self.seconds, self.iterations)
+        self.seconds, self.iterations = 0.0, 0
+        return out
+
+
 @dataclass
 class OnlinePipeline:
     cfg: OnlineTrainConfig
@@ -41,12 +61,19 @@ class OnlinePipeline:
     supervisor: TrainerSupervisor | None   # its own thread + the trainer process; None with capture only
     follower: SwapFollower | None = None   # TP ranks > 0 (with the trainer on): swaps when rank 0 does
     tp: TPGroup | None = None              # None without tensor parallelism
+    clock: SchedulerClock = field(default_factory=SchedulerClock)
+    clock_flushed: float = field(default_factory=time.monotonic)
 
     def tick(self, scheduler) -> None:
-        """Top of a scheduler iteration: the swap point (sglang_ext/online/hooks.py)."""
+        """Top of a scheduler iteration: the swap point (sglang_ext/online/hooks.py); once a second, what the
+        online path cost the scheduler thread goes to /metrics."""
         swapper = self.supervisor or self.follower
         if swapper is not None:
             swapper.tick(scheduler)
+        now = time.monotonic()
+        if self.metrics is not None and now - self.clock_flushed >= 1.0:
+            self.clock_flushed = now
+            self.metrics.scheduler_time(*self.clock.take())
 
 
 def start_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipeline:

@@ -1,31 +1,43 @@
-"""Serving cost of `--online-train` capture: DFLASH decode throughput with and without it, in one run.
+"""Serving cost of `--online-train`: DFLASH decode throughput plain, with capture only, and with the co-located
+trainer at two duty cycles, on the same traffic with the same draft, in one run.
 
-    python benchmarks/bench_online_capture.py                  # 8 requests x 128 tokens, 7 rounds, dense
-    python benchmarks/bench_online_capture.py --quick          # smoke run: 4 x 32 tokens, 2 rounds
-    python benchmarks/bench_online_capture.py --variant moe --rounds 9 --out /tmp/res
-    python benchmarks/bench_online_capture.py --gpu            # default (CUDA) platform instead of torch_cpu
+    python benchmarks/bench_online_cost.py                     # 8 requests x 64 tokens, 7 rounds, dense
+    python benchmarks/bench_online_cost.py --quick             # smoke run: 4 x 32 tokens, 2 rounds
+    python benchmarks/bench_online_cost.py --configs capture,persist,plain2 --rounds 9 --out /tmp/res
+    python benchmarks/bench_online_cost.py --gpu               # default (CUDA) platform instead of torch_cpu
 
 What is measured. The same tiny Qwen3-VL target (sglang_ext.demo.tiny_models, "copy" kind) and its
-hand-built DFlash draft (block size 4) are served by real SGLang 0.5.23, float32, in up to three configs:
+hand-built DFlash draft (block size 4) are served by real SGLang 0.5.23, float32, in these configs:
 
     plain     --speculative-algorithm DFLASH --enable-metrics
-    online    ... --online-train                                   (capture -> in-memory replay buffer;
-                                                                     no trainer exists yet, so none runs)
-    persist   ... --online-train --online-train-persist-dir <tmp>  (+ replay shards written to disk)
-    plain2    a second plain server (only with --configs ...,plain2): an A/A control of how much two
-              identical servers differ on this machine
+    capture   ... --online-train --online-train-capture-only       (capture -> replay buffer; no trainer)
+    online    ... --online-train, duty cycle 1.0                    (capture + the trainer process, training
+    online25  ... --online-train --online-train-duty-cycle 0.25       all the time / a quarter of the time)
+  and, only when named in --configs:
+    persist   capture + --online-train-persist-dir <tmp>           (+ replay shards written to disk)
+    plain2    a second plain server: an A/A control of how much two identical servers differ on this machine
+
+The trainer configs train from the served draft but never swap (--online-train-swap-every is set past any
+step the run reaches), so every config serves the same draft and the throughput ratio is the cost of the
+online path alone (capture, records, the trainer competing for the machine), not a draft that got better.
 
 The servers are started one after the other and then kept up together (about 1.5 GB of RAM each on CPU),
 each warmed up with one unmeasured round. A round sends N concurrent greedy /generate requests (default 8;
 a quarter of them with one synthetic image, the rest text) with ignore_eos and max_new_tokens M (default
-128), so every request generates exactly M tokens. Rounds go to the configs alternately, in an order that
+64), so every request generates exactly M tokens. Rounds go to the configs alternately, in an order that
 reverses every round (A B C, C B A, A B C, ...), so slow drift of the machine's other load hits every config
 alike. Round r sends the same prompts to every config, and prompts/images are unique per round, so the
 radix cache only ever reuses the few tokens of the shared chat-template prefix (every other prompt row is
 computed, and captured). Every config runs with
 --enable-metrics (which --online-train turns on by itself) and --sleep-on-idle, so the configs differ only
-in the capture. On CPU each server runs torch with one thread (OMP_NUM_THREADS=1; --threads to change it),
+in the online path. On CPU each server runs torch with one thread (OMP_NUM_THREADS=1; --threads to change it),
 see the caveats.
+
+The scheduler thread's own cost: sglang:online_train_scheduler_seconds_total (the time spent in the online
+path's part of SGLang's hooks: capture, request release, the swap point) over
+sglang:online_train_scheduler_iterations_total, in milliseconds per scheduler iteration, over the measured
+rounds. What other threads of the scheduler process take from it (the GIL) is not in that figure; it shows in
+the throughput.
 
 Per round and config: decode throughput = generated tokens / wall time of the round (first request sent ->
 last answer; the prompts are short, 20-40 tokens, so prefill is a small part of it); per request (from
@@ -33,11 +45,12 @@ SGLang's meta_info): time per output token after the first (TPOT, the mean inter
 speculative decoding tokens arrive in bursts of accept-length tokens), time to first token, and the accept
 length (tokens per verify step, which must match between configs for the throughput comparison to mean
 anything). Reported: the median tokens/s per config with min/max and IQR over rounds, the ratio
-online/plain of the medians and the median/min/max of the per-round paired ratios (rounds adjacent in
+config/plain of the medians and the median/min/max of the per-round paired ratios (rounds adjacent in
 time), CPU-seconds the server used per 1000 tokens (from /proc: less sensitive to other load than wall
-time, since it counts only our server's processes), the other load on the machine during the rounds, and
-from /metrics the captured feature rows and bytes (and records persisted). Writes
-<out>/online_capture_<variant>[_quick][_gpu].json (default out: benchmarks/results/, gitignored) and, only
+time, since it counts only our server's processes; the trainer process is one of them), the other load on
+the machine during the rounds, and from /metrics the captured feature rows and bytes, records persisted,
+trainer steps and the scheduler thread's online-path milliseconds per iteration. Writes
+<out>/online_cost_<variant>[_quick][_gpu].json (default out: benchmarks/results/, gitignored) and, only
 when matplotlib is installed, a PNG of tokens/s per round.
 
 Caveats.
@@ -58,11 +71,8 @@ Caveats.
     apparently the extra host work between forwards changes the OpenMP threads' wait pattern). That made
     capture look 4-30x *faster*, an artifact. So on CPU every server gets OMP_NUM_THREADS=1 by default
     (--threads 0 keeps torch's default, to reproduce the artifact).
-  * GPU (--gpu, not run on this machine): the capture copies each request's committed feature rows
-    device -> host in every forward (one small D2H copy per request per step, into freshly allocated pinned
-    memory) and the verify path syncs twice per step (commit_lens.tolist(), positions.tolist()), which
-    breaks CPU/GPU overlap; with CUDA graphs on, those syncs and copies are outside the graph. Expect a cost
-    that grows with batch size there, unlike the tiny CPU model.
+  * Two cores: a trainer computing all the time (online) takes a core the server could otherwise use for its
+    tokenizer, detokenizer and the other servers' idle loops; on a GPU machine it runs on its own device.
   * One server per config: whatever makes one server instance faster than another (where its memory
     landed, which core its thread was on) is confounded with the config. Run with --configs
     online,persist,plain2 to see how far two identical plain servers differ.
@@ -92,12 +102,15 @@ from sglang_ext.demo.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, chat_prompt, 
 from sglang_ext.launcher import draft_args, launch_server, metric_value  # noqa: E402
 from sglang_ext.online.supervisor import mem_available_bytes  # noqa: E402
 
-CONFIGS = ("plain", "online", "persist")          # the default set
-EXTRA_CONFIGS = ("plain2",)                       # a second plain server: A/A control, not run by default
-CAPTURING = ("online", "persist")
+CONFIGS = ("plain", "capture", "online", "online25")   # the default set
+EXTRA_CONFIGS = ("persist", "plain2")            # only when named in --configs
+CAPTURING = ("capture", "persist", "online", "online25")
+DUTY_CYCLES = {"online": 1.0, "online25": 0.25}  # the trainer's share of wall time
+NEVER_SWAP = 10**9                               # --online-train-swap-every: the trainer trains, never publishes
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 METRICS = ("captured_tokens_total", "captured_bytes_total", "recorded_records_total", "recorded_tokens_total",
-           "persisted_records_total", "replay_dropped_records_total")
+           "persisted_records_total", "replay_dropped_records_total", "scheduler_seconds_total",
+           "scheduler_iterations_total", "trainer_steps")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,8 +196,11 @@ def server_args(config: str, draft: Path, persist_dir: Path, gpu: bool, n_server
     if gpu:   # launch_server(cpu=False) adds nothing: pick the dtype and share the GPU between the servers
         args += ["--dtype", "float32", "--max-running-requests", "16",
                  "--mem-fraction-static", f"{min(0.8 / n_servers, 0.5):.2f}"]
-    if config in CAPTURING:
+    if config in ("capture", "persist"):
         args += ["--online-train", "--online-train-capture-only"]   # the capture cost alone (no trainer)
+    elif config in DUTY_CYCLES:
+        args += ["--online-train", "--online-train-duty-cycle", str(DUTY_CYCLES[config]),
+                 "--online-train-swap-every", str(NEVER_SWAP)]
     if config == "persist":
         # a shard every second (the default rolls one per 300 s or 65536 tokens): the write cost is measured
         args += ["--online-train-persist-dir", str(persist_dir), "--online-train-shard-seconds", "1"]
@@ -254,6 +270,7 @@ def summarize(rounds: dict[str, list[dict]], metrics: dict[str, dict]) -> dict:
             "other_load_cores_mean": statistics.fmean(r["other_load_cores"] for r in rs),
             "generated_tokens": tokens,
             "metrics_measured_rounds": metrics.get(config),
+            "scheduler_ms_per_iteration": scheduler_ms_per_iteration(metrics.get(config)),
         }
     base = rounds.get("plain")
     for config in rounds:
@@ -278,12 +295,19 @@ def summarize(rounds: dict[str, list[dict]], metrics: dict[str, dict]) -> dict:
     return out
 
 
+def scheduler_ms_per_iteration(m: dict | None) -> float | None:
+    """The online path's milliseconds on the scheduler thread per scheduler iteration (/metrics deltas)."""
+    if not m or not m.get("scheduler_iterations_total"):
+        return None
+    return 1000 * m["scheduler_seconds_total"] / m["scheduler_iterations_total"]
+
+
 def fmt(x, spec=".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
 def print_report(summary: dict, settings: dict) -> None:
-    print(f"\nonline capture serving cost: {settings['variant']} tiny Qwen3-VL + DFlash draft, "
+    print(f"\nserving cost of --online-train: {settings['variant']} tiny Qwen3-VL + DFlash draft, "
           f"{settings['platform']}, float32; {settings['requests']} concurrent requests "
           f"({settings['image_requests']} with an image) x {settings['max_new_tokens']} new tokens, "
           f"{settings['rounds']} measured rounds per config, {settings['mode']}, "
@@ -307,6 +331,16 @@ def print_report(summary: dict, settings: dict) -> None:
     print("(ratio = median tok/s / plain's; paired ratio = per round vs plain's adjacent round; "
           "cpu s/1k tok = CPU the server's processes used per 1000 generated tokens, and its per-round ratio "
           "to plain's; other load = cores busy with other jobs during the rounds)")
+    print("\n| config | decode tok/s (median) | ratio to plain | paired ratio, median [min, max] | accept length "
+          "| online path on the scheduler thread, ms per iteration | trainer steps |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for config, s in summary.items():
+        m = s.get("metrics_measured_rounds") or {}
+        paired = (f"{s['paired_ratio_median']:.3f} [{s['paired_ratio_min']:.3f}, {s['paired_ratio_max']:.3f}]"
+                  if "paired_ratio_median" in s else "-")
+        steps = f"{m['trainer_steps']:.0f}" if config in DUTY_CYCLES and m else "-"
+        print(f"| {config} | {s['tokens_per_s_median']:.1f} | {fmt(s.get('ratio_of_medians', 1.0), '.3f')} | {paired} "
+              f"| {fmt(s['accept_length_mean'], '.3f')} | {fmt(s['scheduler_ms_per_iteration'], '.3f')} | {steps} |")
     for config, s in summary.items():
         m = s.get("metrics_measured_rounds")
         extra = []
@@ -359,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=None, help="concurrent requests per round (default 8)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per request (default 128)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per request (default 64)")
     ap.add_argument("--rounds", type=int, default=None, help="measured rounds per config (default 7)")
     ap.add_argument("--warmup-rounds", type=int, default=1, help="unmeasured rounds per server first (default 1)")
     ap.add_argument("--image-every", type=int, default=4,
@@ -380,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 requests x 32 tokens, 2 rounds")
     args = ap.parse_args(argv)
     n_req = args.requests or (4 if args.quick else 8)
-    max_new = args.max_new_tokens or (32 if args.quick else 128)
+    max_new = args.max_new_tokens or (32 if args.quick else 64)
     n_rounds = args.rounds or (2 if args.quick else 7)
     threads = args.threads if args.threads is not None else (0 if args.gpu else 1)
     configs = ["plain"] + [c.strip() for c in args.configs.split(",") if c.strip() and c.strip() != "plain"]
@@ -398,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     draft = models.draft_dense if args.variant == "dense" else models.draft_moe
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench_online_capture_"))
+    work = Path(tempfile.mkdtemp(prefix="bench_online_cost_"))
     persist_dir = work / "replay"
     log_dir = out_dir / "logs"
 
@@ -454,13 +488,15 @@ def main(argv: list[str] | None = None) -> int:
         m = online_metrics(server)
         if config not in CAPTURING:
             return m
+        settled = ("captured_tokens_total", "recorded_records_total", "persisted_records_total")
         deadline, last = time.monotonic() + 60, None
         while time.monotonic() < deadline:
             caught_up = m["recorded_records_total"] >= want_records and (
                 config != "persist" or m["persisted_records_total"] >= m["recorded_records_total"])
-            if caught_up and m == last:
+            now = [m[k] for k in settled]         # (a trainer's steps and the scheduler's clock keep moving)
+            if caught_up and now == last:
                 break
-            last = m
+            last = now
             time.sleep(1.0)
             m = online_metrics(server)
         return m
@@ -510,14 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     print_report(summary, settings)
 
     suffix = ("_quick" if args.quick else "") + ("_gpu" if args.gpu else "")
-    json_path = out_dir / f"online_capture_{args.variant}{suffix}.json"
+    json_path = out_dir / f"online_cost_{args.variant}{suffix}.json"
     for rs in rounds.values():               # outputs were only needed for the comparison
         for r in rs:
             r.pop("output_ids", None)
     json_path.write_text(json.dumps({"settings": settings, "commands": commands, "summary": summary,
                                      "rounds": rounds}, indent=2))
     print(f"wrote {json_path}")
-    maybe_plot(summary, out_dir / f"online_capture_{args.variant}{suffix}.png")
+    maybe_plot(summary, out_dir / f"online_cost_{args.variant}{suffix}.png")
     return 0
 
 
