@@ -92,13 +92,9 @@ def cpu_seconds(server) -> dict[str, float]:
     """CPU seconds (user + system) used so far by the trainer process and by the rest of the server's processes."""
     import psutil
 
+    from sglang_ext.demo.traffic import server_processes
     out = {"trainer": 0.0, "server": 0.0}
-    try:
-        root = psutil.Process(server.process.pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.Error:
-        return out
-    for p in procs:
+    for p in server_processes(server):
         try:
             t = p.cpu_times()
             out["trainer" if "trainer_worker" in " ".join(p.cmdline()) else "server"] += t.user + t.system

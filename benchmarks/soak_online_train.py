@@ -69,13 +69,10 @@ def process_rss(server, trainer_module: str) -> dict:
     """RSS in MB: `server` (every process of the server but the trainer) and `trainer`; `by_process`: each
     server process's RSS by its name (SGLang titles its processes, e.g. sglang::scheduler)."""
     import psutil
+
+    from sglang_ext.demo.traffic import server_processes
     out = {"server": 0.0, "trainer": 0.0, "processes": 0, "by_process": {}}
-    try:
-        root = psutil.Process(server.process.pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
+    for p in server_processes(server):
         try:
             rss = p.memory_info().rss / 2**20
             key = "trainer" if trainer_module in " ".join(p.cmdline()) else "server"
@@ -87,7 +84,7 @@ def process_rss(server, trainer_module: str) -> dict:
         if name == "sglang::scheduler" and "scheduler_regions" not in out:
             out["scheduler_regions"] = memory_regions(p.pid)
         if key == "server":
-            label = name if p.pid != root.pid else f"{name} (launcher)"
+            label = name if p.pid != server.process.pid else f"{name} (launcher)"
             while label in out["by_process"]:                  # two processes of one name
                 label += "'"
             out["by_process"][label] = rss

@@ -31,6 +31,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STOP_TIMEOUT_S = 60          # a stopping server's processes get this long after SIGTERM before SIGKILL
+
+
+def group_alive(pgid: int) -> bool:
+    """Does a process of process group `pgid` still run (zombies aside)?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        import psutil
+        return any(p.status() != psutil.STATUS_ZOMBIE for p in psutil.process_iter()
+                   if _pgid(p.pid) == pgid)
+    except Exception:                       # noqa: BLE001 - without psutil: killpg said someone is there
+        return True
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
 class ServerError(RuntimeError):
     pass
 
@@ -47,14 +71,21 @@ STARTUP_HANGS: list[str] = []      # reports of every start that hung in this pr
 
 
 def process_stacks(pid: int, timeout: float = 30) -> str:
-    """Each process under `pid` (and itself): name, state, CPU seconds, and its Python threads' stacks
-    (`py-spy dump`, when py-spy is on PATH)."""
+    """Each process under `pid` (itself, its descendants and its process group): name, state, CPU seconds, and
+    its Python threads' stacks (`py-spy dump`, when py-spy is on PATH)."""
     import shutil
 
     try:
         import psutil
         root = psutil.Process(pid)
         procs = [root] + root.children(recursive=True)
+        seen = {p.pid for p in procs}
+        for p in psutil.process_iter():     # its process group too: processes started detached (the recorder)
+            try:
+                if p.pid not in seen and os.getpgid(p.pid) == pid:
+                    procs.append(p)
+            except (psutil.Error, ProcessLookupError):
+                pass
     except Exception as e:                  # noqa: BLE001 - diagnosis must not raise
         return f"(no process tree: {e})"
     py_spy = shutil.which("py-spy")
@@ -246,17 +277,23 @@ class launch_server:
                           f"stacks and log tail in {report_path}:\n{report[-6000:]}", report, report_path)
 
     def _stop(self) -> None:
+        """SIGTERM to the server's process group (every process of it: --online-train's recorder writes what it
+        holds and exits), then wait for all of them; SIGKILL to the group after STOP_TIMEOUT_S."""
         proc = self.server.process
-        if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline and group_alive(proc.pid):
+            proc.poll()                        # reap the launcher; the others belong to it or to init
+            time.sleep(0.2)
+        if group_alive(proc.pid):
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=30)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop()

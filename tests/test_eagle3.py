@@ -152,7 +152,7 @@ def test_export_loads_into_sglang(sgl, tmp_path):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.items())
     # What --online-train hot-swaps: every weight but the draft vocabulary, each onto a parameter of SGLang's
     # draft module under the name the kind maps it to (SGLang's load_weights skips unknown names silently).
-    from sglang_ext.online.supervisor import check_draft_names
+    from sglang_ext.online.swap_applier import check_draft_names
     from sglang_ext.online.weight_slot import draft_layout
     layout = draft_layout(out, exclude=KIND.serving.fixed_weights)
     assert {n for n, _ in layout} == names - {"d2t", "t2d"}

@@ -39,6 +39,72 @@ def test_shipped_code_never_imports_demo_or_test_code():
     assert not bad, bad
 
 
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Shipped module -> the shipped modules it imports anywhere in its source (top level, inside functions, and
+    under TYPE_CHECKING: every import a reader has to follow)."""
+    modules = {module_name(p): p for p in SHIPPED}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                edges |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in edges if m in modules} - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_import_cycle_finder_finds_cycles():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_in_the_online_path():
+    """sglang_ext.online reads in one direction: no module of it is in an import circle."""
+    graph = import_graph()
+    assert any(m.startswith("sglang_ext.online.") for m in graph)
+    bad = [c for c in import_cycles(graph) if any(m.startswith("sglang_ext.online") for m in c)]
+    assert not bad, bad
+
+
 def test_pipeline_names_no_draft_kind():
     """finetune, the evaluator and the online path go through trainer.draft_kind, never DFlash by name."""
     files = [REPO / "trainer" / "finetune.py", REPO / "trainer" / "evaluate.py",
@@ -56,13 +122,15 @@ class NoSGLang(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked for this test: {name}")
 sys.meta_path.insert(0, NoSGLang())
 import sglang_ext.online.weight_slot, sglang_ext.online.protocol, sglang_ext.online.trainer_worker
+import sglang_ext.online.recorder, sglang_ext.online.supervisor, sglang_ext.online.buffer, sglang_ext.online.ring
+import sglang_ext.online.handoff
 import trainer.finetune, trainer.train_step
 assert not any(m == "sglang" or m.startswith("sglang.") for m in sys.modules), sorted(sys.modules)
 print("OK")
 """
 
 
-def test_trainer_process_and_weight_slot_import_without_sglang():
+def test_trainer_and_recorder_processes_import_without_sglang():
     proc = subprocess.run([sys.executable, "-c", BLOCK_SGLANG], capture_output=True, text=True, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

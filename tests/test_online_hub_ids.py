@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_ext.online.config import OnlineTrainConfigError, resolve_draft_kind
+from sglang_ext.online.config import OnlineTrainConfigError
+from sglang_ext.online.hub import resolve_draft_kind
 from sglang_ext.online.hub import draft_source, local_dir, target_source
 
 TARGET_REPO = "sglang-ext-test/tiny-qwen3vl-dense"

@@ -7,7 +7,8 @@ in, and are counted (faults injected by the test-only SGLang plugin, tests/sglan
 fault-injecting subclass of the production trainer). EAGLE3 also: the persisted records are the features the
 live draft's fc consumed (the plugin's debug dump) and HF's pre-deepstack features, and trainer.finetune
 trains from them. DFlash also: a trainer that stops reading is detected, killed and replaced, and with a small
---online-train-queue-bytes every queue stays under it, drops are counted and the scheduler's RSS stays flat."""
+--online-train-queue-bytes every queue stays under it, drops are counted and the RSS of the scheduler (the ring)
+and of the recorder process (the other queues) stays flat."""
 import os
 import random
 import re
@@ -20,8 +21,8 @@ import psutil
 import pytest
 import torch
 
-from sglang_ext.demo.traffic import (make_random_draft, online_metrics, send_traffic, swaps_from_log,
-                                       trainer_pids)
+from sglang_ext.demo.traffic import (make_random_draft, online_metrics, send_traffic, server_processes,
+                                       swaps_from_log, trainer_pids)
 from sglang_ext.demo.workload import record_prompt
 from sglang_ext.launcher import draft_args, launch_server, metric_value
 from sglang_ext.online.trainer_worker import VERSION_DIR
@@ -40,7 +41,7 @@ HANG_AFTER_STEPS = 12           # the DFlash run's first trainer hangs after thi
 HEARTBEAT_TIMEOUT_S = 15
 QUEUE_BYTES = 2 * 10**6         # the DFlash run's queue bound: a handful of records, so the hang and the backlog
                                 # re-sent to each restarted trainer overflow it (records here are ~0.1-0.4 MB)
-QUEUES = ("replay_inbox", "supervisor", "trainer_inbox")
+QUEUES = ("ring", "replay_inbox", "supervisor", "trainer_inbox")
 FAULTY_TRAINER = "sglang_ext_test_trainer"    # the trainer module the test plugin runs (tests/sglang_plugin)
 
 
@@ -94,8 +95,9 @@ def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic
         t0 = time.monotonic()
         killed = None
         (first_trainer,) = _wait_for(lambda: trainer_pids(server, FAULTY_TRAINER), 120, "the trainer process")
-        scheduler = psutil.Process(first_trainer).parent()       # the scheduler process, which holds the queues
-        rss, queue_peak = [], dict.fromkeys(QUEUES, 0.0)
+        holders = {"recorder": psutil.Process(first_trainer).parent(),     # the queues toward the trainer
+                   "scheduler": next(p for p in server_processes(server) if p.name() == "sglang::scheduler")}
+        rss, queue_peak = {name: [] for name in holders}, dict.fromkeys(QUEUES, 0.0)
         for r in range(MAX_ROUNDS):
             order = list(range(len(traffic)))
             rng.shuffle(order)
@@ -128,7 +130,8 @@ def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic
             for s in done:                  # every token equals non-speculative greedy serving
                 assert s.output_ids == plain_outputs[s.prompt], (r, s.prompt)
             m = online_metrics(server)
-            rss.append(scheduler.memory_info().rss)
+            for name, proc in holders.items():
+                rss[name].append(proc.memory_info().rss)
             text = server.metrics()
             for q in QUEUES:
                 queue_peak[q] = max(queue_peak[q], metric_value(text, "sglang:online_train_queue_bytes", queue=q))
@@ -167,14 +170,15 @@ def test_online_training_raises_tau_with_hot_swaps(kind, quick_workload, traffic
         text = server_metrics_at_end
         assert metric_value(text, "sglang:online_train_trainer_hung_total") >= 1
         assert final["trainer_restarts_total"] >= 2          # the hang and the kill -9
-        # Every queue stayed under its bound (sampled each round) and the overflow was dropped and counted; the
-        # scheduler's memory did not grow with the records a hung or restarted trainer did not take.
+        # Every queue stayed under its bound (sampled each round) and the overflow was dropped and counted; neither
+        # the scheduler's nor the recorder's memory grew with the records a hung or restarted trainer did not take.
         assert all(peak <= QUEUE_BYTES for peak in queue_peak.values()), queue_peak
         dropped = {q: metric_value(text, "sglang:online_train_queue_dropped_records_total", queue=q) for q in QUEUES}
         assert dropped["supervisor"] >= 1, (dropped, queue_peak)
-        print(f"queue peaks {queue_peak}, dropped {dropped}; scheduler RSS MB per round "
-              f"{[round(x / 2**20) for x in rss]}")
-        assert max(rss[1:]) - rss[0] < 256 * 2**20, [round(x / 2**20) for x in rss]
+        mb = {name: [round(x / 2**20) for x in values] for name, values in rss.items()}
+        print(f"queue peaks {queue_peak}, dropped {dropped}; RSS MB per round {mb}")
+        for values in rss.values():
+            assert max(values[1:]) - values[0] < 256 * 2**20, mb
     assert rounds[0]["tau_first4"] < 1.3, rounds[0]        # the random draft, before any swap
     assert rounds[-1]["tau"] >= TARGET_TAU[kind], [round(x["tau"], 3) for x in rounds]
     # faults: NaN steps skipped and a deliberately worse candidate refused, both counted

@@ -98,16 +98,27 @@ def spec_for(cfg, tiny, draft_dir, slot, world_size: int) -> TrainerSpec:
 
 
 class Counts:
-    """The two counters the group supervisor reports (OnlineMetrics' trainer_restarted / trainer_hung)."""
+    """The two counters the group supervisor reports (OnlineMetrics' trainer_restarted / trainer_hung); its
+    once-a-second status reports (queue, rejected, trainer_status) are not looked at here."""
 
     def __init__(self):
         self.restarts = self.hung = 0
+        self.status: dict = {}
 
     def trainer_restarted(self):
         self.restarts += 1
 
     def trainer_hung(self):
         self.hung += 1
+
+    def queue(self, queue, nbytes, dropped=0):
+        pass
+
+    def rejected(self, reason, n):
+        pass
+
+    def trainer_status(self, **status):
+        self.status = status
 
 
 def wait_for(what: str, cond, timeout: float = 300.0, every: float = 0.1, sup=None):

@@ -75,7 +75,7 @@ def test_slot_handshake(draft_dir):
 
 
 def test_names_check_against_sglang_draft(draft_dir):
-    from sglang_ext.online.supervisor import check_draft_names
+    from sglang_ext.online.swap_applier import check_draft_names
     kind = get_kind("dflash")
 
     class FakeSGLangDraft(torch.nn.Module):        # the parameter names SGLang's DFlashDraftModel has

@@ -3,6 +3,7 @@ target, prompts sent with requests in flight, the online-training numbers of /me
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -56,21 +57,37 @@ def online_metrics(server) -> dict:
     return out
 
 
-def trainer_pids(server, module: str = TRAINER_MODULE) -> list[int]:
-    """Trainer processes (`python -m <module>`) under the server's process tree."""
+def server_processes(server) -> list:
+    """Every process of the server: its process group (launch_server starts each server in a session of its own,
+    so the group id is the launcher's pid). The recorder and the trainer are in it, though not descendants of the
+    launcher (the recorder is started detached, sglang_ext/online/handoff.py)."""
     import psutil
-    try:
-        children = psutil.Process(server.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    pids = []
-    for child in children:
+    out = []
+    for p in psutil.process_iter():
         try:
-            if module in child.cmdline():
-                pids.append(child.pid)
+            if os.getpgid(p.pid) == server.process.pid:
+                out.append(p)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return out
+
+
+def processes_running(server, module: str) -> list[int]:
+    """Pids of the server's processes running `python -m <module>` (or a script of that name)."""
+    import psutil
+    pids = []
+    for p in server_processes(server):
+        try:
+            if module in p.cmdline():
+                pids.append(p.pid)
         except psutil.Error:
             pass
     return pids
+
+
+def trainer_pids(server, module: str = TRAINER_MODULE) -> list[int]:
+    """Trainer processes (`python -m <module>`) of the server."""
+    return processes_running(server, module)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Replay buffer of the online path: finished requests -> ReplayRecords, kept under a byte budget (oldest
 dropped, counted) and, with a persist directory, written as `trainer.replay` shards that
-`python -m trainer.finetune` reads unchanged. Runs in its own thread, off the scheduler's hot path.
+`python -m trainer.finetune` reads unchanged. Runs in its own thread of the recorder process
+(sglang_ext/online/recorder.py), out of SGLang's scheduler process.
 
 Every record is checked before it is kept, persisted or sent to the trainer (`protocol.check_record`: token ids
 inside the target's vocabulary, finite features, consistent shapes); a poison record is dropped and counted
@@ -20,8 +21,8 @@ After each shard, with --online-train-persist-max-bytes, the oldest shards of th
 it fits, shards and listing files (manifest, journals) together (counted); the writer's journal is then kept
 under a sixteenth of the limit (folded into the manifest and restarted past it). At startup, temp files and
 shard files no manifest lists (left by a crash) are swept.
-What a crash (or SGLang's shutdown, which kills the scheduler process with SIGKILL) loses: the records still
-waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / half the replay budget).
+A stop writes what waits (`stop`, from the recorder's stop); what a crash of the recorder loses: the records
+still waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / half the replay budget).
 Memory: records of varying sizes freed oldest first leave free pages inside this thread's malloc arena, which
 glibc keeps resident; once a minute (--online-train-malloc-trim-seconds) the thread gives them back
 (`sglang_ext.online.memory`, counted and timed on /metrics).
@@ -81,7 +82,7 @@ class ReplayBuffer:
         # finished requests from the scheduler thread (CapturedRequest), bounded in bytes
         self.inbox: ByteQueue = ByteQueue(cfg.queue_bytes, size=lambda finished: finished.nbytes())
         self.writer = None
-        self.on_record = None                 # e.g. TrainerSupervisor.offer: called with each new record
+        self.on_record = None                 # e.g. TrainerGroupSupervisor.offer: called with each new record
         self.prefix_store = None              # radix-cache hits are filled from the rows of earlier records
         self.seq = 0                          # number of the next kept record (meta["seq"])
         # records waiting to be persisted (oldest first), their tokens and bytes, when the oldest arrived
@@ -141,8 +142,8 @@ class ReplayBuffer:
             return list(self.records)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write what waits to be persisted and end the thread (atexit of the scheduler process; SGLang's own
-        shutdown kills that process with SIGKILL, so this runs only when it exits by itself)."""
+        """Write what waits to be persisted and end the thread (the recorder process's stop: a signal, or the
+        scheduler process gone)."""
         self._stop.set()
         if self.thread.is_alive():
             if self.thread is not threading.current_thread():

@@ -453,27 +453,6 @@ def check_server_args(cfg: OnlineTrainConfig, server_args) -> None:
                                      "yet: serve with --tp only")
 
 
-def resolve_draft_kind(server_args) -> str:
-    """The kind of the served draft (from its config.json), checked against --speculative-algorithm."""
-    from sglang_ext.online.hub import draft_source, local_dir
-    from trainer.draft_kind import kind_for_draft
-    source = draft_source(server_args)              # a directory, or a repo id: its config.json, fetched as
-    path = source.path                              # SGLang fetches it (sglang_ext/online/hub.py)
-    local = local_dir(source, allow_patterns=["*.json"])
-    try:
-        kind = kind_for_draft(local)
-    except (ValueError, FileNotFoundError) as e:
-        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path}: {e}") from None
-    algo = str(server_args.speculative_algorithm).upper()
-    if not kind.serving.capture:
-        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft; --online-train "
-                                     f"cannot capture {kind.serving.algorithm} traffic yet")
-    if kind.serving.algorithm != algo:
-        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft, served with "
-                                     f"--speculative-algorithm {kind.serving.algorithm}, not {algo}")
-    return kind.name
-
-
 # ---- typed values (issue 14): every setting checked against its dataclass field's type ----------------------
 # A JSON config file gives JSON types; the command line gives what argparse made of a flag (int / float / str,
 # True for a switch). A boolean is only a JSON boolean or a switch, an integer only an integer (not a boolean,

@@ -18,8 +18,8 @@ import time
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sglang_ext.online.config import (ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, add_arguments,
-                                      argv_with_sglang_config, check_device_indexes, check_server_args, parse_argv,
-                                      resolve_draft_kind)
+                                      argv_with_sglang_config, check_device_indexes, check_server_args, parse_argv)
+from sglang_ext.online.hub import resolve_draft_kind
 
 logger = logging.getLogger(__name__)
 _pipeline = None            # sglang_ext.online.pipeline.OnlinePipeline of this scheduler process, once built

@@ -69,3 +69,23 @@ def local_dir(source: ModelSource, *, allow_patterns: list[str] | None = None, c
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "on the Hugging Face Hub"
         raise OnlineTrainConfigError(f"{source.flag} {source.path}: not a local directory, and not found as a repo "
                                      f"id{revision} {where}: {type(e).__name__}: {e}") from None
+
+
+def resolve_draft_kind(server_args) -> str:
+    """The kind of the served draft (from its config.json), checked against --speculative-algorithm."""
+    from trainer.draft_kind import kind_for_draft
+    source = draft_source(server_args)              # a directory, or a repo id: its config.json, fetched as
+    path = source.path                              # SGLang fetches it (local_dir)
+    local = local_dir(source, allow_patterns=["*.json"])
+    try:
+        kind = kind_for_draft(local)
+    except (ValueError, FileNotFoundError) as e:
+        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path}: {e}") from None
+    algo = str(server_args.speculative_algorithm).upper()
+    if not kind.serving.capture:
+        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft; --online-train "
+                                     f"cannot capture {kind.serving.algorithm} traffic yet")
+    if kind.serving.algorithm != algo:
+        raise OnlineTrainConfigError(f"--speculative-draft-model-path {path} is a {kind.name} draft, served with "
+                                     f"--speculative-algorithm {kind.serving.algorithm}, not {algo}")
+    return kind.name

@@ -2,7 +2,8 @@
 
 SGLang runs prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR is set by the launcher before
 children spawn); prometheus_client picks its value class at import time, so it is imported here lazily,
-inside the scheduler process. --online-train turns on --enable-metrics.
+inside the scheduler process and the recorder process (its child, sglang_ext/online/recorder.py), which both
+write series of these families (`OnlineMetrics(owner=...)`). --online-train turns on --enable-metrics.
 
     sglang:online_train_accepted_tokens_total{position}   accepted draft tokens, by draft position (1..B-1)
     sglang:online_train_proposed_drafts_total{position}   draft tokens proposed, by position
@@ -20,9 +21,11 @@ inside the scheduler process. --online-train turns on --enable-metrics.
   trainer and swaps (part 2):
     sglang:online_train_trainer_up                         1 while the trainer process runs and beats
     sglang:online_train_trainer_restarts_total             trainer processes restarted after an exit
+    sglang:online_train_recorder_restarts_total            recorder processes restarted after an exit
     sglang:online_train_trainer_hung_total                 trainers killed for a stale heartbeat or a stuck read
-    sglang:online_train_queue_bytes{queue}                 bytes waiting in each queue of the path: replay_inbox
-                                                           (scheduler -> buffer), supervisor (-> trainer),
+    sglang:online_train_queue_bytes{queue}                 bytes waiting in each queue of the path: ring
+                                                           (scheduler -> recorder process, shared memory),
+                                                           replay_inbox (-> replay buffer), supervisor (-> trainer),
                                                            trainer_inbox (in the trainer process)
     sglang:online_train_queue_dropped_records_total{queue} ... items dropped past that queue's byte bound
     sglang:online_train_trainer_steps                      optimiser steps so far (kept across restarts)
@@ -65,7 +68,7 @@ inside the scheduler process. --online-train turns on --enable-metrics.
     sglang:online_train_version_accept_length_bucket{role,le}  its accept-length histogram (cumulative buckets
                                                            as gauges; histogram_quantile() reads them)
     sglang:online_train_rollbacks_total                    versions swapped back out for serving worse than
-                                                           the previous one (supervisor.RollbackWatch)
+                                                           the previous one (rollback.RollbackWatch)
     Why roles and not the version number as the label: SGLang runs prometheus_client in multiprocess mode, where
     a label value cannot be removed (Counter.remove is not implemented there: the series stays in the mmap
     files), so a `version` label would grow one set of series per swap for the life of the server. With roles
@@ -78,14 +81,22 @@ from __future__ import annotations
 import bisect
 
 
-QUEUES = ("replay_inbox", "supervisor", "trainer_inbox")     # sglang_ext/online/queues.py, in data-flow order
+# in data-flow order: the shared-memory ring (sglang_ext/online/ring.py), then sglang_ext/online/queues.py queues
+QUEUES = ("ring", "replay_inbox", "supervisor", "trainer_inbox")
 ACCEPT_LENGTH_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)   # tokens committed per verify step
 
 
 class OnlineMetrics:
-    def __init__(self, labels: dict[str, str] | None = None):
+    def __init__(self, labels: dict[str, str] | None = None, owner: str = "scheduler"):
+        """owner: the process these series are written from, "scheduler" (capture, verify steps, swaps, versions)
+        or "recorder" (records, replay buffer, shards, the trainer process): both write the same families into
+        SGLang's multiprocess directory, and each sets the starting value only of the gauges it owns (a gauge
+        reads as the process that wrote it last; a restarted recorder must not reset the live draft's version)."""
         from prometheus_client import Counter, Gauge, Histogram
 
+        if owner not in ("scheduler", "recorder"):
+            raise ValueError(f"OnlineMetrics owner {owner!r}: scheduler or recorder")
+        self.owner = owner
         self.labels = dict(labels or {})
         names = list(self.labels)
         pos = names + ["position"]
@@ -120,6 +131,7 @@ class OnlineMetrics:
         self._trainer_up = gauge("trainer_up", "1 while the co-located trainer process runs")
         self._restarts = counter("trainer_restarts", "Trainer processes restarted after an exit")
         self._hung = counter("trainer_hung", "Trainer processes killed for a stale heartbeat or a stuck read")
+        self._recorder_restarts = counter("recorder_restarts", "Recorder processes restarted after an exit")
         self._queue_bytes = Gauge("sglang:online_train_queue_bytes", "Bytes waiting in a queue of the online path",
                                   labelnames=names + ["queue"], multiprocess_mode="mostrecent")
         self._queue_dropped = counter("queue_dropped_records", "Items dropped from a queue of the online path "
@@ -137,13 +149,17 @@ class OnlineMetrics:
                                        "Hot-swap latency: weight copy into the live draft + helper rebuild",
                                        labelnames=names, buckets=[1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3])
         self._since_swap = gauge("seconds_since_last_swap", "Seconds since the last swap (-1: none yet)")
-        self._version.labels(**self.labels).set(0)
-        self._since_swap.labels(**self.labels).set(-1)
-        self._trainer_up.labels(**self.labels).set(0)
+        if owner == "scheduler":
+            self._version.labels(**self.labels).set(0)
+            self._since_swap.labels(**self.labels).set(-1)
+        else:
+            self._trainer_up.labels(**self.labels).set(0)
         for queue in QUEUES:
             self._queue_dropped.labels(**self.labels, queue=queue).inc(0)
-            self._queue_bytes.labels(**self.labels, queue=queue).set(0)
+            if (queue == "ring") == (owner == "scheduler"):
+                self._queue_bytes.labels(**self.labels, queue=queue).set(0)
         self._hung.labels(**self.labels).inc(0)
+        self._recorder_restarts.labels(**self.labels).inc(0)
         for reason in ("worse", "nan"):
             self._rejected.labels(**self.labels, reason=reason).inc(0)
         for result in ("filled", "gap"):
@@ -222,7 +238,7 @@ class OnlineMetrics:
         self._rejected.labels(**self.labels, reason=reason).inc(n)
 
     def trainer_status(self, *, up: bool, steps: float, loss: float, tokens_per_s: float, tokens: float,
-                       since_swap: float | None, records: float, heldout_tau: float) -> None:
+                       records: float, heldout_tau: float) -> None:
         lab = self.labels
         self._trainer_up.labels(**lab).set(1 if up else 0)
         self._steps.labels(**lab).set(steps)
@@ -232,8 +248,14 @@ class OnlineMetrics:
         self._trainer_records.labels(**lab).set(records)
         if heldout_tau == heldout_tau and heldout_tau > 0:
             self._heldout_tau.labels(**lab).set(heldout_tau)
-        if since_swap is not None:
-            self._since_swap.labels(**lab).set(since_swap)
+
+    def swap_age(self, seconds: float | None) -> None:
+        """Seconds since the last swap (None: none yet, the gauge stays -1)."""
+        if seconds is not None:
+            self._since_swap.labels(**self.labels).set(seconds)
+
+    def recorder_restarted(self) -> None:
+        self._recorder_restarts.labels(**self.labels).inc()
 
     # -- persistence, poison records, heap memory (issue 14) ---------------------------------------------
     def _init_persist_metrics(self, counter, gauge) -> None:
@@ -332,7 +354,8 @@ class OnlineMetrics:
         self._rollbacks = counter("rollbacks", "Draft versions rolled back after a swap: served acceptance "
                                   "dropped below the previous version's by more than the tolerance")
         self._rollbacks.labels(**self.labels).inc(0)
-        self._publish_versions()
+        if self.owner == "scheduler":
+            self._publish_versions()
 
     def _publish_versions(self, roles=ROLES) -> None:
         for role in roles:

@@ -1,7 +1,8 @@
 """The online path of one scheduler process, wired in one place:
 
-    capture (Recorder) -> replay buffer (ReplayBuffer, + shards) -> supervisor (TrainerSupervisor)
-        -> trainer process (trainer_worker) -> weight slot -> hot swap (TrainerSupervisor.tick) -> metrics
+    scheduler process: capture (capture.Recorder) -> hand-off (handoff.Handoff: shared-memory ring)
+    recorder process:  -> replay buffer (+ shards) -> trainer supervisor -> trainer process (trainer_worker)
+    scheduler process: -> weight slot -> hot swap (swap_applier.SwapApplier.tick) -> metrics
 
 `start_pipeline` is called once, when SGLang's speculative worker of the draft's kind has started
 (sglang_ext/online/hooks.py); the hooks then only ever talk to the `OnlinePipeline` it returns. Under tensor
@@ -15,19 +16,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sglang_ext.online.buffer import STORAGE, ReplayBuffer
+from sglang_ext.online.buffer import STORAGE
 from sglang_ext.online.capture import Recorder
 from sglang_ext.online.config import OnlineTrainConfig
+from sglang_ext.online.handoff import Handoff, RecorderSpec
 from sglang_ext.online.hub import draft_source, local_dir, target_source
 from sglang_ext.online.metrics import OnlineMetrics
-from sglang_ext.online.supervisor import TrainerSupervisor
+from sglang_ext.online.swap_applier import SwapApplier
 from sglang_ext.online.tp import SlotHandle, SwapFollower, TPGroup, tp_group
 from trainer.draft_kind import DraftKind, get_kind
-from trainer.replay import ReplaySpec
+from trainer.replay import ReplaySpec, ShardWriter
 from trainer.target import target_identity, target_info
 
 logger = logging.getLogger(__name__)
 HUB_FILES = ["*.json", "*.safetensors"]    # what the online path reads of a repo id's snapshot, if it must fetch
+RECORDER_START_S = 180.0                   # the recorder process's start (imports, persist directory sweep)
 
 
 class SchedulerClock:
@@ -57,8 +60,8 @@ class OnlinePipeline:
     spec: ReplaySpec | None                # what the records hold (target, layers, hidden size, storage dtype)
     metrics: OnlineMetrics | None
     recorder: Recorder | None              # scheduler thread: rows of running requests (None on TP ranks > 0)
-    buffer: ReplayBuffer | None            # its own thread: records, budget, shards (None on TP ranks > 0)
-    supervisor: TrainerSupervisor | None   # its own thread + the trainer process; None with capture only
+    handoff: Handoff | None                # finished requests -> the recorder process (None on TP ranks > 0)
+    supervisor: SwapApplier | None         # the weight slot, staging thread and hot swap; None with capture only
     follower: SwapFollower | None = None   # TP ranks > 0 (with the trainer on): swaps when rank 0 does
     tp: TPGroup | None = None              # None without tensor parallelism
     clock: SchedulerClock = field(default_factory=SchedulerClock)
@@ -70,6 +73,8 @@ class OnlinePipeline:
         swapper = self.supervisor or self.follower
         if swapper is not None:
             swapper.tick(scheduler)
+        if self.handoff is not None:
+            self.handoff.tick()
         now = time.monotonic()
         if self.metrics is not None and now - self.clock_flushed >= 1.0:
             self.clock_flushed = now
@@ -99,7 +104,7 @@ def start_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipelin
     logger.info("sglang_ext: TP rank %d of %d: the online path runs on TP rank 0; this rank %s", tp.rank, tp.size,
                 "follows its draft swaps" if follower else "only serves (capture only)")
     return OnlinePipeline(cfg=cfg, kind=kind, block_size=kind.served_block_size(worker), spec=None, metrics=None,
-                          recorder=None, buffer=None, supervisor=None, follower=follower, tp=tp)
+                          recorder=None, handoff=None, supervisor=None, follower=follower, tp=tp)
 
 
 def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | None = None) -> OnlinePipeline:
@@ -115,23 +120,38 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
     layer_ids = sorted(kind.live_feature_layers(draft_cfg))
     spec = ReplaySpec(target_identity(target_path, name=target.path), layer_ids, int(draft_cfg.hidden_size),
                       STORAGE[cfg.storage_dtype])
-    metrics = OnlineMetrics({"model_name": str(server_args.served_model_name or server_args.model_path)})
-    # records are checked against the target's vocabulary before they are kept, persisted or sent (poison)
-    buffer = ReplayBuffer(cfg, spec, metrics, vocab_size=target_info(target_path).vocab_size)
-    atexit.register(buffer.stop)                                # writes what waits, if the process exits itself
-    recorder = Recorder(cfg, buffer.submit, metrics)            # capture -> buffer
+    labels = {"model_name": str(server_args.served_model_name or server_args.model_path)}
+    metrics = OnlineMetrics(labels)
     block_size = kind.served_block_size(worker)
     supervisor = None
     if cfg.trainer:
-        supervisor = TrainerSupervisor(cfg, kind, worker, metrics, target_path=target_path,
-                                       draft_path=draft_path, block_size=block_size, tp=tp)
-        buffer.on_record = supervisor.offer                     # buffer -> trainer
-        recorder.on_verified = supervisor.observe_verified      # served acceptance -> rollback watch
-        supervisor.start(lambda: [record for record, _ in buffer.snapshot()])   # restarts get the backlog
+        supervisor = SwapApplier(cfg, kind, worker, metrics, target_path=target_path, draft_path=draft_path,
+                                 block_size=block_size, tp=tp)
         atexit.register(supervisor.stop)
+    vocab_size = target_info(target_path).vocab_size        # records are checked against it (poison)
+    if cfg.persist_dir:                     # a directory of another target or layout fails the server now
+        ShardWriter(cfg.persist_dir, spec).close()            # (the recorder process writes it)
+
+    def recorder_spec(ring_fd: int, wake_fd: int) -> RecorderSpec:
+        trainer = {}
+        if supervisor is not None:
+            trainer = dict(trainer_spec=supervisor.trainer_spec.to_json(), trainer_devices=list(supervisor.devices),
+                           trainer_command=handoff.trainer_command(),
+                           slot_layout=[(n, list(shape)) for n, shape in supervisor.layout],
+                           slot_dtype=supervisor.trainer_spec.slot_dtype)
+        return RecorderSpec(ring_fd=ring_fd, wake_fd=wake_fd, target=spec.target.to_dict(),
+                            layer_ids=list(spec.layer_ids), hidden_size=spec.hidden_size,
+                            storage_dtype=spec.storage_dtype, vocab_size=vocab_size, labels=labels, **trainer)
+
+    handoff = Handoff(cfg.queue_bytes, recorder_spec, metrics)
+    handoff.start(wait_s=RECORDER_START_S)                   # fails the server if it cannot record
+    recorder = Recorder(cfg, handoff.submit, metrics)         # capture -> recorder process
+    if supervisor is not None:
+        recorder.on_verified = supervisor.observe_verified    # served acceptance -> rollback watch
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
-                "persist %s, trainer %s", kind.name, layer_ids, spec.hidden_size, cfg.replay_budget_bytes,
-                cfg.persist_dir, f"on {supervisor.device}, needs {supervisor.memory_need.describe()}, duty cycle "
+                "persist %s, recorder process %d, trainer %s", kind.name, layer_ids, spec.hidden_size,
+                cfg.replay_budget_bytes, cfg.persist_dir, handoff.pid,
+                f"on {supervisor.device}, needs {supervisor.memory_need.describe()}, duty cycle "
                 f"{cfg.duty_cycle:g}" if supervisor else "off (capture only)")
     return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, recorder=recorder,
-                          buffer=buffer, supervisor=supervisor, tp=tp)
+                          handoff=handoff, supervisor=supervisor, tp=tp)

@@ -1,35 +1,20 @@
-"""Scheduler side of the co-located trainer: start / watch / restart the trainer process, feed it records,
-and hot-swap the weights it publishes into the live draft. What is specific to the draft's kind (SGLang's
-parameter names, what to rebuild after a swap) comes from its `trainer.draft_kind.DraftKind`.
+"""The trainer's supervisor, in the recorder process (sglang_ext/online/recorder.py): start, feed, watch and
+restart the trainer process, or the trainer group of a device list. No SGLang here.
 
-Two threads of the scheduler process touch this:
-  * the supervisor thread (ours, `TrainerGroupSupervisor`, which needs no SGLang): (re)starts
-    `python -m sglang_ext.online.trainer_worker` with a fresh socket, sends it the records the replay buffer
-    finished (on a restart, first what the buffer still holds), and notices when the process dies or hangs
-    (trainer down, restart after a backoff). A trainer whose heartbeat is older than `heartbeat_timeout_s`,
-    or that stops reading (a send times out), is killed and replaced. Records wait in a queue bounded in
-    bytes (`queue_bytes`; the oldest are dropped, counted), so a slow or stuck trainer never grows the
-    scheduler's memory. With a device list (--online-train-device cuda:1,cuda:2) the trainer is one process
-    per device started as a group (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, a fresh port per start):
-    rank 0 gets the socket and the slot and beats; if any rank exits, or rank 0's heartbeat goes stale (a
-    hung rank stalls it in the next collective), every rank is killed and the group restarted as one
-    (one restart, or one hang, counted);
-  * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
-    trainer published a version the scheduler has not applied, it copies it into the live draft in place
-    (storage addresses kept, so CUDA graphs stay valid), lets the kind rebuild what the worker derived from
-    the weights (DFlash: the fused KV helper, which holds stacked copies of k/v weights), and acknowledges.
-    The version was staged by the supervisor thread beforehand (sglang_ext/online/swap.py: in the serving
-    dtype, on the serving device), so the swap point is device-to-device copies fenced on the device; when
-    the weights cannot be placed that way, the swap goes through SGLang's load_weights with device syncs.
-    No forward runs during the copy, so none sees two versions.
+`TrainerGroupSupervisor` (its own thread) (re)starts `python -m sglang_ext.online.trainer_worker` with a fresh
+socket, sends it the records the replay buffer finished (on a restart, first what the buffer still holds), and
+notices when the process dies or hangs (trainer down, restart after a backoff). A trainer whose heartbeat is
+older than `heartbeat_timeout_s`, or that stops reading (a send times out), is killed and replaced. Records wait
+in a queue bounded in bytes (`queue_bytes`; the oldest are dropped, counted), so a slow or stuck trainer never
+grows the recorder's memory. With a device list (--online-train-device cuda:1,cuda:2) the trainer is one process
+per device started as a group (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, a fresh port per start): rank 0
+gets the socket and the weight slot and beats; if any rank exits, or rank 0's heartbeat goes stale (a hung rank
+stalls it in the next collective), every rank is killed and the group restarted as one (one restart, or one hang,
+counted). Once a second it puts the trainer's status (the weight slot's header) on /metrics.
 
-Rollback on served acceptance (--online-train-rollback-steps N, default 200; sglang_ext/online/rollback.py): each
-swapped-in version is on probation for its first N verify steps (the capture path reports each step's accept
-lengths, with the version that proposed them); if its mean accept length is lower than the previous version's
-over that version's last N steps by more than --online-train-rollback-tolerance, the previous version's weights,
-kept in the weight slot's keep buffer, are copied back in at the next scheduler iteration (every TP rank at the
-same one), counted (sglang:online_train_rollbacks_total) and logged, and the trainer resets to them. Nothing newer
-goes live while a version is on probation.
+What the trainer publishes is swapped into the live draft by the scheduler process
+(sglang_ext/online/swap_applier.py), which owns the weight slot. The trainer's memory need is checked there at
+startup (`check_group_memory`, helpers below), so a server whose trainer cannot fit fails before it serves.
 """
 from __future__ import annotations
 
@@ -49,33 +34,11 @@ import torch
 from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import TrainerSpec, encode_record, new_run_id, parse_report, record_nbytes
 from sglang_ext.online.queues import ByteQueue
-from sglang_ext.online.swap import StagedSwap, plan_placements
-from sglang_ext.online.rollback import RollbackWatch, Verdict, load_draft_weights
-from sglang_ext.online.tp import SlotHandle, TPGroup, apply_version, restore_weights, rollback_code, swap_log
-from sglang_ext.online.trainer_worker import trainer_memory_need
 from trainer.replay import ReplayRecord
 
 logger = logging.getLogger(__name__)
 TRAINER_MODULE = "sglang_ext.online.trainer_worker"
 POISON_MEMORY = 1 << 16         # seqs of poison records remembered (never re-sent to a restarted trainer)
-
-
-def check_draft_names(kind, draft_model, layout: ws.Layout) -> None:
-    """Every trained weight must land on a parameter of SGLang's draft (its load_weights skips unknown names
-    silently): fail at startup if one would not."""
-    params = {n.removeprefix("model.") for n, _ in draft_model.named_parameters()}
-    missing = [kind.sglang_param_name(name) for name, _ in layout if kind.sglang_param_name(name) not in params]
-    if missing:
-        raise ValueError(f"--online-train: trained draft weights {missing[:6]} have no parameter in SGLang's "
-                         f"{type(draft_model).__name__}; cannot hot-swap into it")
-
-
-def draft_module(kind, worker) -> torch.nn.Module:
-    """SGLang's live draft module inside `worker` (the kind's `serving.draft_module` attribute path)."""
-    obj = worker
-    for attr in kind.serving.draft_module.split("."):
-        obj = getattr(obj, attr)
-    return obj
 
 
 def resolve_trainer_device(cfg, serving_device) -> str:
@@ -163,13 +126,14 @@ def check_trainer_memory(need, device: str, max_memory: int | None, free: int | 
 
 
 class TrainerGroupSupervisor:
-    """Start, feed, watch and restart the trainer: one process, or one group of processes (a device list).
-    No SGLang here: `TrainerSupervisor` adds the hot swap into the live draft."""
+    """Start, feed, watch and restart the trainer: one process, or one group of processes (a device list)."""
     RESTART_BACKOFF_S = (1.0, 30.0)
-    stager: StagedSwap | None = None               # TrainerSupervisor: versions staged ahead of the swap
 
-    def __init__(self, cfg, spec: TrainerSpec, slot: ws.WeightSlot, metrics, devices: list[str]):
+    def __init__(self, cfg, spec: TrainerSpec, slot: ws.WeightSlot, metrics, devices: list[str],
+                 command: list[str] | None = None):
+        """command: argv of a trainer process before its spec (default: this Python, -m the trainer module)."""
         self.cfg = cfg
+        self.command = list(command or [sys.executable, "-m", TRAINER_MODULE])
         self.metrics = metrics
         self.slot = slot
         if not spec.settings.run_id:                # one run id per server start: trainer restarts keep it
@@ -189,7 +153,9 @@ class TrainerGroupSupervisor:
         self.conn: Connection | None = None
         self.starts = 0
         self.started_wall = 0.0                     # time.time() when the current trainer group was started
-        self.version = 0                            # the draft version serving uses
+        self._seen = {"rejected_worse": 0, "rejected_nan": 0}
+        self._seen_inbox_dropped = 0
+        self._metrics_t = 0.0
         self._stopping = False
         self.thread = threading.Thread(target=self._supervise, name="sglang-ext-trainer", daemon=True)
 
@@ -221,9 +187,14 @@ class TrainerGroupSupervisor:
         return (bool(self.procs) and all(p.poll() is None for p in self.procs)
                 and self.heartbeat_age() <= self.cfg.heartbeat_timeout_s)
 
+    @property
+    def version(self) -> int:
+        """The draft version serving uses (the last one the scheduler applied)."""
+        return self.slot.applied
+
     def trainer_command(self, spec: TrainerSpec) -> list[str]:
         """argv of a trainer process (of each rank)."""
-        return [sys.executable, "-m", TRAINER_MODULE, spec.to_json()]
+        return [*self.command, spec.to_json()]
 
     def rank_spec(self, rank: int, records_fd: int) -> TrainerSpec:
         """Rank 0 gets the records socket and the slot; the others train only."""
@@ -282,7 +253,7 @@ class TrainerGroupSupervisor:
     def _supervise(self) -> None:
         backoff = self.RESTART_BACKOFF_S[0]
         while not self._stopping:
-            self._stage_published()            # a version published just before a trainer died still goes live
+            self._update_metrics()
             self._collect_reports()
             if not self.procs:
                 try:
@@ -307,7 +278,7 @@ class TrainerGroupSupervisor:
                 # socket, where a burst (the backlog after a restart) would time a send out as "stopped reading"
                 time.sleep(0.1)
                 continue
-            record = self.outbox.get(timeout=0.1 if self.stager is not None else 0.5)
+            record = self.outbox.get(timeout=0.5)
             if record is not None:
                 try:
                     self.conn.send_bytes(encode_record(record))
@@ -315,9 +286,6 @@ class TrainerGroupSupervisor:
                     self.outbox.put(record, front=True)
                     if self.proc.poll() is None:
                         self._kill_hung(f"sending it a record failed ({type(e).__name__}: it stopped reading)")
-
-    def _stage_published(self) -> None:
-        """Supervisor thread: what to do with a newly published version before the swap (nothing here)."""
 
     def _collect_reports(self) -> None:
         """Reports the trainer sent back on the records socket: poison records (counted, their seqs never sent
@@ -395,249 +363,28 @@ class TrainerGroupSupervisor:
 
     def stop(self) -> None:
         self._stopping = True
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=5.0)
         for p in list(self.procs):
             if p.poll() is None:
                 p.kill()
         self.slot.close()
 
-
-class TrainerSupervisor(TrainerGroupSupervisor):
-    """The trainer group plus the hot swap of what it publishes into SGLang's live draft."""
-
-    def __init__(self, cfg, kind, worker, metrics, *, target_path: str, draft_path: str, block_size: int,
-                 tp: TPGroup | None = None):
-        self.tp = tp                                # TP rank 0 of a --tp N server (sglang_ext/online/tp.py), or None
-        self.kind = kind                            # trainer.draft_kind.DraftKind of the served draft
-        self.worker = worker                        # SGLang's speculative worker (the kind's serving.worker_class)
-        self.draft_model = draft_module(kind, worker)
-        self.layout = ws.draft_layout(draft_path, exclude=kind.serving.fixed_weights)
-        check_draft_names(kind, self.draft_model, self.layout)
-        # Staged swap: versions reach the device off the critical path; None: through load_weights at the swap
-        placements = plan_placements(kind, self.draft_model, self.layout)
-        self.stager = StagedSwap(self.draft_model, placements) if placements else None
-        devices = resolve_trainer_devices(cfg, getattr(worker, "device", "cpu"))
-        self.memory_need = trainer_memory_need(kind.name, draft_path, target_path, devices[0])
-        check_group_memory(self.memory_need, devices, cfg.max_memory_bytes)
-        serving_dtype = next(self.draft_model.parameters()).dtype   # versions cross in the dtype served
-        rollback = cfg.rollback_steps > 0             # keep the previous version's weights (the keep buffer)
-        slot = ws.WeightSlot.create(self.layout, serving_dtype, keep=rollback)
-        if rollback:                                  # version 0: the checkpoint
-            for name, t in load_draft_weights(draft_path, self.layout, serving_dtype).items():
-                slot.keep[name].copy_(t)
-        spec = TrainerSpec(settings=cfg.trainer_settings(), target_path=str(target_path),
-                           draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size),
-                           device=devices[0], slot_fd=slot.fd, slot_dtype=ws.dtype_name(serving_dtype),
-                           world_size=len(devices))
-        super().__init__(cfg, spec, slot, metrics, devices)
-        self.swaps = 0
-        self.last_swap_t: float | None = None
-        self._seen = {"rejected_worse": 0, "rejected_nan": 0}
-        self._seen_inbox_dropped = 0
-        self._last_metrics_t = 0.0
-        self._last_tick: float | None = None
-        self.iterations = 0                         # scheduler iterations seen
-        self.iteration_s: float | None = None
-        # rollback on served acceptance (sglang_ext/online/rollback.py); None with --online-train-rollback-steps 0
-        self.watch = RollbackWatch(cfg.rollback_steps, cfg.rollback_tolerance) if rollback else None
-        self.rollbacks = 0
-        self.skipped_versions = 0                   # published from a rolled-back version: never applied
-        self._keep_lock = threading.Lock()          # keep buffer: the supervisor thread's copy vs. the swap
-
-    def slot_handle(self) -> SlotHandle:
-        """How the other TP ranks reach this process's weight slot."""
-        return SlotHandle(pid=os.getpid(), fd=self.slot.fd, layout=[(n, list(s)) for n, s in self.layout],
-                          dtype=ws.dtype_name(self.slot.dtype))
-
-    def _stage_published(self) -> None:
-        """Supervisor thread: bring a newly published version to the staging buffers (once the previous one
-        was applied, so the buffers are free)."""
-        self._keep_live()
-        stager, slot = self.stager, self.slot
-        if stager is None or slot is None or slot.header is None:
-            return
-        version = slot.published
-        if version > stager.version and slot.applied >= stager.version:
-            try:
-                with torch.no_grad():
-                    stager.stage(slot.weights, version)
-            except Exception:
-                logger.exception("sglang_ext: staging draft version %d failed; swapping through load_weights",
-                                 version)
-                self.stager = None
-
-    # -- scheduler thread ----------------------------------------------------------------------------------
-    def tick(self, scheduler=None) -> None:
-        """Top of a scheduler iteration: apply a published version; refresh metrics about once a second."""
-        slot = self.slot
-        t = time.perf_counter()
-        if self._last_tick is not None:      # typical scheduler iteration, to compare swap latency against
-            gap = t - self._last_tick
-            self.iteration_s = gap if self.iteration_s is None else 0.95 * self.iteration_s + 0.05 * gap
-        self.iterations += 1
-        stager = self.stager
-        verdict = self.watch.take_rollback() if self.watch is not None else None
-        if verdict is None:
-            self._skip_stale()
-        ready = (verdict is None and slot.published > slot.applied
-                 and (stager is None or stager.version == slot.published) and self._may_swap())
-        if self.tp is None:
-            if verdict is not None:
-                self._rollback(scheduler, verdict)
-            elif ready:
-                self._swap(scheduler, slot.published)
-        else:                                # every TP rank swaps (or rolls back) at this iteration, or none does
-            code = rollback_code(slot.header.keep_version) if verdict is not None else (slot.published if ready
-                                                                                         else 0)
-            version = self.tp.broadcast_version(code)
-            if version < 0:
-                self._rollback(scheduler, verdict)
-            elif version:
-                self._swap(scheduler, version)
-        self._last_tick = time.perf_counter()
+    def _update_metrics(self) -> None:
+        """Once a second: the queues toward the trainer, the guard's refusals and the trainer's status (from the
+        weight slot's header) on /metrics."""
         now = time.monotonic()
-        if now - self._last_metrics_t >= 1.0:
-            self._last_metrics_t = now
-            self._update_metrics(now)
-
-    @torch.no_grad()
-    def _swap(self, scheduler, version: int) -> None:
-        slot, draft = self.slot, self.draft_model
-        in_flight = _requests_in_flight(scheduler)
-        t0 = time.perf_counter()
-        storage = [p.data_ptr() for p in draft.parameters()]
-        try:
-            apply_version(self.kind, self.worker, draft, self.stager, slot.weights_of(version), version,
-                          getattr(scheduler, "forward_stream", None))
-        finally:
-            if self.tp is not None:
-                self.tp.barrier()              # every rank has read the version: the slot buffer may be reused
-        if storage != [p.data_ptr() for p in draft.parameters()]:
-            logger.error("sglang_ext: draft parameter storage moved during the swap (CUDA graphs would be stale)")
-        latency = time.perf_counter() - t0
-        if self.tp is not None:
-            swap_log(self.tp.rank, version, self.iterations, getattr(scheduler, "forward_ct", None), latency)
-        slot.acknowledge(version)
-        with self._keep_lock:
-            self.version = version
-            if self.watch is not None:
-                slot.header.live_in_keep = 0
-                if self.watch.swapped(version):
-                    logger.info("sglang_ext: draft version %d on probation for %d verify steps (rollback if its "
-                                "mean accept length falls more than %g below the previous version's)", version,
-                                self.watch.steps, self.watch.tolerance)
-        self.swaps += 1
-        self.last_swap_t = time.monotonic()
-        self.metrics.swapped(version, latency, in_flight)
-        logger.info("sglang_ext: draft version %d swapped in (%.2f ms, %d requests in flight, scheduler iteration "
-                    "%.2f ms on average, trainer step %d, held-out tau %.3f vs %.3f)", version, latency * 1e3,
-                    in_flight, (self.iteration_s or 0.0) * 1e3, slot.header.steps, slot.header.candidate_tau,
-                    slot.header.live_tau)
-
-    # -- rollback on served acceptance (sglang_ext/online/rollback.py) -------------------------------------
-    def observe_verified(self, commit_lens: list[int], version: int) -> None:
-        """Scheduler thread (capture.Recorder.on_verified): tokens committed per request of one verify step, and
-        the draft version that proposed them. A rollback verdict is acted on at the next tick (not mid-forward)."""
-        if self.watch is None:
+        if now - self._metrics_t < 1.0 or self.slot.header is None:
             return
-        verdict = self.watch.observe(commit_lens, version)
-        if verdict is None:
-            return
-        if verdict.rollback:
-            logger.warning("sglang_ext: draft version %d serves worse than the previous version (%s): rolling it "
-                           "back", verdict.version, verdict.describe())
-        else:
-            logger.info("sglang_ext: draft version %d kept after its probation (%s)", verdict.version,
-                        verdict.describe())
-
-    def _may_swap(self) -> bool:
-        """Rollback on: nothing newer goes live while a version is on probation, before the trainer has reset
-        after a rollback, or before the live version's weights are in the keep buffer."""
-        if self.watch is None:
-            return True
+        self._metrics_t = now
         h = self.slot.header
-        return not self.watch.busy and h.rollback_seen >= h.rollbacks and h.keep_version == self.version
-
-    def _skip_stale(self) -> None:
-        """A version published from the rolled-back weights before the trainer reset is never applied: it is
-        acknowledged unapplied, so the trainer may publish again."""
-        h = self.slot.header
-        if self.watch is None or h.rollbacks == 0 or h.rollback_seen < h.rollbacks:
-            return
-        if h.applied < h.published <= h.reset_published:
-            logger.info("sglang_ext: draft version %d was trained from rolled-back version %d: not applied",
-                        h.published, h.rolled_back_version)
-            self.slot.acknowledge(h.published)
-            self.skipped_versions += 1
-
-    def _keep_live(self) -> None:
-        """Supervisor thread: copy the live version's weights into the slot's keep buffer, off the critical path,
-        once it is past its probation (what a rollback of the next version restores). The trainer never writes
-        the live version's buffer (it writes the other one, and only after the next swap)."""
-        watch, slot = self.watch, self.slot
-        if watch is None or slot is None or slot.header is None:
-            return
-        with self._keep_lock:
-            h = slot.header
-            if watch.busy or h.live_in_keep or h.keep_version == self.version or slot.applied != self.version:
-                return
-            for name, t in slot.weights_of(self.version).items():
-                slot.keep[name].copy_(t)
-            h.keep_version = self.version
-
-    @torch.no_grad()
-    def _rollback(self, scheduler, verdict: Verdict) -> None:
-        """Swap the keep buffer's version back in (every TP rank at this iteration), count it, log it, and tell
-        the trainer (slot header `rollbacks`) to reset to it."""
-        slot, h = self.slot, self.slot.header
-        restored = h.keep_version
-        t0 = time.perf_counter()
-        try:
-            restore_weights(self.kind, self.worker, self.draft_model, self.stager, slot.keep)
-        finally:
-            if self.tp is not None:
-                self.tp.barrier()              # every rank has read the keep buffer
-        latency = time.perf_counter() - t0
-        if self.tp is not None:                # as each follower logs it (tp.SwapFollower._restore)
-            logger.info("sglang_ext: TP rank %d restored draft version %d (rollback) at scheduler iteration %d "
-                        "(forward %s, %.2f ms)", self.tp.rank, restored, self.iterations,
-                        getattr(scheduler, "forward_ct", None), latency * 1e3)
-        with self._keep_lock:
-            previous = self.watch.rolled_back()
-            h.live_in_keep = 1
-            h.rolled_back_version = verdict.version
-            h.rollbacks += 1
-            self.version = restored
-        if previous != restored:
-            logger.error("sglang_ext: rollback watch expected version %d back, the keep buffer holds %d", previous,
-                         restored)
-        self.rollbacks += 1
-        self.last_swap_t = time.monotonic()
-        self.metrics.rolled_back(verdict.version, restored)
-        logger.warning("sglang_ext: draft version %d rolled back after %d verify steps: version %d restored "
-                       "(%.2f ms, scheduler iteration %d; %s); the trainer resets to it", verdict.version,
-                       verdict.steps, restored, latency * 1e3, self.iterations, verdict.describe())
-
-    def _update_metrics(self, now: float) -> None:
-        h = self.slot.header
-        alive = self.trainer_alive()
         self.metrics.queue("supervisor", self.outbox.nbytes, self.outbox.take_dropped())
-        self.metrics.queue("trainer_inbox", h.inbox_bytes, h.inbox_dropped - self._seen_inbox_dropped)
+        self.metrics.queue("trainer_inbox", h.inbox_bytes, max(0, h.inbox_dropped - self._seen_inbox_dropped))
         self._seen_inbox_dropped = max(self._seen_inbox_dropped, h.inbox_dropped)
         for field, reason in (("rejected_worse", "worse"), ("rejected_nan", "nan")):
             value = getattr(h, field)
             if value > self._seen[field]:
                 self.metrics.rejected(reason, value - self._seen[field])
             self._seen[field] = max(value, self._seen[field])
-        self.metrics.trainer_status(
-            up=alive, steps=h.steps, loss=h.loss, tokens_per_s=h.tokens_per_s, tokens=h.tokens,
-            since_swap=None if self.last_swap_t is None else now - self.last_swap_t, records=h.records,
-            heldout_tau=h.live_tau)
-
-
-def _requests_in_flight(scheduler) -> int:
-    if scheduler is None:
-        return 0
-    running = getattr(scheduler, "running_batch", None)
-    n = len(getattr(running, "reqs", []) or []) if running is not None else 0
-    return n + len(getattr(scheduler, "waiting_queue", []) or [])
-
+        self.metrics.trainer_status(up=self.trainer_alive(), steps=h.steps, loss=h.loss, tokens_per_s=h.tokens_per_s,
+                                    tokens=h.tokens, records=h.records, heldout_tau=h.live_tau)

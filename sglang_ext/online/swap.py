@@ -44,6 +44,14 @@ class Placement:
         return weight
 
 
+def draft_module(kind, worker) -> torch.nn.Module:
+    """SGLang's live draft module inside `worker` (the kind's `serving.draft_module` attribute path)."""
+    obj = worker
+    for attr in kind.serving.draft_module.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
 @torch.no_grad()
 def plan_placements(kind, draft_module: torch.nn.Module, layout) -> list[Placement] | None:
     """Where each slot weight lands in SGLang's draft, or None (with a warning) when some weight does not land

@@ -4,7 +4,7 @@ Every TP rank's scheduler process serves the same draft, each its own shard of i
 on TP rank 0: capture (the target's hidden states are whole on every rank after the all-reduce, so rank 0's
 rows are complete), replay buffer, shards, trainer process and metrics. The other ranks only follow the swaps:
 
-    TP rank 0 (TrainerSupervisor.tick)                TP rank r > 0 (SwapFollower.tick)
+    TP rank 0 (SwapApplier.tick)                      TP rank r > 0 (SwapFollower.tick)
       version = the published version, staged; or 0
       broadcast(version) over SGLang's TP CPU group --> version (0: nothing to do)
       copy it into its shard of the live draft          copy it, read from rank 0's weight slot, into its shard
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.swap import StagedSwap, plan_placements
+from sglang_ext.online.swap import StagedSwap, draft_module, plan_placements
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ class SwapFollower:
     POLL_S = 0.02
 
     def __init__(self, kind, worker, tp: TPGroup, handle: SlotHandle):
-        from sglang_ext.online.supervisor import draft_module
         self.kind, self.worker, self.tp = kind, worker, tp
         self.draft_model = draft_module(kind, worker)
         layout = [(name, tuple(shape)) for name, shape in handle.layout]

@@ -63,7 +63,7 @@ class SlotHeader(ctypes.Structure):
         ("pid", ctypes.c_int64),              # the trainer process
         ("inbox_bytes", ctypes.c_int64),      # records received but not yet in the pool (bytes)
         ("inbox_dropped", ctypes.c_int64),    # ... dropped past the inbox's byte bound (across restarts)
-        # rollback on served acceptance (supervisor.RollbackWatch; a slot created with keep=True)
+        # rollback on served acceptance (rollback.RollbackWatch; a slot created with keep=True)
         ("keep_version", ctypes.c_int64),     # scheduler: the version whose weights the keep buffer holds
         ("live_in_keep", ctypes.c_int64),     # scheduler: 1 while the live draft is the keep buffer's (rolled back)
         ("rollbacks", ctypes.c_int64),        # scheduler: rollbacks so far
@@ -205,7 +205,7 @@ class WeightSlot:
     @property
     def keep(self) -> dict[str, torch.Tensor]:
         """The keep buffer (views): the weights of version `header.keep_version`, which a rollback restores.
-        Written by the scheduler only (supervisor.TrainerSupervisor), read by the trainer when it resets."""
+        Written by the scheduler only (swap_applier.SwapApplier), read by the trainer when it resets."""
         if not self.has_keep:
             raise RuntimeError("weight slot: created without a keep buffer (rollback off)")
         return self._buffers[2]

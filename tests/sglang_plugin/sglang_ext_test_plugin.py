@@ -75,9 +75,10 @@ def dump_eagle3_draft_input(model, input_ids, positions, forward_batch, *args, *
     return None
 
 
-# sglang_ext.online.supervisor.TrainerSupervisor.trainer_command: start the fault-injecting trainer instead.
-def faulty_trainer_command(original, self, spec):
-    argv = original(self, spec)
+# sglang_ext.online.handoff.Handoff.trainer_command (the scheduler process tells the recorder process how to start
+# the trainer): start the fault-injecting trainer instead.
+def faulty_trainer_command(original, self):
+    argv = original(self)
     return [a if a != "sglang_ext.online.trainer_worker" else "sglang_ext_test_trainer" for a in argv]
 
 
@@ -96,5 +97,5 @@ def register() -> None:
         HookRegistry.register("sglang.srt.models.llama_eagle3.LlamaModel.forward", dump_eagle3_draft_input,
                               HookType.BEFORE)
     if os.environ.get(FAULTS_ENV):
-        HookRegistry.register("sglang_ext.online.supervisor.TrainerSupervisor.trainer_command",
-                              faulty_trainer_command, HookType.AROUND)
+        HookRegistry.register("sglang_ext.online.handoff.Handoff.trainer_command", faulty_trainer_command,
+                              HookType.AROUND)
