@@ -22,7 +22,9 @@ step the run reaches), so every config serves the same draft and the throughput 
 online path alone (capture, records, the trainer competing for the machine), not a draft that got better.
 
 The servers are started one after the other and then kept up together (about 1.5 GB of RAM each on CPU),
-each warmed up with one unmeasured round. A round sends N concurrent greedy /generate requests (default 8;
+each warmed up with one unmeasured round; on CPU with a trainer config (online, online25), whose trainer computes
+whether its server is measured or not, one server at a time instead (--sequential: start, warm up, measure,
+stop), so no round shares the machine with another server's trainer. A round sends N concurrent greedy /generate requests (default 8;
 a quarter of them with one synthetic image, the rest text) with ignore_eos and max_new_tokens M (default
 64), so every request generates exactly M tokens. Rounds go to the configs alternately, in an order that
 reverses every round (A B C, C B A, A B C, ...), so slow drift of the machine's other load hits every config
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                          "control of how much two identical servers differ)")
     ap.add_argument("--sequential", action="store_true",
                     help="one server at a time (all its rounds, then the next) instead of alternating rounds "
-                         "between servers kept up together; chosen automatically when RAM is short")
+                         "between servers kept up together; chosen automatically when RAM is short, and on CPU when a trainer "
+                         "config is measured")
     ap.add_argument("--gpu", action="store_true", help="serve on the default (CUDA) platform, not torch_cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS of every server (default 1 on CPU, unset with --gpu; 0: leave unset)")
@@ -437,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = out_dir / "logs"
 
     sequential = args.sequential
+    if not sequential and not args.gpu and any(c in DUTY_CYCLES for c in configs):
+        # A trainer computes all the time whether its server is measured or idle: kept up together, it would take
+        # a core from the other configs' rounds. One server at a time instead.
+        print("trainer configs on a shared CPU: running the configs one after the other (--sequential)")
+        sequential = True
     avail = mem_available_bytes()
     if not sequential and not args.gpu and avail is not None and avail < len(configs) * 3 * 2**30:
         print(f"only {avail / 2**30:.1f} GiB of RAM available: running the configs one after the other "
