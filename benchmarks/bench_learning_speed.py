@@ -97,7 +97,8 @@ def cpu_seconds(server) -> dict[str, float]:
     for p in server_processes(server):
         try:
             t = p.cpu_times()
-            out["trainer" if "trainer_worker" in " ".join(p.cmdline()) else "server"] += t.user + t.system
+            cmd = " ".join(p.cmdline())       # the trainer module of this checkout, or of an older one (--compare)
+            out["trainer" if "online.trainer.worker" in cmd or "trainer_worker" in cmd else "server"] += t.user + t.system
         except psutil.Error:                     # a process that ended meanwhile
             pass
     return out

@@ -24,7 +24,8 @@ online path alone (capture, records, the trainer competing for the machine), not
 The servers are started one after the other and then kept up together (about 1.5 GB of RAM each on CPU),
 each warmed up with one unmeasured round; on CPU with a trainer config (online, online25), whose trainer computes
 whether its server is measured or not, one server at a time instead (--sequential: start, warm up, measure,
-stop), so no round shares the machine with another server's trainer. A round sends N concurrent greedy /generate requests (default 8;
+stop), so no round shares the machine with another server's trainer. A round sends N concurrent greedy
+/generate requests (default 8;
 a quarter of them with one synthetic image, the rest text) with ignore_eos and max_new_tokens M (default
 64), so every request generates exactly M tokens. Rounds go to the configs alternately, in an order that
 reverses every round (A B C, C B A, A B C, ...), so slow drift of the machine's other load hits every config
@@ -102,7 +103,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from sglang_ext.demo.prompts import IMAGE_QUESTIONS, TEXT_PROMPTS, chat_prompt, make_image  # noqa: E402
 from sglang_ext.launcher import draft_args, launch_server, metric_value  # noqa: E402
-from sglang_ext.online.supervisor import mem_available_bytes  # noqa: E402
+from sglang_ext.online.scheduler.placement import mem_available_bytes  # noqa: E402
 
 CONFIGS = ("plain", "capture", "online", "online25")   # the default set
 EXTRA_CONFIGS = ("persist", "plain2")            # only when named in --configs
@@ -407,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                          "control of how much two identical servers differ)")
     ap.add_argument("--sequential", action="store_true",
                     help="one server at a time (all its rounds, then the next) instead of alternating rounds "
-                         "between servers kept up together; chosen automatically when RAM is short, and on CPU when a trainer "
-                         "config is measured")
+                         "between servers kept up together; chosen automatically when RAM is short, and on CPU "
+                         "when a trainer config is measured")
     ap.add_argument("--gpu", action="store_true", help="serve on the default (CUDA) platform, not torch_cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS of every server (default 1 on CPU, unset with --gpu; 0: leave unset)")

@@ -7,12 +7,12 @@ A stand-in for SGLang's draft module (plain torch, so it runs where SGLang is no
 Llama-style layers sized to `--params` with SGLang's fused parameters (qkv_proj, gate_up_proj) in the serving
 dtype on the serving device, and a `load_weights` that writes our per-projection names into them the way
 SGLang's loaders do (a block of rows each, cast to the parameter's dtype). The trainer side is the real shared
-slot (`sglang_ext.online.weight_slot.WeightSlot`, pageable shared memory) holding one published version.
+slot (`sglang_ext.online.swap.weight_slot.WeightSlot`, pageable shared memory) holding one published version.
 
     old     the first design: a float32 slot, and the swap point runs load_weights from it (fp32 -> serving
             dtype, host -> device) with a device-wide synchronize before and after (what
             TrainerSupervisor._swap still does when the weights cannot be staged)
-    staged  today: a slot in the serving dtype; sglang_ext.online.swap `stage` (supervisor thread, off the
+    staged  today: a slot in the serving dtype; sglang_ext.online.swap.staging `stage` (supervisor thread, off the
             critical path: slot -> pinned host -> device staging buffers on a side stream) then, at the swap
             point, `apply` (device-to-device copies fenced on the device, no host sync)
 
@@ -34,8 +34,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from sglang_ext.online import weight_slot as ws  # noqa: E402
-from sglang_ext.online.swap import StagedSwap, plan_placements  # noqa: E402
+from sglang_ext.online.swap import weight_slot as ws  # noqa: E402
+from sglang_ext.online.swap.staging import StagedSwap, plan_placements  # noqa: E402
 from trainer.draft_kind import get_kind  # noqa: E402
 
 

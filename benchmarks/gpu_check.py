@@ -50,7 +50,7 @@ c. Hot swap of a ~1 B-parameter draft (part b's draft shape, SGLang's fused qkv 
    WeightSlot (pageable shared memory) and a plain-torch stand-in for SGLang's draft module:
    old     the first design: an fp32 slot, and at the swap point torch.cuda.synchronize(), load_weights from
            it (host->device with the cast, into blocks of rows), torch.cuda.synchronize()
-   staged  today: a bf16 slot (the serving dtype) and `sglang_ext.online.swap.StagedSwap`: `stage` off the
+   staged  today: a bf16 slot (the serving dtype) and `sglang_ext.online.swap.staging.StagedSwap`: `stage` off the
            critical path (slot -> pinned host -> device staging buffers on a side stream, an event), then
            at the swap point `apply`: the copy
            stream waits on the event, device-to-device copies of the trained rows, no device-wide synchronize
@@ -58,7 +58,7 @@ c. Hot swap of a ~1 B-parameter draft (part b's draft shape, SGLang's fused qkv 
    work, and the stall until that work finished (the GPU otherwise idle); the staging time. Checks: the staged
    path leaves exactly the slot's weights (cast to bf16) in the same storage. Goal: staged stall <= 2 ms.
 
-d. The capture path: `sglang_ext.online.capture.Recorder.observe` for verify steps of 64 requests, with
+d. The capture path: `sglang_ext.online.scheduler.capture.Capture.observe` for verify steps of 64 requests, with
    device tensors: verify rows [64*4, 5*4096] bf16, starts / commit_lens int64 [64] (random commit lengths
    1..4), 200 steps, each ending with a synchronize (the scheduler reads every verify result).  Reported:
    host microseconds per verify step added by observe() (mean / p50 / p99; it includes the poll that keeps
@@ -101,7 +101,7 @@ PART_TITLES = {
     "a": "DFlash block attention (Triton) vs reference / flex / SDPA",
     "b": "DFlash draft training step (TrainStep), ours vs flex attention",
     "c": "hot swap of a 1B draft: today's path vs staged",
-    "d": "capture: Recorder.observe per verify step",
+    "d": "capture: Capture.observe per verify step",
 }
 FULL_BUDGET_S = {"a": 150, "b": 200, "c": 60, "d": 30}    # 7 min 20 s in all, + start-up
 TINY_BUDGET_S = {"a": 60, "b": 60, "c": 30, "d": 30}
@@ -628,7 +628,7 @@ def part_train_step(p: Part, shapes: Shapes, device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------------------------
 # c. hot swap: today's path vs staged (the production code: benchmarks/bench_swap.py drives
-#    sglang_ext.online.swap on an SGLang-shaped stand-in draft and the real WeightSlot)
+#    sglang_ext.online.swap.staging on an SGLang-shaped stand-in draft and the real WeightSlot)
 # ------------------------------------------------------------------------------------------------------------
 def part_hot_swap(p: Part, shapes: Shapes, device: torch.device) -> None:
     import bench_swap
@@ -656,7 +656,7 @@ def part_hot_swap(p: Part, shapes: Shapes, device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# d. capture: Recorder.observe per verify step
+# d. capture: Capture.observe per verify step
 # ------------------------------------------------------------------------------------------------------------
 class NoMetrics:
     """Stands in for OnlineMetrics: every method accepts anything and does nothing."""
@@ -700,7 +700,7 @@ def _pinned_allocs(cuda: bool) -> float:
 
 
 def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
-    from sglang_ext.online.capture import Recorder
+    from sglang_ext.online.scheduler.capture import Capture
     from sglang_ext.online.config import OnlineTrainConfig
 
     cuda = device.type == "cuda"
@@ -715,7 +715,7 @@ def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
     def new_recorder():
         sink: list = []
         reqs = [FakeReq(f"req-{i}", prompt_len) for i in range(n_req)]
-        return Recorder(cfg, sink.append, NoMetrics()), reqs, sink
+        return Capture(cfg, sink.append, NoMetrics()), reqs, sink
 
     def advance(reqs, commit_row):
         for req, c in zip(reqs, commit_row):       # the scheduler appends the committed tokens

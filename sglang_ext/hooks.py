@@ -97,7 +97,8 @@ def draft_marker(server_args) -> tuple[str | None, str]:
 
 def online_train_on(argv) -> bool:
     """--online-train on the launch command line (or in SGLang's --config file)."""
-    from sglang_ext.online.config import OnlineTrainConfigError, argv_with_sglang_config, parse_argv
+    from sglang_ext.online.config import OnlineTrainConfigError
+    from sglang_ext.online.flags import argv_with_sglang_config, parse_argv
     try:
         return parse_argv(argv_with_sglang_config(list(argv))) is not None
     except OnlineTrainConfigError:              # the --online-train hook reports it (it ran before this one)

@@ -19,7 +19,7 @@ def register() -> None:
     register_general_hooks()
     from sglang_ext.video_hooks import register_video_hooks
     register_video_hooks()          # always on: video decoding without CUDA pins nothing
-    from sglang_ext.online.hooks import register_online_hooks
+    from sglang_ext.online.scheduler.hooks import register_online_hooks
     register_online_hooks()
     if is_selected():
         from sglang_ext.cpu.hooks import register_cpu_hooks

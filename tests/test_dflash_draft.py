@@ -251,10 +251,10 @@ def test_tiny_finetune_decreases_loss_exports_and_reloads(sgl, tmp_path):
 
 
 def test_staged_swap_equals_load_weights(sgl, tmp_path):
-    """--online-train's staged swap (sglang_ext/online/swap.py) into SGLang's DFlashDraftModel: every trained
+    """--online-train's staged swap (sglang_ext/online/swap/staging.py) into SGLang's DFlashDraftModel: every trained
     weight is placed (a block of rows of one SGLang parameter, q/k/v and gate/up stacked), and a new version
     copied through the staging buffers equals the same version loaded by SGLang's load_weights, in place."""
-    from sglang_ext.online.weight_slot import draft_layout
+    from sglang_ext.online.swap.weight_slot import draft_layout
     from support.swap import assert_staged_swap_equals_load_weights
     from trainer.draft_kind import get_kind
 

@@ -152,8 +152,8 @@ def test_export_loads_into_sglang(sgl, tmp_path):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.items())
     # What --online-train hot-swaps: every weight but the draft vocabulary, each onto a parameter of SGLang's
     # draft module under the name the kind maps it to (SGLang's load_weights skips unknown names silently).
-    from sglang_ext.online.swap_applier import check_draft_names
-    from sglang_ext.online.weight_slot import draft_layout
+    from sglang_ext.online.scheduler.swap_applier import check_draft_names
+    from sglang_ext.online.swap.weight_slot import draft_layout
     layout = draft_layout(out, exclude=KIND.serving.fixed_weights)
     assert {n for n, _ in layout} == names - {"d2t", "t2d"}
     check_draft_names(KIND, model, layout)
@@ -162,12 +162,12 @@ def test_export_loads_into_sglang(sgl, tmp_path):
 
 
 def test_staged_swap_equals_load_weights(sgl, tmp_path):
-    """--online-train's staged swap (sglang_ext/online/swap.py) into SGLang's EAGLE3 draft: every trained weight
+    """--online-train's staged swap (sglang_ext/online/swap/staging.py) into SGLang's EAGLE3 draft: every trained weight
     (all but d2t/t2d) lands as a block of rows of one SGLang parameter, and a new version copied through the
     staging buffers equals the same version loaded by SGLang's load_weights, in place."""
     from types import MethodType
 
-    from sglang_ext.online.weight_slot import draft_layout
+    from sglang_ext.online.swap.weight_slot import draft_layout
     from support.swap import assert_staged_swap_equals_load_weights
 
     out = randomized(make_cfg()).export(tmp_path / "e3", dtype=torch.float32)

@@ -105,6 +105,46 @@ def test_no_import_cycle_in_the_online_path():
     assert not bad, bad
 
 
+# Which sub-package of sglang_ext.online may import which: each is the code of one process (scheduler, recorder,
+# trainer) or what two of them share (swap); the modules at the top level are read by every process.
+ONLINE = "sglang_ext.online"
+MAY_IMPORT = {"scheduler": {"scheduler", "swap", ""}, "recorder": {"recorder", "swap", ""},
+              "trainer": {"trainer", "swap", ""}, "swap": {"swap", ""}, "": {""}}
+
+
+def online_part(module: str) -> str | None:
+    """"scheduler" / "recorder" / "trainer" / "swap" for a module of that sub-package, "" for a top-level module
+    of sglang_ext.online, None outside it."""
+    if module != ONLINE and not module.startswith(ONLINE + "."):
+        return None
+    rest = module[len(ONLINE) + 1:].split(".")
+    return rest[0] if len(rest) > 1 or rest[0] in MAY_IMPORT else ""
+
+
+def test_online_imports_follow_the_process_boundaries():
+    """A reader knows from the folder which process runs a module: the recorder and the trainer never import the
+    scheduler's code (nor each other's), the shared parts import no process's code."""
+    graph = import_graph()
+    bad = []
+    for module, edges in graph.items():
+        part = online_part(module)
+        if part is None or module == ONLINE:
+            continue
+        for dep in edges:
+            dep_part = online_part(dep)
+            if dep_part is not None and dep != ONLINE and dep_part not in MAY_IMPORT[part]:
+                bad.append(f"{module} -> {dep}")
+    assert not bad, bad
+    assert {online_part(m) for m in graph} >= {"scheduler", "recorder", "trainer", "swap", ""}
+
+
+def test_online_files_stay_readable():
+    """No file of sglang_ext/online/ over about 400 lines (450 at most)."""
+    long = {str(p.relative_to(REPO)): n for p in (REPO / "sglang_ext" / "online").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
+
+
 def test_pipeline_names_no_draft_kind():
     """finetune, the evaluator and the online path go through trainer.draft_kind, never DFlash by name."""
     files = [REPO / "trainer" / "finetune.py", REPO / "trainer" / "evaluate.py",
@@ -115,15 +155,19 @@ def test_pipeline_names_no_draft_kind():
 
 
 BLOCK_SGLANG = r"""
-import importlib.abc, sys
+import importlib, importlib.abc, sys
 class NoSGLang(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "sglang" or name.startswith("sglang."):
             raise ImportError(f"blocked for this test: {name}")
 sys.meta_path.insert(0, NoSGLang())
-import sglang_ext.online.weight_slot, sglang_ext.online.protocol, sglang_ext.online.trainer_worker
-import sglang_ext.online.recorder, sglang_ext.online.supervisor, sglang_ext.online.buffer, sglang_ext.online.ring
-import sglang_ext.online.handoff
+import pkgutil, sglang_ext.online
+for part in ("recorder", "trainer", "swap"):
+    package = importlib.import_module(f"sglang_ext.online.{part}")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"sglang_ext.online.{part}.{info.name}")
+import sglang_ext.online.protocol, sglang_ext.online.finished, sglang_ext.online.ring, sglang_ext.online.config
+import sglang_ext.online.scheduler.handoff, sglang_ext.online.scheduler.capture, sglang_ext.online.scheduler.placement
 import trainer.finetune, trainer.train_step
 assert not any(m == "sglang" or m.startswith("sglang.") for m in sys.modules), sorted(sys.modules)
 print("OK")

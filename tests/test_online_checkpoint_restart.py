@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sglang_ext.launcher import draft_args, launch_server
-from sglang_ext.online.trainer_worker import PARTIAL_EXPORT, VERSION_DIR
+from sglang_ext.online.trainer.checkpoints import PARTIAL_EXPORT, VERSION_DIR
 from support.checkpoints import assert_private_run, in_partial_export, mode
 
 pytestmark = pytest.mark.server

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from sglang_ext.online.config import (ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, argv_with_sglang_config,
-                                      check_device_indexes, parse_argv)
-from sglang_ext.online.hooks import prepare_server_args_with_online_train
+from sglang_ext.online.config import ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, check_device_indexes
+from sglang_ext.online.flags import argv_with_sglang_config, parse_argv
+from sglang_ext.online.scheduler.hooks import prepare_server_args_with_online_train
 
 
 def _parse_file(tmp_path, settings: dict | str):

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_ext.online.config import (ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, check_server_args,
-                                      parse_argv, parse_size)
+from sglang_ext.online.config import ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, check_server_args, parse_size
+from sglang_ext.online.flags import parse_argv
 
 
 def test_absent_flag_means_disabled():

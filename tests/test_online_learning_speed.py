@@ -1,6 +1,6 @@
 """How much the online trainer learns per step (issue 25), counted in steps, never timed.
 
-The production trainer (`sglang_ext.online.trainer_worker.OnlineTrainer`, every setting at its default, a fixed
+The production trainer (`sglang_ext.online.trainer.worker.OnlineTrainer`, every setting at its default, a fixed
 seed, one CPU thread as the trainer process runs) gets live-like traffic: the records --online-train would make of
 a learnable target's greedy continuations of six prompts, the prompts cycled (every 5th record goes to the guard's
 held-out slice, as in the live trainer). It trains a random DFlash draft for a fixed number of steps, and the
@@ -21,10 +21,10 @@ import torch
 
 from sglang_ext.demo.prompts import TEXT_PROMPTS
 from sglang_ext.demo.traffic import make_random_draft
-from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.swap import weight_slot as ws
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.protocol import TrainerSpec
-from sglang_ext.online.trainer_worker import OnlineTrainer
+from sglang_ext.online.trainer.worker import OnlineTrainer
 from trainer.capture import CaptureOptions, capture_example
 from trainer.draft_kind import get_kind
 from trainer.hf_target import HFTarget, load_chat_jsonl

@@ -1,4 +1,5 @@
-"""sglang_ext.online.memory: the replay buffer's thread hands freed heap pages back to the OS (glibc malloc_trim).
+"""sglang_ext.online.recorder.memory: the replay buffer's thread hands freed heap pages back to the OS
+(glibc malloc_trim).
 
 The soak (benchmarks/soak_online_train.py) found the scheduler's RSS creeping in steps in a malloc thread arena:
 records of varying sizes, freed oldest first from the buffer's thread, leave free pages resident inside it.
@@ -11,9 +12,9 @@ import time
 
 import torch
 
-from sglang_ext.online.buffer import ReplayBuffer
+from sglang_ext.online.recorder.buffer import ReplayBuffer
 from sglang_ext.online.config import OnlineTrainConfig
-from sglang_ext.online.memory import Trimmer, rss_bytes
+from sglang_ext.online.recorder.memory import Trimmer, rss_bytes
 from trainer.replay import ReplayRecord, ReplaySpec
 from trainer.target import TargetIdentity
 

@@ -16,11 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-import sglang_ext.online.capture as capture
-from sglang_ext.online.buffer import ReplayBuffer
+import sglang_ext.online.scheduler.capture as capture
+from sglang_ext.online.recorder.buffer import ReplayBuffer
 from sglang_ext.online.config import OnlineTrainConfig
 from trainer.replay import ReplayReader, ReplayRecord, ReplaySpec
 from trainer.target import TargetIdentity
@@ -143,7 +142,7 @@ def test_thread_under_traffic_writes_few_shards_and_the_rest_at_stop(tmp_path, m
 
 
 def test_failed_writes_are_retried_then_counted_as_lost_and_the_thread_survives(tmp_path, monkeypatch):
-    import sglang_ext.online.buffer as buffer_mod
+    import sglang_ext.online.recorder.buffer as buffer_mod
     buf, metrics = make_buffer(tmp_path, replay_budget_bytes=4 * 30 * WIDTH * 2)   # 4 records of 30 tokens wait
     real_flush, fails = buf.writer.flush, {"left": 2}
 
@@ -266,7 +265,7 @@ def test_retention_holds_the_whole_directory_under_the_limit_over_many_shards(tm
 
 def test_shards_are_capped_in_bytes_by_the_budget_a_fixed_cap_and_the_retention_limit(tmp_path):
     """What a shard write holds in memory at once is bounded, and a retention limit keeps several shards."""
-    from sglang_ext.online.buffer import SHARD_MAX_FEATURE_BYTES
+    from sglang_ext.online.recorder.buffer import SHARD_MAX_FEATURE_BYTES
     mib = 1 << 20
     cases = [(dict(replay_budget_bytes=64 * mib), 32 * mib, 8 << 20),
              (dict(replay_budget_bytes=2048 * mib), SHARD_MAX_FEATURE_BYTES, 8 << 20),

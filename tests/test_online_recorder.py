@@ -22,7 +22,7 @@ from trainer.replay import ReplayReader
 pytestmark = pytest.mark.server
 N_REQUESTS = 12
 MAX_NEW = 16
-RECORDER = "sglang_ext.online.recorder"
+RECORDER = "sglang_ext.online.recorder.process"
 STOPS = ("sigterm_group", "sigterm_launcher", "ctrl_c")
 
 

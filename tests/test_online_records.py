@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_ext.online.buffer import ReplayBuffer
-from sglang_ext.online.capture import Recorder, assemble_record
+from sglang_ext.online.recorder.buffer import ReplayBuffer
+from sglang_ext.online.recorder.records import assemble_record
+from sglang_ext.online.scheduler.capture import Capture
 from sglang_ext.online.config import OnlineTrainConfig, OnlineTrainConfigError
 
 F = 6   # feature width (K*H) in these tests
@@ -44,7 +45,7 @@ def verify(starts, commits, stride=4):
 
 def make_recorder(**cfg):
     sink = []
-    return Recorder(OnlineTrainConfig(enabled=True, **cfg), sink.append, FakeMetrics()), sink
+    return Capture(OnlineTrainConfig(enabled=True, **cfg), sink.append, FakeMetrics()), sink
 
 
 def test_prefill_chunks_and_verify_rows_assemble_in_order():
@@ -85,7 +86,7 @@ def test_prefix_store_fills_radix_hits_with_the_rows_first_recorded():
     """Turn 1 is recorded in full; turn 2 (turn 1's conversation + a new message) is served with a radix hit on
     turn 1's tokens: its gap is filled with turn 1's rows, exactly; past the last recorded row nothing is
     invented (it stays a gap), and the filled rows stay out of the loss (prompt)."""
-    from sglang_ext.online.prefix_store import PrefixFeatureStore
+    from sglang_ext.online.recorder.prefix_store import PrefixFeatureStore
 
     store = PrefixFeatureStore(budget_bytes=10**6, page=8)
     rec, sink = make_recorder()
@@ -120,7 +121,7 @@ def test_prefix_store_fills_radix_hits_with_the_rows_first_recorded():
 def test_prefix_store_keys_and_budget():
     """Image tokens carry SGLang's per-image pad value, so another image never matches; the store keeps to
     its byte budget, least recently used pages first."""
-    from sglang_ext.online.prefix_store import PrefixFeatureStore
+    from sglang_ext.online.recorder.prefix_store import PrefixFeatureStore
 
     store = PrefixFeatureStore(budget_bytes=3 * 8 * F * 4, page=8)        # three pages of 8 fp32 rows
     feats = torch.randn(24, F)
@@ -282,7 +283,7 @@ def test_replay_buffer_budget_and_persistence(tmp_path):
                             shard_seconds=0.05)
     metrics = FakeMetrics()
     buf = ReplayBuffer(cfg, spec, metrics, flush_interval_s=0.05)
-    rec = Recorder(cfg, buf.submit, metrics)
+    rec = Capture(cfg, buf.submit, metrics)
     for i in range(5):
         req = fake_req(f"r{i}", list(range(6)), [1, 2, 3, 4])
         rec.observe(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[10]), rows(0, 10))

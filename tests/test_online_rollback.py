@@ -1,4 +1,4 @@
-"""Rollback on served acceptance (issue 14, item 6; sglang_ext/online/rollback.py) and per-version acceptance on
+"""Rollback on served acceptance (issue 14, item 6; sglang_ext/online/swap/rollback.py) and per-version acceptance on
 /metrics (item 7): the watch's decisions, the weight slot's keep buffer, the trainer's reset to the restored
 weights, the role-labelled per-version series; and against real SGLang on the CPU platform (float32, DFLASH,
 block size 4): a version that passes the held-out guard but serves worse (test-only fault: the trainer publishes
@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.rollback import RollbackWatch, load_draft_weights
+from sglang_ext.online.swap import weight_slot as ws
+from sglang_ext.online.swap.rollback import RollbackWatch, load_draft_weights
 
 # -- the watch ------------------------------------------------------------------------------------------------
 

@@ -30,10 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.swap import weight_slot as ws
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.protocol import TrainerSpec, decode_record, encode_record
-from sglang_ext.online.trainer_worker import RUN_LOCK, OnlineTrainer, main, sweep_partial_exports
+from sglang_ext.online.trainer.checkpoints import RUN_LOCK, sweep_partial_exports
+from sglang_ext.online.trainer.worker import OnlineTrainer, main
 from trainer.replay import ReplayRecord
 
 LOG_ENV = "SGLANG_EXT_TEST_POISON_LOG"
@@ -139,7 +140,7 @@ def mode(path: Path) -> int:
 def test_checkpoints_per_run_pruned_within_the_run_and_private(tiny, draft_dir, tmp_path):
     """Two server runs share a checkpoint directory: the second keeps at most keep_checkpoints of its own
     versions and deletes nothing of the first run's (nor a pre-run-directory export at the top level)."""
-    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+    from sglang_ext.online.recorder.supervisor import TrainerGroupSupervisor
 
     root = tmp_path / "ckpt"                             # created by the trainer: 0700
     legacy = root / "version-000001"                     # an export of the layout before run directories
@@ -159,7 +160,7 @@ def test_checkpoints_per_run_pruned_within_the_run_and_private(tiny, draft_dir, 
             trainer = OnlineTrainer(spec)
             assert trainer.run_id == run_id
             for version in (1, 2, 3):                    # versions restart at 1 in every server run
-                trainer.checkpoint(version)
+                trainer.checkpoints.write(trainer.live, version)
             if server_run == 0:
                 legacy.mkdir()
                 (legacy / "config.json").write_text("{}")
@@ -246,7 +247,7 @@ def test_outbox_holds_the_buffers_own_records_not_copies(tiny, draft_dir):
     """Records offered to the trainer (and a restart's backlog) wait as references to the records the replay
     buffer holds, encoded one at a time as they are sent: no copy of the buffer, no burst of encoding (a soak
     showed the scheduler's RSS step up by the replay budget at trainer restarts)."""
-    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+    from sglang_ext.online.recorder.supervisor import TrainerGroupSupervisor
 
     records = make_records(draft_dir, 5)
     size = records[0].features.numel() * records[0].features.element_size()
@@ -267,7 +268,7 @@ def test_poison_record_is_dropped_counted_and_never_resent(tiny, draft_dir, tmp_
     missed it: the trainer checks again) and one whose step raises. Both are dropped and counted, the trainer
     process keeps stepping; after it is killed, the restarted one is sent the backlog without them and runs
     without another poison report or restart."""
-    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+    from sglang_ext.online.recorder.supervisor import TrainerGroupSupervisor
 
     log = tmp_path / "trainer.jsonl"
     monkeypatch.setenv(LOG_ENV, str(log))
@@ -330,7 +331,7 @@ def test_record_that_kills_the_trainer_outright_is_dropped_after_two_deaths(tiny
     """A record whose step kills the trainer process (SIGKILL: nothing to catch) is in the step of two trainer
     deaths in a row: the supervisor drops it ("crashed", with any record that was in both steps), and the
     third trainer is not sent it and keeps running: no restart loop."""
-    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+    from sglang_ext.online.recorder.supervisor import TrainerGroupSupervisor
 
     log = tmp_path / "trainer.jsonl"
     monkeypatch.setenv(LOG_ENV, str(log))

@@ -25,7 +25,7 @@ from sglang_ext.demo.traffic import (make_random_draft, online_metrics, send_tra
                                        swaps_from_log, trainer_pids)
 from sglang_ext.demo.workload import record_prompt
 from sglang_ext.launcher import draft_args, launch_server, metric_value
-from sglang_ext.online.trainer_worker import VERSION_DIR
+from sglang_ext.online.trainer.checkpoints import VERSION_DIR
 from support.checkpoints import assert_private_run
 from support.plugin import plugin_env
 

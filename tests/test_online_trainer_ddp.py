@@ -30,10 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.config import OnlineTrainConfig, OnlineTrainConfigError, parse_argv
+from sglang_ext.online.swap import weight_slot as ws
+from sglang_ext.online.config import OnlineTrainConfig, OnlineTrainConfigError
+from sglang_ext.online.flags import parse_argv
 from sglang_ext.online.protocol import TrainerSpec, decode_record, encode_record
-from sglang_ext.online.trainer_worker import OnlineTrainer, main
+from sglang_ext.online.trainer.worker import OnlineTrainer, main
 from trainer.replay import ReplayRecord
 
 RTOL = 1e-5
@@ -146,7 +147,7 @@ def draft_dir(tiny, tmp_path_factory):
 def group_run(tiny, draft_dir, tmp_path_factory):
     """A 2-rank cpu,cpu trainer group started by the supervisor and fed the records over its socket; yields once
     it took STEPS steps and published version 1."""
-    from sglang_ext.online.supervisor import TrainerGroupSupervisor
+    from sglang_ext.online.recorder.supervisor import TrainerGroupSupervisor
 
     log = tmp_path_factory.mktemp("ddp") / "steps.jsonl"
     saved = {k: os.environ.get(k) for k in (LOG_ENV, "OMP_NUM_THREADS")}
@@ -262,8 +263,8 @@ def test_device_lists_are_validated_naming_the_flag(device, message):
 
 
 def test_device_list_parsing_startup_checks_and_spec():
-    from sglang_ext.online.supervisor import check_group_memory, resolve_trainer_devices
-    from sglang_ext.online.trainer_worker import MemoryNeed
+    from sglang_ext.online.scheduler.placement import check_group_memory, resolve_trainer_devices
+    from sglang_ext.online.scheduler.placement import MemoryNeed
 
     cfg = parse_argv(["--online-train", "--online-train-device", " cuda:1, cuda:2"])
     assert cfg.trainer_device == "cuda:1,cuda:2" and cfg.trainer_devices == ["cuda:1", "cuda:2"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sglang_ext.demo.traffic import make_random_draft
-from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.swap import weight_slot as ws
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.protocol import TrainerSpec, decode_record, encode_record
 from support.plugin import PLUGIN_DIR
@@ -75,7 +75,7 @@ def test_slot_handshake(draft_dir):
 
 
 def test_names_check_against_sglang_draft(draft_dir):
-    from sglang_ext.online.swap_applier import check_draft_names
+    from sglang_ext.online.scheduler.swap_applier import check_draft_names
     kind = get_kind("dflash")
 
     class FakeSGLangDraft(torch.nn.Module):        # the parameter names SGLang's DFlashDraftModel has
@@ -305,8 +305,8 @@ def test_slot_in_the_serving_dtype(tiny, draft_dir):
 def test_trainer_memory_is_checked_at_startup(tiny, draft_dir):
     """The trainer's need comes from the checkpoints' shapes; a budget under it, or a budget (or need) over what
     is free on the device, fails the server at startup with the flags to change."""
-    from sglang_ext.online.supervisor import check_trainer_memory, device_free_bytes
-    from sglang_ext.online.trainer_worker import trainer_memory_need
+    from sglang_ext.online.scheduler.placement import check_trainer_memory, device_free_bytes
+    from sglang_ext.online.scheduler.placement import trainer_memory_need
     from trainer.target import target_info
 
     need = trainer_memory_need("dflash", str(draft_dir), str(tiny.dense_random), "cpu")
@@ -342,7 +342,7 @@ def test_trainer_killed_mid_publish_resumes_from_the_applied_version(tiny, draft
         writing = tmp_path / "writing"
         child = f"""
 import json, time, torch
-from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.swap import weight_slot as ws
 layout = [(n, tuple(s)) for n, s in json.loads({json.dumps(json.dumps(layout))})]
 slot = ws.WeightSlot.attach({owner.fd}, layout)
 class Stalls:                                            # the last weight never arrives: killed while writing
@@ -380,7 +380,7 @@ def test_recency_replay_policy():
     import collections
     import random
 
-    from sglang_ext.online.trainer_worker import sample_by_recency
+    from sglang_ext.online.trainer.worker import sample_by_recency
 
     rng = random.Random(0)
     counts = collections.Counter()

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import trainer.finetune as finetune
-from sglang_ext.online import weight_slot as ws
+from sglang_ext.online.swap import weight_slot as ws
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.protocol import TrainerSpec
-from sglang_ext.online.trainer_worker import OnlineTrainer
+from sglang_ext.online.trainer.worker import OnlineTrainer
 from support.synthetic import synthetic_records, tiny_draft_config, write_tiny_target
 from trainer.draft_kind import get_kind
 from trainer.replay import ReplaySpec, write_replay

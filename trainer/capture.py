@@ -52,11 +52,10 @@ import torch
 from trainer.dflash_draft import default_target_layer_ids
 from trainer.draft_kind import kind_for_draft
 from trainer.hf_target import ChatDataError, ChatExample, EncodedPrompt, HFTarget, load_chat_jsonl, load_media
-from trainer.replay import ReplayRecord, ReplaySpec, ShardWriter
+from trainer.replay import STORAGE, ReplayRecord, ReplaySpec, ShardWriter
 from trainer.target import target_identity, target_info
 
 log = logging.getLogger("trainer.capture")
-STORAGE = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_NUM_FEATURES = 5      # published DFlash drafts read 5 target layers (one per draft layer)
 

@@ -103,7 +103,7 @@ class ServingFacts:
     worker_class: str                               # dotted path of SGLang's speculative worker (the scheduler
                                                     # starts it; the online pipeline is built in its __init__)
     capture: tuple[str, ...]                        # dotted paths of the methods through which target features
-                                                    # enter the live draft (sglang_ext/online/hooks.py has a
+                                                    # enter the live draft (sglang_ext/online/scheduler/hooks.py has a
                                                     # capture hook per method name); (): --online-train cannot
                                                     # capture this kind
     stacked_params: tuple[tuple[str, str], ...]     # (our weight name part, SGLang's fused parameter part)

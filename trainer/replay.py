@@ -101,6 +101,7 @@ LOCK = "manifest.lock"
 JOURNAL_PREFIX, JOURNAL_SUFFIX = "journal-", ".jsonl"
 RETENTION_JOURNAL = "journal-retention.jsonl"
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
+STORAGE = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}   # flag values (--dtype, --online-train-storage-dtype)
 FP8_MAX = 448.0
 MAX_HEADER_BYTES = 100_000_000         # safetensors' own limit
 # safetensors header dtype strings

@@ -19,7 +19,7 @@ from sglang_ext.demo.tiny_models import tiny_draft_config
 from sglang_ext.launcher import metric_value
 from sglang_ext.online.config import OPT_OUT_KEY
 
-TRAINER_MODULE = "sglang_ext.online.trainer_worker"
+TRAINER_MODULE = "sglang_ext.online.trainer.worker"
 
 
 def make_random_draft(target_dir: Path, out: Path, *, block_size: int = 4, num_layers: int = 1,
@@ -60,7 +60,7 @@ def online_metrics(server) -> dict:
 def server_processes(server) -> list:
     """Every process of the server: its process group (launch_server starts each server in a session of its own,
     so the group id is the launcher's pid). The recorder and the trainer are in it, though not descendants of the
-    launcher (the recorder is started detached, sglang_ext/online/handoff.py)."""
+    launcher (the recorder is started detached, sglang_ext/online/scheduler/handoff.py)."""
     import psutil
     out = []
     for p in psutil.process_iter():

@@ -1,19 +1,19 @@
-"""`--online-train`: a running SGLang server teaches its own speculative draft. Read in data-flow order:
+"""`--online-train`: a running SGLang server teaches its own speculative draft.
 
-    config.py          the flags / JSON settings (OnlineTrainConfig), parsed and checked at startup
-    hooks.py           every SGLang hook of the online path, registered in one place       (scheduler)
-    pipeline.py        the scheduler process's objects, wired                              (scheduler)
-    capture.py         feature rows of running requests -> CapturedRequest                 (scheduler)
-    handoff.py         finished requests -> the ring; starts and watches the recorder      (scheduler)
-    ring.py            the shared-memory ring between the two                               (both)
-    recorder.py        the recorder process: ring -> records -> buffer, trainer supervisor  (recorder)
-    buffer.py          records in memory under a byte budget, and as replay shards on disk (recorder)
-    supervisor.py      starts / restarts the trainer process, sends it records             (recorder)
-    swap_applier.py    owns the weight slot; stages and hot-swaps published versions       (scheduler)
-    protocol.py        what crosses the process boundary (TrainerSpec, record messages)
-    weight_slot.py     the shared memory the trainer publishes versions and status through
-    trainer_worker.py  the trainer process (trainer.train_step, the draft kind's objective, the swap guard)
-    metrics.py         sglang:online_train_* on SGLang's /metrics                           (both)
+Each sub-package is the code of one process (docs/architecture.md has the table: file -> process -> what it owns):
 
-Importing this package imports nothing; weight_slot, protocol and trainer_worker import without SGLang.
+    scheduler/   SGLang's scheduler process (every TP rank; capture and the hand-off on rank 0): the hooks, capture,
+                 the hand-off into the ring, the swap of published versions, the TP followers, the trainer's
+                 placement and memory check at startup
+    recorder/    the recorder process: finished requests -> records -> the replay buffer, shards and retention; the
+                 trainer's supervisor
+    trainer/     the trainer process (or group): the step loop, the guard, checkpoints, the multi-device group
+    swap/        shared by the scheduler and the trainer: the weight slot, staged copies, rollback verdicts
+
+What every process reads sits at this level: config.py (OnlineTrainConfig, from $SGLANG_EXT_ONLINE_TRAIN),
+flags.py (the --online-train* flags, parsed at launch), protocol.py and finished.py (what crosses a process
+boundary), ring.py, queues.py, metrics.py (sglang:online_train_* on SGLang's /metrics), hub.py (hub ids).
+
+Importing this package imports nothing. Only scheduler/ imports SGLang (hooks.py, at registration); recorder/,
+trainer/ and swap/ import without it.
 """

@@ -2,7 +2,7 @@
 
 SGLang runs prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR is set by the launcher before
 children spawn); prometheus_client picks its value class at import time, so it is imported here lazily,
-inside the scheduler process and the recorder process (its child, sglang_ext/online/recorder.py), which both
+inside the scheduler process and the recorder process (its child, sglang_ext/online/recorder/process.py), which both
 write series of these families (`OnlineMetrics(owner=...)`). --online-train turns on --enable-metrics.
 
     sglang:online_train_accepted_tokens_total{position}   accepted draft tokens, by draft position (1..B-1)
@@ -41,7 +41,7 @@ write series of these families (`OnlineMetrics(owner=...)`). --online-train turn
     sglang:online_train_seconds_since_last_swap            -1 before the first swap
     sglang:online_train_scheduler_seconds_total            seconds the online path spent on the scheduler thread
                                                            (its part of SGLang's hooks: capture, release, swap
-                                                           point; sglang_ext.online.hooks.SchedulerClock)
+                                                           point; sglang_ext.online.scheduler.hooks.SchedulerClock)
     sglang:online_train_scheduler_iterations_total         scheduler iterations (per-iteration cost: divide)
   persistence and poison records (issue 14):
     sglang:online_train_persisted_shards_total             replay shards written to the persist directory
@@ -79,7 +79,6 @@ write series of these families (`OnlineMetrics(owner=...)`). --online-train turn
 from __future__ import annotations
 
 import bisect
-
 
 # in data-flow order: the shared-memory ring (sglang_ext/online/ring.py), then sglang_ext/online/queues.py queues
 QUEUES = ("ring", "replay_inbox", "supervisor", "trainer_inbox")
@@ -275,7 +274,7 @@ class OnlineMetrics:
                                extra=("reason",))
         self._trims = counter("malloc_trims", "Times the replay buffer's thread handed freed heap pages back to "
                               "the OS (glibc malloc_trim, every --online-train-malloc-trim-seconds; "
-                              "sglang_ext.online.memory)")
+                              "sglang_ext.online.recorder.memory)")
         self._trim_seconds = counter("malloc_trim_seconds", "Seconds spent in malloc_trim (it holds each malloc "
                                      "arena's lock while it walks it)")
         self._trim_released = counter("malloc_trim_released_bytes", "Scheduler RSS given back by malloc_trim")

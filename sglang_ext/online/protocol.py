@@ -1,10 +1,14 @@
-"""What crosses the process boundary between the scheduler and the trainer process (no SGLang here):
+"""What crosses the process boundaries between the scheduler, the recorder and the trainer (no SGLang here):
 
-    TrainerSpec     argv[1] of `python -m sglang_ext.online.trainer_worker`: the trainer's settings, the target
+    RecorderSpec    argv[1] of `python -m sglang_ext.online.recorder.process`: the ring and pipes it inherits, the
+                    replay's target identity, and how to start the trainer (JSON)
+    finished requests   scheduler -> recorder through the ring (sglang_ext/online/finished.py)
+    TrainerSpec     argv[1] of `python -m sglang_ext.online.trainer.worker`: the trainer's settings, the target
                     and draft, the device (of this rank) and the inherited file descriptors (JSON, type-checked
                     both ways); a multi-device trainer is world_size such processes, $RANK / $MASTER_PORT apart
-    records         one `ReplayRecord` per message on the socket (`encode_record` / `decode_record`)
-    weights+status  the shared `WeightSlot` (sglang_ext/online/weight_slot.py)
+    records         recorder -> trainer: one `ReplayRecord` per message on the socket (`encode_record` /
+                    `decode_record`); reports (poison, the step's records) come back on it
+    weights+status  the shared `WeightSlot` (sglang_ext/online/swap/weight_slot.py)
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from trainer.replay import ReplayRecord
+
+TRAINER_MODULE = "sglang_ext.online.trainer.worker"   # python -m TRAINER_MODULE '<TrainerSpec JSON>'
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,34 @@ class TrainerSpec:
         except json.JSONDecodeError as e:
             raise ValueError(f"trainer spec: invalid JSON ({e})") from None
         return _from_dict(cls, data, "trainer spec")
+
+
+@dataclass(frozen=True)
+class RecorderSpec:
+    """argv[1] of `python -m sglang_ext.online.recorder.process` (JSON). The online-train settings come in the
+    environment ($SGLANG_EXT_ONLINE_TRAIN), as in every process of the server."""
+    ring_fd: int                    # the ring (ring.Ring), inherited
+    wake_fd: int                    # read end of the wake pipe: a byte per entry; EOF when the scheduler is gone
+    target: dict                    # the replay's target identity (trainer.target.TargetIdentity as a dict) ...
+    layer_ids: list                 # ... its feature layers, in column order
+    hidden_size: int
+    storage_dtype: str
+    vocab_size: int                 # token ids of records must index the target's embedding
+    labels: dict                    # the metrics' labels (model_name)
+    trainer_spec: str = ""          # TrainerSpec JSON of rank 0 ("": capture only)
+    trainer_devices: list | None = None
+    trainer_command: list | None = None   # argv before the spec: [python, -m, <trainer module>]
+    slot_layout: list | None = None       # the weight slot (its descriptor is the trainer spec's slot_fd)
+    slot_dtype: str = "float32"
+    ready_fd: int = -1                    # write end of a pipe: "ok <pid>" once up, or why it could not start
+    alive_fd: int = -1                    # write end of its life pipe, held open until it exits (never written)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RecorderSpec":
+        return cls(**json.loads(text))
 
 
 def _from_dict(cls, data, where: str):

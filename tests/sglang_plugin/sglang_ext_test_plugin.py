@@ -45,7 +45,7 @@ def split_rows(batch, *, starts=None, commit_lens=None, stride: int | None = Non
 def dump_draft_context(result, worker, *args, **kwargs):
     import torch
 
-    from sglang_ext.online.hooks import row_layout
+    from sglang_ext.online.scheduler.hooks import row_layout
 
     batch = getattr(worker, "_sglang_ext_batch", None)
     target_hidden, cache_loc = kwargs.get("target_hidden"), kwargs.get("cache_loc")
@@ -75,11 +75,12 @@ def dump_eagle3_draft_input(model, input_ids, positions, forward_batch, *args, *
     return None
 
 
-# sglang_ext.online.handoff.Handoff.trainer_command (the scheduler process tells the recorder process how to start
+# sglang_ext.online.scheduler.handoff.Handoff.trainer_command (the scheduler process tells the recorder process how
+# to start
 # the trainer): start the fault-injecting trainer instead.
 def faulty_trainer_command(original, self):
     argv = original(self)
-    return [a if a != "sglang_ext.online.trainer_worker" else "sglang_ext_test_trainer" for a in argv]
+    return [a if a != "sglang_ext.online.trainer.worker" else "sglang_ext_test_trainer" for a in argv]
 
 
 def register() -> None:
@@ -91,11 +92,11 @@ def register() -> None:
         from sglang_ext.online.config import OnlineTrainConfig
         if OnlineTrainConfig.from_env() is None:
             # Without --online-train nothing remembers the batch the DFlash dump maps rows by: do it here.
-            from sglang_ext.online.hooks import remember_batch
+            from sglang_ext.online.scheduler.hooks import remember_batch
             HookRegistry.register("sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2.forward_batch_generation",
                                   remember_batch, HookType.AROUND)
         HookRegistry.register("sglang.srt.models.llama_eagle3.LlamaModel.forward", dump_eagle3_draft_input,
                               HookType.BEFORE)
     if os.environ.get(FAULTS_ENV):
-        HookRegistry.register("sglang_ext.online.handoff.Handoff.trainer_command", faulty_trainer_command,
+        HookRegistry.register("sglang_ext.online.scheduler.handoff.Handoff.trainer_command", faulty_trainer_command,
                               HookType.AROUND)

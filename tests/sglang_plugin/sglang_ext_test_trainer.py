@@ -6,7 +6,7 @@ or imported by unit tests). Faults, comma separated in $SGLANG_EXT_TEST_TRAINER_
                            by a clearly worse one (final norm negated: every logit flips sign)
   serve_worse_version=K    version K passes the guard as the good candidate but is published with the final norm
                            negated (the slot gets weights that serve worse than the guard saw): what the server's
-                           rollback on served acceptance must catch (sglang_ext/online/rollback.py)
+                           rollback on served acceptance must catch (sglang_ext/online/swap/rollback.py)
   hang_once_after=N        after its N-th step the process stops reading records and stops beating (hung, not
                            dead), once: the first process to hang creates $SGLANG_EXT_TEST_HANG_FLAG, and
                            processes started after that do not hang
@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from sglang_ext.online.trainer_worker import OnlineTrainer, main
+from sglang_ext.online.trainer.worker import OnlineTrainer, main
 
 FAULTS_ENV = "SGLANG_EXT_TEST_TRAINER_FAULTS"
 HANG_FLAG_ENV = "SGLANG_EXT_TEST_HANG_FLAG"

@@ -6,7 +6,7 @@ import fnmatch
 import stat
 from pathlib import Path
 
-from sglang_ext.online.trainer_worker import PARTIAL_EXPORT, RUN_LOCK
+from sglang_ext.online.trainer.checkpoints import PARTIAL_EXPORT, RUN_LOCK
 
 
 def in_partial_export(p: Path, run_dir: Path) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_ext.online.swap import StagedSwap, plan_placements
+from sglang_ext.online.swap.staging import StagedSwap, plan_placements
 
 
 def assert_staged_swap_equals_load_weights(kind, live, reference, layout, load_reference, skip=()) -> None:

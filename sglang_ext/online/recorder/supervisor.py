@@ -1,7 +1,7 @@
-"""The trainer's supervisor, in the recorder process (sglang_ext/online/recorder.py): start, feed, watch and
+"""The trainer's supervisor, in the recorder process (sglang_ext/online/recorder/process.py): start, feed, watch and
 restart the trainer process, or the trainer group of a device list. No SGLang here.
 
-`TrainerGroupSupervisor` (its own thread) (re)starts `python -m sglang_ext.online.trainer_worker` with a fresh
+`TrainerGroupSupervisor` (its own thread) (re)starts `python -m sglang_ext.online.trainer.worker` with a fresh
 socket, sends it the records the replay buffer finished (on a restart, first what the buffer still holds), and
 notices when the process dies or hangs (trainer down, restart after a backoff). A trainer whose heartbeat is
 older than `heartbeat_timeout_s`, or that stops reading (a send times out), is killed and replaced. Records wait
@@ -13,8 +13,8 @@ stalls it in the next collective), every rank is killed and the group restarted 
 counted). Once a second it puts the trainer's status (the weight slot's header) on /metrics.
 
 What the trainer publishes is swapped into the live draft by the scheduler process
-(sglang_ext/online/swap_applier.py), which owns the weight slot. The trainer's memory need is checked there at
-startup (`check_group_memory`, helpers below), so a server whose trainer cannot fit fails before it serves.
+(sglang_ext/online/scheduler/swap_applier.py), which owns the weight slot. The trainer's memory need is checked there at
+startup (sglang_ext/online/scheduler/placement.py), so a server whose trainer cannot fit fails before it serves.
 """
 from __future__ import annotations
 
@@ -29,56 +29,20 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-import torch
-
-from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.protocol import TrainerSpec, encode_record, new_run_id, parse_report, record_nbytes
+from sglang_ext.online.protocol import (
+    TRAINER_MODULE,
+    TrainerSpec,
+    encode_record,
+    new_run_id,
+    parse_report,
+    record_nbytes,
+)
 from sglang_ext.online.queues import ByteQueue
+from sglang_ext.online.swap import weight_slot as ws
 from trainer.replay import ReplayRecord
 
 logger = logging.getLogger(__name__)
-TRAINER_MODULE = "sglang_ext.online.trainer_worker"
 POISON_MEMORY = 1 << 16         # seqs of poison records remembered (never re-sent to a restarted trainer)
-
-
-def resolve_trainer_device(cfg, serving_device) -> str:
-    """The device of a one-process trainer (the first of a device list)."""
-    return resolve_trainer_devices(cfg, serving_device)[0]
-
-
-def resolve_trainer_devices(cfg, serving_device) -> list[str]:
-    """One device per trainer rank; a list's CUDA indices are checked against this process's GPUs."""
-    devices = cfg.trainer_devices
-    if devices == ["auto"]:
-        dev = torch.device(serving_device)
-        if dev.type != "cuda":
-            return ["cpu"]
-        return [f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"]   # the serving GPU
-    if any(d.startswith("cuda") for d in devices):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--online-train-device {cfg.trainer_device}: no CUDA device in this process")
-        count = torch.cuda.device_count()
-        missing = [d for d in devices if d != "cuda" and int(d.split(":")[1]) >= count]
-        if missing:
-            raise ValueError(f"--online-train-device {cfg.trainer_device}: {', '.join(missing)} out of range, "
-                             f"this process sees {count} GPU(s) (cuda:0..cuda:{count - 1}; CUDA_VISIBLE_DEVICES "
-                             f"renumbers them)")
-    return devices
-
-
-def check_group_memory(need, devices: list[str], max_memory: int | None, free_fn=None) -> None:
-    """`check_trainer_memory` for every device of a trainer group; ranks sharing host memory (cpu entries)
-    are checked together: their needs add up."""
-    free_fn = free_fn or device_free_bytes
-    for device in dict.fromkeys(devices):
-        ranks = devices.count(device)
-        if ranks == 1:
-            check_trainer_memory(need, device, max_memory, free_fn(device))
-            continue
-        total = dataclasses.replace(need, trainable=need.trainable * ranks, fixed=need.fixed * ranks,
-                                    target_head=need.target_head * ranks)
-        check_trainer_memory(total, f"{device} ({ranks} trainer ranks)",
-                             None if max_memory is None else max_memory * ranks, free_fn(device))
 
 
 def free_port() -> int:
@@ -86,43 +50,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def device_free_bytes(device: str) -> int | None:
-    """Free memory on `device` now (CUDA: after SGLang's pools; CPU: MemAvailable); None when unknown."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    return mem_available_bytes()
-
-
-def mem_available_bytes() -> int | None:
-    """The kernel's MemAvailable (Linux), in bytes; None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_trainer_memory(need, device: str, max_memory: int | None, free: int | None) -> None:
-    """Fail at startup when the trainer cannot fit: its need (`trainer_worker.MemoryNeed`) over the budget
-    (--online-train-max-memory), or the budget (default: the need) over what is free on its device."""
-    gib = 2 ** 30
-    if max_memory is not None and need.total > max_memory:
-        raise ValueError(f"--online-train: the trainer needs about {need.describe()}, over --online-train-max-memory "
-                         f"{max_memory / gib:.2f} GiB: raise --online-train-max-memory, or train elsewhere "
-                         f"(--online-train-device), or serve a smaller draft")
-    budget = max_memory if max_memory is not None else need.total
-    if free is not None and budget > free:
-        what = (f"--online-train-max-memory {max_memory / gib:.2f} GiB" if max_memory is not None
-                else f"the trainer's need, about {need.describe()},")
-        raise ValueError(f"--online-train: {what} is more than the {free / gib:.2f} GiB free on {device} after "
-                         f"SGLang's pools: lower --mem-fraction-static (if the trainer shares the serving GPU), "
-                         f"lower --online-train-max-memory, or move the trainer with --online-train-device "
-                         f"(cpu or another cuda:N)")
 
 
 class TrainerGroupSupervisor:

@@ -14,10 +14,10 @@ held-out records before a swap; this watches what the swapped-in version actuall
                        judged against the one it replaced).
     load_draft_weights the checkpoint's weights (version 0), for the slot's keep buffer at startup.
 
-The supervisor (sglang_ext/online/supervisor.py) keeps the previous version's weights in the weight slot's keep
+The supervisor (sglang_ext/online/recorder/supervisor.py) keeps the previous version's weights in the weight slot's keep
 buffer (host shared memory, serving dtype: what a TP follower can read too), restores them at the top of a
 scheduler iteration on every TP rank, counts and logs the rollback, and tells the trainer through the slot header
-(`rollbacks`), which resets to the keep buffer's weights (trainer_worker.OnlineTrainer.reset_to_kept).
+(`rollbacks`), which resets to the keep buffer's weights (trainer/guard.py, `Guard.reset_after_rollback`).
 """
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """The online path of one scheduler process, wired in one place:
 
-    scheduler process: capture (capture.Recorder) -> hand-off (handoff.Handoff: shared-memory ring)
-    recorder process:  -> replay buffer (+ shards) -> trainer supervisor -> trainer process (trainer_worker)
+    scheduler process: capture (capture.Capture) -> hand-off (handoff.Handoff: shared-memory ring)
+    recorder process:  -> replay buffer (+ shards) -> trainer supervisor -> trainer process (trainer/worker.py)
     scheduler process: -> weight slot -> hot swap (swap_applier.SwapApplier.tick) -> metrics
 
 `start_pipeline` is called once, when SGLang's speculative worker of the draft's kind has started
-(sglang_ext/online/hooks.py); the hooks then only ever talk to the `OnlinePipeline` it returns. Under tensor
+(sglang_ext/online/scheduler/hooks.py); the hooks then only ever talk to the `OnlinePipeline` it returns. Under tensor
 parallelism (--tp N) the whole path runs on TP rank 0 only; the other ranks get a pipeline that holds only a
-`SwapFollower`, which applies the versions rank 0 swaps in, at the same iteration (sglang_ext/online/tp.py).
+`SwapFollower`, which applies the versions rank 0 swaps in, at the same iteration (sglang_ext/online/scheduler/tp.py).
 """
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sglang_ext.online.buffer import STORAGE
-from sglang_ext.online.capture import Recorder
 from sglang_ext.online.config import OnlineTrainConfig
-from sglang_ext.online.handoff import Handoff, RecorderSpec
 from sglang_ext.online.hub import draft_source, local_dir, target_source
 from sglang_ext.online.metrics import OnlineMetrics
-from sglang_ext.online.swap_applier import SwapApplier
-from sglang_ext.online.tp import SlotHandle, SwapFollower, TPGroup, tp_group
+from sglang_ext.online.protocol import RecorderSpec
+from sglang_ext.online.scheduler.capture import Capture
+from sglang_ext.online.scheduler.handoff import Handoff
+from sglang_ext.online.scheduler.swap_applier import SwapApplier
+from sglang_ext.online.scheduler.tp import SlotHandle, SwapFollower, TPGroup, tp_group
 from trainer.draft_kind import DraftKind, get_kind
-from trainer.replay import ReplaySpec, ShardWriter
+from trainer.replay import STORAGE, ReplaySpec, ShardWriter
 from trainer.target import target_identity, target_info
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ RECORDER_START_S = 180.0                   # the recorder process's start (impor
 
 class SchedulerClock:
     """What the online path costs the scheduler thread: seconds spent in our part of its hooks (capture, release,
-    the swap point; SGLang's own work inside the hooked methods excluded; sglang_ext/online/hooks.py counts), and
+    the swap point; SGLang's own work inside the hooked methods excluded; scheduler/hooks.py counts), and
     scheduler iterations. `OnlinePipeline.tick` puts them on /metrics once a second
     (sglang:online_train_scheduler_seconds_total, ..._scheduler_iterations_total). Time that other threads of
     the process take from this one (the GIL) is not in it: benchmarks/bench_online_cost.py measures that as
@@ -59,7 +59,7 @@ class OnlinePipeline:
     block_size: int                        # tokens per verify step the worker runs with
     spec: ReplaySpec | None                # what the records hold (target, layers, hidden size, storage dtype)
     metrics: OnlineMetrics | None
-    recorder: Recorder | None              # scheduler thread: rows of running requests (None on TP ranks > 0)
+    capture: Capture | None               # scheduler thread: rows of running requests (None on TP ranks > 0)
     handoff: Handoff | None                # finished requests -> the recorder process (None on TP ranks > 0)
     supervisor: SwapApplier | None         # the weight slot, staging thread and hot swap; None with capture only
     follower: SwapFollower | None = None   # TP ranks > 0 (with the trainer on): swaps when rank 0 does
@@ -68,7 +68,7 @@ class OnlinePipeline:
     clock_flushed: float = field(default_factory=time.monotonic)
 
     def tick(self, scheduler) -> None:
-        """Top of a scheduler iteration: the swap point (sglang_ext/online/hooks.py); once a second, what the
+        """Top of a scheduler iteration: the swap point (sglang_ext/online/scheduler/hooks.py); once a second, what the
         online path cost the scheduler thread goes to /metrics."""
         swapper = self.supervisor or self.follower
         if swapper is not None:
@@ -104,7 +104,7 @@ def start_pipeline(cfg: OnlineTrainConfig, worker, server_args) -> OnlinePipelin
     logger.info("sglang_ext: TP rank %d of %d: the online path runs on TP rank 0; this rank %s", tp.rank, tp.size,
                 "follows its draft swaps" if follower else "only serves (capture only)")
     return OnlinePipeline(cfg=cfg, kind=kind, block_size=kind.served_block_size(worker), spec=None, metrics=None,
-                          recorder=None, handoff=None, supervisor=None, follower=follower, tp=tp)
+                          capture=None, handoff=None, supervisor=None, follower=follower, tp=tp)
 
 
 def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | None = None) -> OnlinePipeline:
@@ -145,13 +145,13 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
 
     handoff = Handoff(cfg.queue_bytes, recorder_spec, metrics)
     handoff.start(wait_s=RECORDER_START_S)                   # fails the server if it cannot record
-    recorder = Recorder(cfg, handoff.submit, metrics)         # capture -> recorder process
+    capture = Capture(cfg, handoff.submit, metrics)           # capture -> recorder process
     if supervisor is not None:
-        recorder.on_verified = supervisor.observe_verified    # served acceptance -> rollback watch
+        capture.on_verified = supervisor.observe_verified    # served acceptance -> rollback watch
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
                 "persist %s, recorder process %d, trainer %s", kind.name, layer_ids, spec.hidden_size,
                 cfg.replay_budget_bytes, cfg.persist_dir, handoff.pid,
                 f"on {supervisor.device}, needs {supervisor.memory_need.describe()}, duty cycle "
                 f"{cfg.duty_cycle:g}" if supervisor else "off (capture only)")
-    return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, recorder=recorder,
+    return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, capture=capture,
                           handoff=handoff, supervisor=supervisor, tp=tp)

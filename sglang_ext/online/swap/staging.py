@@ -194,7 +194,7 @@ class StagedSwap:
 
     def copy_now(self, weights: dict[str, torch.Tensor]) -> None:
         """Full slot weights (host) -> live parameters directly, leaving the staging buffers (and what is staged
-        there) alone: a rollback (sglang_ext/online/rollback.py), rare, so synchronous. The caller synchronises
+        there) alone: a rollback (sglang_ext/online/swap/rollback.py), rare, so synchronous. The caller synchronises
         the device around it."""
         for p in self.placements:
             dst = _rows(self.live[p.param].data, *p.rows)

@@ -11,7 +11,7 @@ rows are complete), replay buffer, shards, trainer process and metrics. The othe
       barrier                                           barrier
       acknowledge (the trainer may write the slot again)
 
-A rollback (sglang_ext/online/rollback.py) is broadcast the same way, as -1 - u for "restore version u": every
+A rollback (sglang_ext/online/swap/rollback.py) is broadcast the same way, as -1 - u for "restore version u": every
 rank copies rank 0's keep buffer (the slot's third buffer, which rank 0 leaves alone while a version is on
 probation) into its shard, at the same iteration, then the barrier.
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.swap import StagedSwap, draft_module, plan_placements
+from sglang_ext.online.swap import weight_slot as ws
+from sglang_ext.online.swap.staging import StagedSwap, draft_module, plan_placements
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class SwapFollower:
         version = self.tp.broadcast_version(0)
         if not version:
             return
-        if version < 0:                      # a rollback: rank 0's keep buffer (sglang_ext/online/rollback.py)
+        if version < 0:                      # a rollback: rank 0's keep buffer (sglang_ext/online/swap/rollback.py)
             self._restore(scheduler, -1 - version)
             return
         t0 = time.perf_counter()

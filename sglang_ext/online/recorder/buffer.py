@@ -1,7 +1,7 @@
 """Replay buffer of the online path: finished requests -> ReplayRecords, kept under a byte budget (oldest
 dropped, counted) and, with a persist directory, written as `trainer.replay` shards that
 `python -m trainer.finetune` reads unchanged. Runs in its own thread of the recorder process
-(sglang_ext/online/recorder.py), out of SGLang's scheduler process.
+(sglang_ext/online/recorder/process.py), out of SGLang's scheduler process.
 
 Every record is checked before it is kept, persisted or sent to the trainer (`protocol.check_record`: token ids
 inside the target's vocabulary, finite features, consistent shapes); a poison record is dropped and counted
@@ -25,7 +25,7 @@ A stop writes what waits (`stop`, from the recorder's stop); what a crash of the
 still waiting, at most `shard_seconds` of traffic (bounded by `shard_tokens` tokens / half the replay budget).
 Memory: records of varying sizes freed oldest first leave free pages inside this thread's malloc arena, which
 glibc keeps resident; once a minute (--online-train-malloc-trim-seconds) the thread gives them back
-(`sglang_ext.online.memory`, counted and timed on /metrics).
+(`sglang_ext.online.recorder.memory`, counted and timed on /metrics).
 """
 from __future__ import annotations
 
@@ -35,12 +35,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from sglang_ext.online.memory import Trimmer
 from sglang_ext.online.protocol import check_record, record_nbytes
 from sglang_ext.online.queues import ByteQueue
+from sglang_ext.online.recorder.memory import Trimmer
 
 logger = logging.getLogger(__name__)
-STORAGE = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 RETRY_BACKOFF_S = (1.0, 60.0)       # a failed shard write is retried after this, doubling up to the second
 SHARD_MAX_FEATURE_BYTES = 64 << 20  # a shard is written once its records hold this many feature bytes in memory
 JOURNAL_MAX_BYTES = (64 << 10, 8 << 20)   # writer journal bound with a retention limit: limit/16, within these
@@ -97,7 +96,7 @@ class ReplayBuffer:
         self.trimmer = Trimmer(cfg.malloc_trim_seconds)
         self._stop = threading.Event()
         if cfg.prefix_store_bytes > 0:
-            from sglang_ext.online.prefix_store import PrefixFeatureStore
+            from sglang_ext.online.recorder.prefix_store import PrefixFeatureStore
             self.prefix_store = PrefixFeatureStore(cfg.prefix_store_bytes)
         if cfg.persist_dir:
             from trainer.replay import ShardWriter
@@ -180,7 +179,7 @@ class ReplayBuffer:
                 return
 
     def _take(self, finished) -> None:
-        from sglang_ext.online.capture import assemble_record
+        from sglang_ext.online.recorder.records import assemble_record
         try:
             record = assemble_record(finished, self.cfg.include_prompt_loss, self.prefix_store)
         except Exception:                      # never let one bad request kill the buffer

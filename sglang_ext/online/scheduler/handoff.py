@@ -1,15 +1,15 @@
 """The scheduler's side of the recorder process: finished requests leave the scheduler process here.
 
     handoff = Handoff(cfg, recorder_spec, metrics)   # a shared-memory ring, a wake pipe, the recorder process
-    handoff.submit(captured)                         # scheduler thread, at request release (capture.Recorder)
+    handoff.submit(captured)                         # scheduler thread, at request release (capture.Capture)
     handoff.tick()                                   # scheduler thread, top of every iteration: finished
                                                      # requests whose device copies landed; once a second the
                                                      # recorder's health (restarted if it died, counted)
 
-A finished request (`capture.CapturedRequest`: its feature rows by start position, token ids, mRoPE positions,
+A finished request (`finished.CapturedRequest`: its feature rows by start position, token ids, mRoPE positions,
 what it finished with) is written into the ring (`ring.Ring`, anonymous shared memory bounded by
 --online-train-queue-bytes; the oldest entries are dropped past it, counted) with one copy of its rows, and a byte
-on the wake pipe tells the recorder (`python -m sglang_ext.online.recorder`, started from here) to read it.
+on the wake pipe tells the recorder (`python -m sglang_ext.online.recorder.process`, started from here) to read it.
 Everything after that (record assembly, the replay buffer, shards, retention, the trainer) runs in the recorder.
 On CUDA the rows may still be on their way to the host (capture.Feed): such a request waits here until its copies
 have landed (checked without waiting, each tick), so the scheduler thread never syncs.
@@ -17,10 +17,11 @@ have landed (checked without waiting, each tick), so the scheduler thread never 
 The recorder is started detached (`Handoff.start`: not a descendant of SGLang's launcher, which SIGKILLs every
 descendant when it shuts down), so it is not killed with this process: it notices the wake pipe close (this
 process exited, however it exited) or gets the signal itself (SIGTERM / SIGINT to the process group), writes every
-record it holds and exits (sglang_ext/online/recorder.py). The ring outlives a recorder that dies: a restarted
+record it holds and exits (sglang_ext/online/recorder/process.py). The ring outlives a recorder that dies: a restarted
 one goes on from it. The recorder's life pipe tells this process, without waiting, that it is gone.
 
-`encode_finished` / `decode_finished` are the entry format (this module's only contract with the recorder).
+The entry format (`finished.encode_finished` / `decode_finished`) is this module's only contract with the
+recorder; `protocol.RecorderSpec` is how the recorder is started.
 """
 from __future__ import annotations
 
@@ -30,129 +31,19 @@ import json
 import logging
 import os
 import select
-import struct
 import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
 
-import torch
-
-from sglang_ext.online.capture import CapturedRequest
+from sglang_ext.online.finished import CapturedRequest, encode_finished, resolvable
+from sglang_ext.online.protocol import TRAINER_MODULE
 from sglang_ext.online.ring import Ring
 
 logger = logging.getLogger(__name__)
-RECORDER_MODULE = "sglang_ext.online.recorder"
-TRAINER_MODULE = "sglang_ext.online.trainer_worker"
+RECORDER_MODULE = "sglang_ext.online.recorder.process"
 HEALTH_EVERY_S = 1.0
 RESTART_BACKOFF_S = (1.0, 30.0)
-_LEN = struct.Struct("<I")
-
-
-# ---- the entry format ----------------------------------------------------------------------------------------
-
-def _ids(values) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.int64).reshape(-1)
-
-
-def _align(n: int) -> int:
-    return (n + 7) & ~7
-
-
-def encode_finished(p: CapturedRequest, reserve) -> bool:
-    """Write the resolved request `p` as one entry: `reserve(n)` returns a writable view of n bytes (or None: it
-    cannot fit), filled here and committed by the caller. Layout: u32 header length, JSON header, then 8-byte
-    aligned arrays: token ids, radix keys (when they differ), mRoPE prompt positions, feature rows by chunk."""
-    chunks = sorted(p.chunks.items())
-    token_ids = _ids(p.token_ids)
-    keys = None if p.key_ids == p.token_ids else _ids(p.key_ids)
-    mrope = None if p.mrope_prompt is None else p.mrope_prompt.to(torch.int64)
-    rows = [t for _, t in chunks]
-    head = {"rid": p.rid, "prompt_len": p.prompt_len, "finish_reason": p.finish_reason,
-            "modalities": list(p.modalities), "mrope_delta": int(p.mrope_delta),
-            "tokens": int(token_ids.numel()), "keys": None if keys is None else int(keys.numel()),
-            "mrope": None if mrope is None else list(mrope.shape),
-            "chunks": [[int(start), int(t.shape[0])] for start, t in chunks],
-            "width": int(rows[0].shape[1]) if rows else 0,
-            "dtype": str(rows[0].dtype).removeprefix("torch.") if rows else "float32"}
-    header = json.dumps(head, separators=(",", ":")).encode()
-    arrays = [token_ids] + ([keys] if keys is not None else []) + ([mrope] if mrope is not None else []) + rows
-    offset = _align(_LEN.size + len(header))
-    total = offset + sum(_align(a.numel() * a.element_size()) for a in arrays)
-    view = reserve(total)
-    if view is None:
-        return False
-    _LEN.pack_into(view, 0, len(header))
-    view[_LEN.size:_LEN.size + len(header)] = header
-    for a in arrays:
-        n = a.numel() * a.element_size()
-        if n:
-            out = torch.frombuffer(view, dtype=torch.uint8, count=n, offset=offset)
-            out.copy_(a.detach().contiguous().reshape(-1).view(torch.uint8))
-        offset += _align(n)
-    return True
-
-
-def decode_finished(payload: bytes | bytearray) -> CapturedRequest:
-    """An entry written by `encode_finished` -> a CapturedRequest (its rows are views of `payload`)."""
-    buf = payload if isinstance(payload, bytearray) else bytearray(payload)
-    (n,) = _LEN.unpack_from(buf, 0)
-    head = json.loads(bytes(buf[_LEN.size:_LEN.size + n]))
-    offset = _align(_LEN.size + n)
-
-    def take(count: int, dtype: torch.dtype) -> torch.Tensor:
-        nonlocal offset
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
-        offset += _align(count * torch.empty((), dtype=dtype).element_size())
-        return t
-
-    token_ids = take(head["tokens"], torch.int64).tolist()
-    key_ids = take(head["keys"], torch.int64).tolist() if head["keys"] is not None else list(token_ids)
-    mrope = None
-    if head["mrope"] is not None:
-        shape = head["mrope"]
-        mrope = take(shape[0] * shape[1], torch.int64).view(*shape)
-    dtype = getattr(torch, head["dtype"])
-    chunks = {start: take(rows * head["width"], dtype).view(rows, head["width"]) for start, rows in head["chunks"]}
-    return CapturedRequest(rid=head["rid"], chunks=chunks, token_ids=token_ids, key_ids=key_ids,
-                           prompt_len=head["prompt_len"], mrope_prompt=mrope, mrope_delta=head["mrope_delta"],
-                           modalities=tuple(head["modalities"]), finish_reason=head["finish_reason"])
-
-
-def resolvable(p: CapturedRequest) -> bool:
-    """Its device copies (feature rows, mRoPE positions) have landed: `resolve()` will not wait."""
-    return (p.copied is None or p.copied.query()) and all(feed.ready() for feed, _ in p.parts)
-
-
-# ---- the recorder process ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RecorderSpec:
-    """argv[1] of `python -m sglang_ext.online.recorder` (JSON). The online-train settings come in the
-    environment ($SGLANG_EXT_ONLINE_TRAIN), as in every process of the server."""
-    ring_fd: int                    # the ring (ring.Ring), inherited
-    wake_fd: int                    # read end of the wake pipe: a byte per entry; EOF when the scheduler is gone
-    target: dict                    # the replay's target identity (trainer.target.TargetIdentity as a dict) ...
-    layer_ids: list                 # ... its feature layers, in column order
-    hidden_size: int
-    storage_dtype: str
-    vocab_size: int                 # token ids of records must index the target's embedding
-    labels: dict                    # the metrics' labels (model_name)
-    trainer_spec: str = ""          # TrainerSpec JSON of rank 0 ("": capture only)
-    trainer_devices: list | None = None
-    trainer_command: list | None = None   # argv before the spec: [python, -m, <trainer module>]
-    slot_layout: list | None = None       # the weight slot (its descriptor is the trainer spec's slot_fd)
-    slot_dtype: str = "float32"
-    ready_fd: int = -1                    # write end of a pipe: "ok <pid>" once up, or why it could not start
-    alive_fd: int = -1                    # write end of its life pipe, held open until it exits (never written)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "RecorderSpec":
-        return cls(**json.loads(text))
 
 
 class Handoff:
@@ -181,7 +72,7 @@ class Handoff:
 
     # -- scheduler thread ----------------------------------------------------------------------------------------
     def submit(self, p: CapturedRequest) -> None:
-        """A finished request (capture.Recorder's sink). Never waits, never blocks."""
+        """A finished request (capture.Capture's sink). Never waits, never blocks."""
         if self.pending or not resolvable(p):
             self.pending.append(p)
             return

@@ -1,10 +1,10 @@
 """The scheduler's side of the weight slot: versions the trainer publishes go live in SGLang's draft here.
 
-The scheduler process owns the weight slot (sglang_ext/online/weight_slot.py); the trainer (started by the
-recorder process, sglang_ext/online/supervisor.py) publishes into it. Two threads of the scheduler process
+The scheduler process owns the weight slot (sglang_ext/online/swap/weight_slot.py); the trainer (started by the
+recorder process, sglang_ext/online/recorder/supervisor.py) publishes into it. Two threads of the scheduler process
 touch this, neither of them per record:
   * the staging thread (`SwapApplier.stage_loop`): a newly published version is staged on the serving device
-    (sglang_ext/online/swap.py: in the serving dtype, device-to-device copies at the swap point); the live
+    (sglang_ext/online/swap/staging.py: in the serving dtype, device-to-device copies at the swap point); the live
     version's weights are copied into the slot's keep buffer once it is past its probation;
   * the scheduler thread: `tick()` runs at the top of every scheduler iteration (between forwards). When the
     trainer published a version the scheduler has not applied, it copies it into the live draft in place
@@ -13,7 +13,7 @@ touch this, neither of them per record:
     When the weights cannot be placed that way, the swap goes through SGLang's load_weights with device
     syncs. No forward runs during the copy, so none sees two versions.
 
-Rollback on served acceptance (--online-train-rollback-steps N, default 200; sglang_ext/online/rollback.py): each
+Rollback on served acceptance (--online-train-rollback-steps N, default 200; sglang_ext/online/swap/rollback.py): each
 swapped-in version is on probation for its first N verify steps (the capture path reports each step's accept
 lengths, with the version that proposed them); if its mean accept length is lower than the previous version's
 over that version's last N steps by more than --online-train-rollback-tolerance, the previous version's weights,
@@ -31,13 +31,23 @@ import time
 
 import torch
 
-from sglang_ext.online import weight_slot as ws
 from sglang_ext.online.protocol import TrainerSpec, new_run_id
-from sglang_ext.online.rollback import RollbackWatch, Verdict, load_draft_weights
-from sglang_ext.online.supervisor import check_group_memory, resolve_trainer_devices
-from sglang_ext.online.swap import StagedSwap, draft_module, plan_placements
-from sglang_ext.online.tp import SlotHandle, TPGroup, apply_version, restore_weights, rollback_code, swap_log
-from sglang_ext.online.trainer_worker import trainer_memory_need
+from sglang_ext.online.scheduler.placement import (
+    check_group_memory,
+    resolve_trainer_devices,
+    trainer_memory_need,
+)
+from sglang_ext.online.scheduler.tp import (
+    SlotHandle,
+    TPGroup,
+    apply_version,
+    restore_weights,
+    rollback_code,
+    swap_log,
+)
+from sglang_ext.online.swap import weight_slot as ws
+from sglang_ext.online.swap.rollback import RollbackWatch, Verdict, load_draft_weights
+from sglang_ext.online.swap.staging import StagedSwap, draft_module, plan_placements
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +70,7 @@ class SwapApplier:
                  tp: TPGroup | None = None):
         self.cfg = cfg
         self.metrics = metrics
-        self.tp = tp                                # TP rank 0 of a --tp N server (sglang_ext/online/tp.py), or None
+        self.tp = tp                                # TP rank 0 of a --tp N server (tp.py), or None
         self.kind = kind                            # trainer.draft_kind.DraftKind of the served draft
         self.worker = worker                        # SGLang's speculative worker (the kind's serving.worker_class)
         self.draft_model = draft_module(kind, worker)
@@ -81,7 +91,7 @@ class SwapApplier:
         self.slot = slot
         self.devices = devices                      # one per trainer rank
         self.device = ",".join(devices)
-        # what the recorder process starts the trainer with (sglang_ext/online/recorder.py)
+        # what the recorder process starts the trainer with (sglang_ext/online/recorder/process.py)
         self.trainer_spec = TrainerSpec(
             settings=dataclasses.replace(cfg.trainer_settings(), run_id=new_run_id()), target_path=str(target_path),
             draft_path=str(draft_path), draft_kind=kind.name, block_size=int(block_size), device=devices[0],
@@ -93,7 +103,7 @@ class SwapApplier:
         self._last_tick: float | None = None
         self.iterations = 0                         # scheduler iterations seen
         self.iteration_s: float | None = None
-        # rollback on served acceptance (sglang_ext/online/rollback.py); None with --online-train-rollback-steps 0
+        # rollback on served acceptance (sglang_ext/online/swap/rollback.py); None with --online-train-rollback-steps 0
         self.watch = RollbackWatch(cfg.rollback_steps, cfg.rollback_tolerance) if rollback else None
         self.rollbacks = 0
         self.skipped_versions = 0                   # published from a rolled-back version: never applied
@@ -204,9 +214,9 @@ class SwapApplier:
                     in_flight, (self.iteration_s or 0.0) * 1e3, slot.header.steps, slot.header.candidate_tau,
                     slot.header.live_tau)
 
-    # -- rollback on served acceptance (sglang_ext/online/rollback.py) -------------------------------------
+    # -- rollback on served acceptance (sglang_ext/online/swap/rollback.py) -------------------------------------
     def observe_verified(self, commit_lens: list[int], version: int) -> None:
-        """Scheduler thread (capture.Recorder.on_verified): tokens committed per request of one verify step, and
+        """Scheduler thread (capture.Capture.on_verified): tokens committed per request of one verify step, and
         the draft version that proposed them. A rollback verdict is acted on at the next tick (not mid-forward)."""
         if self.watch is None:
             return

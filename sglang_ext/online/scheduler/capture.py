@@ -1,11 +1,11 @@
 """Capture of live traffic in the scheduler process: target features -> per-request records.
 
-One source for training and serving: the hooks (sglang_ext/online/hooks.py) hand the `Recorder` exactly the
+One source for training and serving: the hooks (sglang_ext/online/scheduler/hooks.py) hand the `Capture` exactly the
 feature rows SGLang feeds the live draft (prefill rows and the committed rows of every verify step; made
 pre-deepstack one step earlier). Per request (keyed by rid) a `CapturedRequest` keeps the rows by position;
 when SGLang releases the request's KV cache (finish, abort, retraction) a finished request gets its token ids
-and is handed to the replay buffer's thread, which turns it into a `trainer.replay.ReplayRecord`
-(`assemble_record`) off the hot path.
+and goes to the recorder process through the hand-off (handoff.py), which turns it into a
+`trainer.replay.ReplayRecord` (recorder/records.py) off the scheduler process.
 
 No host sync on the serving path. Each feed of features is one `Feed`: its rows, and for a verify step the
 start positions and commit lengths (device tensors), are copied to the host asynchronously (pinned memory,
@@ -22,14 +22,16 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from sglang_ext.online.config import OPT_OUT_KEY
+from sglang_ext.online.finished import CapturedRequest
 
 try:                                    # SGLang's; the capture itself is plain torch (benchmarks/gpu_check.py
-    from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX          # runs it where SGLang is not installed)
+    from sglang.srt.constants import (
+        HEALTH_CHECK_RID_PREFIX,  # runs it where SGLang is not installed)
+    )
 except ImportError:
     HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"
 
@@ -57,7 +59,7 @@ class Feed:
             self.event = torch.cuda.Event()
             self.event.record()
         self.metered = False
-        self.draft_version = 0                      # verify: the draft version that proposed (Recorder)
+        self.draft_version = 0                      # verify: the draft version that proposed (Capture)
         self._starts: list[int] | None = None
         self._commit: list[int] | None = None
 
@@ -94,49 +96,12 @@ def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
     return host
 
 
-@dataclass
-class CapturedRequest:
-    """One request's capture: its feature rows while it runs, plus what it finished with (set at release)."""
-    rid: str
-    chunks: dict[int, torch.Tensor] = field(default_factory=dict)   # start position -> rows [n, K*H] (CPU)
-    parts: list[tuple[Feed, int]] = field(default_factory=list)     # feeds not yet split: (feed, member index)
-    # set when the request finished (the replay buffer's thread assembles the record from these)
-    token_ids: list[int] = field(default_factory=list)   # prompt + generated, as SGLang finished them
-    key_ids: list[int] = field(default_factory=list)     # the same with SGLang's image pad values (radix keys)
-    prompt_len: int = 0
-    mrope_prompt: torch.Tensor | None = None             # [3, prompt_len], None for text-only
-    mrope_delta: torch.Tensor | int = 0
-    modalities: tuple[str, ...] = ()       # request_modalities(): "audio" / "image" / "video" inputs
-    finish_reason: str = ""
-    copied: object = None                                 # CUDA event after the mrope copies (None: done)
-
-    def nbytes(self) -> int:
-        """Host bytes of its feature rows (pending feeds: the rows its member may own)."""
-        n = sum(c.numel() * c.element_size() for c in self.chunks.values())
-        for feed, i in self.parts:
-            rows = feed.stride if feed.verify else feed.lengths[i]
-            n += rows * feed.rows.shape[1] * feed.rows.element_size()
-        return n
-
-    def resolve(self) -> None:
-        """Move the rows of pending feeds into `chunks` (waits for their copies: the buffer thread's job)."""
-        if self.copied is not None:
-            self.copied.synchronize()
-            self.copied = None
-        self.mrope_delta = int(torch.as_tensor(self.mrope_delta).reshape(-1)[0])
-        for feed, i in self.parts:
-            start, rows = feed.part(i)
-            if rows.shape[0]:
-                self.chunks[start] = rows
-        self.parts = []
-
-
-class Recorder:
+class Capture:
     """Scheduler-side bookkeeping. Only the scheduler thread touches `pending` and `inflight`."""
 
     def __init__(self, cfg, sink, metrics):
         self.cfg = cfg
-        self.sink = sink                               # ReplayBuffer.submit(CapturedRequest)
+        self.sink = sink                               # Handoff.submit(CapturedRequest)
         self.metrics = metrics
         self.pending: dict[str, CapturedRequest] = {}
         self.inflight: deque[Feed] = deque()          # feeds whose copies may still be running
@@ -315,60 +280,3 @@ def learns_from(learn_from: str, modalities: tuple[str, ...]) -> bool:
     if learn_from == "multimodal":
         return bool(modalities)
     return learn_from in modalities                         # image | video
-
-
-def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None):
-    """A finished CapturedRequest -> trainer.replay.ReplayRecord, or None when no row was captured.
-
-    Covers positions [0, S) where S = end of the last captured row (capped at the finished length): the very
-    last generated token never has target features. Positions the target did not recompute (a radix-cache
-    prefix hit) are filled from `store` (a PrefixFeatureStore: the rows recorded when that prefix was computed;
-    meta["prefix_filled_rows"] counts them); what it does not hold is a gap: zero features, out of the loss
-    mask, listed in meta["feature_gaps"]. The record's own rows then go into the store.
-    """
-    from trainer.replay import ReplayRecord
-
-    fin.resolve()
-    n_tokens = len(fin.token_ids)
-    chunks = sorted((s, t) for s, t in fin.chunks.items() if s < n_tokens)
-    if not chunks:
-        return None
-    feature_dim, dtype = chunks[0][1].shape[1], chunks[0][1].dtype
-    end = min(max(s + t.shape[0] for s, t in chunks), n_tokens)
-    features = torch.zeros(end, feature_dim, dtype=dtype)
-    covered = torch.zeros(end, dtype=torch.bool)
-    for start, rows in chunks:                       # later chunks (recomputation) overwrite earlier ones
-        rows = rows[:end - start]
-        features[start:start + rows.shape[0]] = rows
-        covered[start:start + rows.shape[0]] = True
-    filled = 0
-    if store is not None:
-        keys = fin.key_ids if len(fin.key_ids) >= end else fin.token_ids
-        if not bool(covered.all()):
-            filled = store.fill(keys, features, covered).filled
-        store.add(keys, features, covered)
-    gaps, i = [], 0
-    while i < end:
-        if not covered[i]:
-            j = i
-            while j < end and not covered[j]:
-                j += 1
-            gaps.append([i, j])
-            i = j
-        else:
-            i += 1
-    input_ids = torch.tensor(fin.token_ids[:end], dtype=torch.int64)
-    loss_mask = covered.clone()
-    if not include_prompt_loss:
-        loss_mask[:fin.prompt_len] = False
-    positions = torch.arange(end, dtype=torch.int64).expand(3, end).clone()
-    if fin.mrope_prompt is not None:
-        n_prompt = min(fin.prompt_len, end, fin.mrope_prompt.shape[1])
-        positions[:, :n_prompt] = fin.mrope_prompt[:, :n_prompt].to(torch.int64)
-        positions[:, fin.prompt_len:] += fin.mrope_delta
-    meta = {"rid": fin.rid, "prompt_len": fin.prompt_len, "num_tokens_finished": n_tokens,
-            "finish_reason": fin.finish_reason, "has_image": "image" in fin.modalities,
-            "modalities": list(fin.modalities), "feature_gaps": gaps,
-            "prefix_filled_rows": filled, "source": "online"}
-    return ReplayRecord(input_ids=input_ids, features=features, positions=positions,
-                        loss_mask=loss_mask, meta=meta)

@@ -1,138 +1,76 @@
 """The co-located trainer: its own process, so a crash, an OOM or a NaN here never reaches the server.
 
-    python -m sglang_ext.online.trainer_worker '<TrainerSpec JSON>'     (started by sglang_ext.online.supervisor)
+    python -m sglang_ext.online.trainer.worker '<TrainerSpec JSON>'   (started by the recorder's supervisor)
 
-Imports no SGLang. Input: replay records from the scheduler over a socket (`protocol.decode_record`); the
-process exits when that socket closes (the server went away). Output: candidate drafts through the shared
-`WeightSlot`, plus its status (steps, loss, tokens/s, guard results, heartbeat) in the slot's header.
+Imports no SGLang. Input: replay records from the recorder process over a socket (`protocol.decode_record`);
+the process exits when that socket closes. Output: candidate drafts through the shared `WeightSlot`, plus its
+status (steps, loss, tokens/s, guard results, heartbeat) in the slot's header.
 
 Loop: every record goes to the training pool, except every `holdout_every`-th, which goes to the guard's
 held-out slice of recent traffic (never trained on). One step = `batch_size` records drawn from the pool
 through `trainer.train_step.TrainStep` (the step `trainer.finetune` runs: the draft kind's objective, bf16
 autocast on CUDA, AdamW, gradient clipping) with a warmup and then a constant rate. A non-finite loss or
-gradient skips the step (counted). Every `swap_every` steps the candidate is scored against the live draft on
-the held-out slice (the objective's acceptance proxy: the acceptance length greedy verification would give
-on those records, same proposals for both) and published only if it is not worse.
+gradient skips the step (counted). Every `swap_every` steps the guard (guard.py) scores the candidate against
+the live draft and publishes it only if it is not worse; accepted versions are exported (checkpoints.py).
 
 Poison records: every record is checked on arrival (`protocol.check_record`: token ids inside the target's
 vocabulary, finite features, consistent shapes); a step that raises drops the records of its batch that fail
 alone (all of them if none does) and goes on (3 such steps in a row end the process). Either is reported on the
 records socket with the record's seq, so the supervisor counts it and never sends it again; the seqs of each
-step's batch are reported too, so a record that kills the process outright can be found (supervisor.py).
+step's batch are reported too, so a record that kills the process outright can be found.
 
-Checkpoints (--online-train-checkpoint-dir): <dir>/<run id>/version-NNNNNN/, the run id chosen once per server
-start by the supervisor; only the run's own versions are pruned; directories 0700, files 0600. The trainer holds
-<run id>/.run.lock (flock) while it lives, so a partial export of an ended run (killed mid-export at shutdown) is
-told from a live server's and deleted by the next run's trainer.
-
-A multi-device trainer (--online-train-device cuda:1,cuda:2, or cpu,cpu) is `spec.world_size` such processes in
-one process group (the supervisor sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; gloo on CPU, nccl on
-CUDA), the draft wrapped in DDP (trainer.distributed.wrap) and trained through the same TrainStep with
-world_size, so the averaged gradient is the one-process gradient of the whole batch. Rank 0 is the trainer
-above: it alone has the records socket, the pool, the held-out slice, the guard, the slot and the heartbeat.
-Each step it draws the batch (and one anchor seed per record) and hands every rank its share in one
-collective (`Command`: rank r trains records r, r + N, ...; a rank without records runs a zero-weight
-stand-in), so the group takes the step one process would take on the same draws. The other ranks only follow
-commands. While rank 0 waits for records it sends a keep-alive command every few seconds, so a hung rank
-stalls rank 0 in that collective and stops its heartbeat: the supervisor then replaces the whole group.
+A multi-device trainer (--online-train-device cuda:1,cuda:2) is `spec.world_size` such processes, the draft
+wrapped in DDP (trainer.distributed.wrap) and trained through the same TrainStep: rank 0 (this class) alone has
+the records socket, the pool, the held-out slice, the guard, the slot and the heartbeat; the others follow its
+commands (group.py).
 """
 from __future__ import annotations
 
-import datetime
-import fcntl
 import logging
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sglang_ext.online import weight_slot as ws
-from sglang_ext.online.protocol import (TrainerSpec, check_record, decode_record, new_run_id, poison_report,
-                                        record_nbytes, step_report)
+from sglang_ext.online.protocol import (
+    TrainerSpec,
+    check_record,
+    decode_record,
+    new_run_id,
+    poison_report,
+    record_nbytes,
+    step_report,
+)
 from sglang_ext.online.queues import ByteQueue
+from sglang_ext.online.swap import weight_slot as ws
+from sglang_ext.online.trainer.checkpoints import CheckpointWriter
+from sglang_ext.online.trainer.group import (
+    Command,
+    GroupMember,
+    anchor_generators,
+    group_from_env,
+    init_group,
+    watch_parent,
+)
+from sglang_ext.online.trainer.guard import Guard
 from trainer import distributed
 from trainer.distributed import Dist
 from trainer.draft_kind import get_kind
 from trainer.replay import ReplayRecord
-from trainer.target import load_target_head, target_info
+from trainer.target import load_target_head
 from trainer.train_step import Batch, Precision, StepStats, TrainStep, pad_batch
 
 log = logging.getLogger("sglang_ext.trainer")
-GUARD_ANCHORS = 256             # proposals scored per held-out record by the guard
 MAX_BAD_STEPS = 10              # non-finite steps in a row before going back to the live draft
 MAX_RAISED_STEPS = 3            # steps in a row that raised before the process exits (a broken device context
                                 # would fail every step: a fresh process, not every record dropped)
-KEEPALIVE_S = 2.0               # a multi-device trainer's rank 0 reaches every rank at least this often
-GROUP_TIMEOUT = datetime.timedelta(hours=6)   # collectives: hangs are the supervisor's to find (heartbeat)
-
-
-VERSION_DIR = re.compile(r"version-\d{6}")    # a checkpoint of a run: <checkpoint_dir>/<run id>/version-NNNNNN
-PARTIAL_EXPORT = ".version-*.tmp"   # an export being written (renamed to version-NNNNNN when complete)
-RUN_LOCK = ".run.lock"          # <run dir>/.run.lock: flock'd by the run's trainer while it lives (freed by any exit)
 LOWEST_STREAM_PRIORITY = 1 << 20   # torch maps a priority past the range to the lowest one the device has
-
-
-@dataclass(frozen=True)
-class MemoryNeed:
-    """What the trainer process holds on its device besides activations (bytes)."""
-    trainable: int      # trained draft weights: fp32 master + gradient + AdamW m and v + the guard's live copy
-    fixed: int          # the kind's fixed weights (e.g. EAGLE3's vocabulary maps), in the draft and the live copy
-    target_head: int    # frozen embedding and lm_head of the target, in the compute dtype (once when tied)
-
-    @property
-    def total(self) -> int:
-        return self.trainable + self.fixed + self.target_head
-
-    def describe(self) -> str:
-        gib = 2 ** 30
-        return (f"{self.total / gib:.2f} GiB (draft + gradients + AdamW + guard copy {self.trainable / gib:.2f}, "
-                f"fixed weights {self.fixed / gib:.2f}, frozen embedding + lm_head {self.target_head / gib:.2f}; "
-                f"activations come on top)")
-
-
-def trainer_memory_need(draft_kind: str, draft_path: str, target_path: str, device: str) -> MemoryNeed:
-    """The trainer's memory on `device`, from the checkpoints' shapes (nothing is loaded)."""
-    kind = get_kind(draft_kind)
-    fixed_names = kind.serving.fixed_weights
-    trainable = ws.layout_numel(ws.draft_layout(draft_path, exclude=fixed_names))
-    everything = ws.layout_numel(ws.draft_layout(draft_path))
-    info = target_info(target_path)
-    head = info.vocab_size * info.hidden_size * (1 if info.tie_word_embeddings else 2)
-    dtype_bytes = torch.empty((), dtype=Precision.for_device(device).dtype).element_size()
-    return MemoryNeed(trainable=20 * trainable, fixed=2 * 4 * (everything - trainable),
-                      target_head=head * dtype_bytes)
-
-
-@dataclass
-class Command:
-    """What rank 0 of a multi-device trainer sends each rank (one `scatter_object_list` per command)."""
-    op: str                                   # "step" | "idle" (keep-alive) | "reset" (to `state`)
-    lr: float = 0.0
-    records: list | None = None               # this rank's share of the step's records
-    seeds: list | None = None                 # their anchor seeds
-    width: int = 0                            # feature width, for a zero-weight stand-in batch
-    state: dict | None = None                 # reset: the weights to go back to
-
-
-def stand_in_batch(width: int, dtype: torch.dtype, length: int = 8) -> Batch:
-    """Nothing in the loss: a rank without records in a step still runs forward/backward (as DDP needs)."""
-    return Batch(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, length, width, dtype=dtype),
-                 torch.zeros(1, length, dtype=torch.bool), 0)
-
-
-def anchor_generators(seeds: list[int]) -> list[torch.Generator]:
-    """One generator per record: a record gets the same anchors whichever rank trains it."""
-    return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
 def sample_by_recency(n: int, k: int, half_life: float, rng: random.Random) -> list[int]:
@@ -151,53 +89,7 @@ def feature_width(kind, cfg) -> int | None:
         return None
 
 
-def private_dir(path: Path) -> None:
-    """`path` exists as a directory of mode 0700."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def make_private(path: Path) -> None:
-    """Everything under `path`: directories 0700, files 0600."""
-    for p in path.rglob("*"):
-        os.chmod(p, 0o700 if p.is_dir() else 0o600)
-
-
-def hold_run_lock(run_dir: Path) -> int | None:
-    """Lock `run_dir` as this process's (an flock on its RUN_LOCK file, 0600, released when the process exits
-    however it exits); returns the fd to keep open, or None when another live process holds it."""
-    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def sweep_partial_exports(root: Path, own_run: Path) -> int:
-    """Delete the partial exports (PARTIAL_EXPORT: a trainer killed mid-export, e.g. at server shutdown) of
-    every run under `root` that has ended: its RUN_LOCK exists and no process holds it. Live runs (other
-    servers sharing the directory), directories without a lock and complete versions are left alone. Returns
-    the number deleted."""
-    swept = 0
-    for run_dir in sorted(root.iterdir()):
-        if run_dir == own_run or not (run_dir / RUN_LOCK).is_file() or not any(run_dir.glob(PARTIAL_EXPORT)):
-            continue
-        fd = hold_run_lock(run_dir)
-        if fd is None:                                  # its trainer lives
-            continue
-        try:
-            for partial in run_dir.glob(PARTIAL_EXPORT):
-                shutil.rmtree(partial, ignore_errors=True)
-                swept += 1
-                log.info("removed %s: a partial export of an ended run", partial)
-        finally:
-            os.close(fd)
-    return swept
-
-
-class OnlineTrainer:
+class OnlineTrainer(GroupMember, Guard):
     def __init__(self, spec: TrainerSpec, group: Dist | None = None, conn=None):
         """group: this process's place in a multi-device trainer (default: one process), whose process group is
         joined here; conn: rank 0's records socket, read from here on (before the models load and the ranks
@@ -221,7 +113,8 @@ class OnlineTrainer:
         self.poisoned: list[tuple[int | None, str]] = []   # (seq, reason) of the records this process dropped
         self.raised_steps = 0               # steps in a row that raised
         self.run_id = s.run_id or new_run_id()   # the supervisor's (kept across restarts), else this process's
-        self.run_lock_fd: int | None = None # RUN_LOCK of <checkpoint_dir>/<run id>, taken at the first export
+        self.checkpoints = (CheckpointWriter(s.checkpoint_dir, self.run_id, s.keep_checkpoints)
+                            if s.checkpoint_dir else None)   # accepted versions on disk
         self.feature_width = feature_width(self.kind, cfg)
         if conn is not None:
             self.start_receiver(conn)
@@ -467,159 +360,10 @@ class OnlineTrainer:
         self.draft.load_state_dict(state)
         self.step_fn.reset_optimizer()
 
-    # -- multi-device group --------------------------------------------------------------------------------
-    def command_all(self, commands: list[Command]) -> Command:
-        """Rank 0: commands[r] to rank r (one collective); returns its own."""
-        out = [None]
-        torch.distributed.scatter_object_list(out, commands, src=0)
-        self.last_command = time.monotonic()
-        return out[0]
-
-    def keepalive(self) -> None:
-        """Rank 0 while not stepping: reach every rank now and then (a hung one stalls this, and the heartbeat)."""
-        if self.group.enabled and time.monotonic() - self.last_command >= KEEPALIVE_S:
-            self.command_all([Command("idle")] * self.group.world_size)
-
-    def share_batch(self, command: Command) -> Batch:
-        if command.records:
-            return self.local_batch(command.records)
-        return stand_in_batch(command.width, self.step_fn.precision.dtype)
-
-    def follow(self) -> None:
-        """Ranks > 0: take part in every step rank 0 commands, until the group is torn down."""
-        log.info("trainer rank %d of %d up (pid %d, device %s)", self.group.rank, self.group.world_size,
-                 os.getpid(), self.step_fn.precision.device)
-        while True:
-            out = [None]
-            torch.distributed.scatter_object_list(out, None, src=0)
-            command: Command = out[0]
-            if command.op == "step":
-                self.step_fn.run([self.share_batch(command)], lr=command.lr,
-                                 generators=[anchor_generators(command.seeds) or None])
-            elif command.op == "reset":
-                self.draft.load_state_dict(command.state)
-                self.step_fn.reset_optimizer()
-
-    # -- guard + publish -----------------------------------------------------------------------------------
-    def score(self, model) -> float:
-        """Acceptance proxy of `model` on the held-out slice (same proposals for every model scored)."""
-        held = list(self.holdout)
-        size = self.settings.batch_size
-        batches = [pad_batch(held[i:i + size], self.settings.max_seq_len, self.step_fn.precision.dtype)
-                   for i in range(0, len(held), size)]
-        return self.step_fn.acceptance(model, batches, **self.kind.objective_settings(num_anchors=GUARD_ANCHORS))
-
     def attach(self, model) -> None:
         """Move a draft to the training device and give it the frozen target parts."""
         model.to(self.embed.device)
         self.kind.attach_target(model, self.embed, self.lm_head, self.spec.target_path)
-
-    def load_published(self, model, state: dict[str, torch.Tensor]) -> None:
-        """Load a published state (everything but the kind's fixed weights, which stay as loaded)."""
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - set(self.fixed):
-            raise ValueError(f"published weights do not fit the draft: missing {sorted(set(missing) - set(self.fixed))}"
-                             f", unexpected {sorted(unexpected)}")
-
-    def candidate(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        """The model to score and the state dict to publish if it passes: the draft being trained."""
-        return self.draft, {k: v.detach().float().cpu().clone() for k, v in self.draft.state_dict().items()
-                            if k not in self.fixed}
-
-    def maybe_publish(self) -> None:
-        if not self.want_publish or not self.slot.can_publish() or not self.holdout:
-            return
-        self.want_publish = False
-        self.candidates += 1
-        h = self.slot.header
-        model, state = self.candidate()
-        if not all(torch.isfinite(v).all() for v in state.values()):
-            h.rejected_nan += 1
-            log.warning("candidate %d has non-finite weights: rejected", self.candidates)
-            return
-        live_tau = self.score(self.live)
-        cand_tau = self.score(model)
-        h.guard_evals += 1
-        h.candidate_tau, h.live_tau = cand_tau, live_tau
-        if not cand_tau >= live_tau - self.settings.guard_tolerance:
-            h.rejected_worse += 1
-            log.info("step %d: candidate tau %.3f < live %.3f on %d held-out records: not swapped",
-                     self.step, cand_tau, live_tau, len(self.holdout))
-            return
-        version = self.slot.publish(state)
-        self.load_published(self.live, self.slot.read_state())   # as served: in the slot's (serving) dtype
-        log.info("step %d: published draft version %d (held-out tau %.3f, live %.3f)", self.step, version,
-                 cand_tau, live_tau)
-        if self.settings.checkpoint_dir:
-            self.checkpoint(version)
-
-    def checkpoint(self, version: int) -> None:
-        """Export the accepted version to <checkpoint_dir>/<run id>/version-NNNNNN/ (directories 0700, files 0600:
-        a draft trained on user traffic can memorise it), written under a temp name and renamed, then prune this
-        run's oldest versions to keep_checkpoints. Other runs' directories (earlier server starts, other servers
-        sharing checkpoint_dir) keep every version; of an ended run (its RUN_LOCK free) the partial export a
-        shutdown cut short is deleted, once per trainer process."""
-        root = Path(self.settings.checkpoint_dir)
-        run_dir = root / self.run_id
-        try:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)     # an existing root keeps its mode
-            private_dir(run_dir)
-            if self.run_lock_fd is None:                           # this process's first export
-                self.run_lock_fd = hold_run_lock(run_dir)
-                sweep_partial_exports(root, run_dir)                # ... left by runs that have ended
-            for stale in run_dir.glob(PARTIAL_EXPORT):             # an export cut short by a trainer restart
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = run_dir / f".version-{version:06d}.tmp"
-            private_dir(tmp)
-            self.live.export(tmp)
-            make_private(tmp)
-            final = run_dir / f"version-{version:06d}"
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            kept = sorted(p for p in run_dir.iterdir() if VERSION_DIR.fullmatch(p.name) and p.is_dir())
-            for old in kept[:max(0, len(kept) - self.settings.keep_checkpoints)]:
-                shutil.rmtree(old)
-        except OSError:
-            log.exception("could not write the checkpoint of version %d to %s", version, run_dir)
-
-    # -- rollback on served acceptance (sglang_ext/online/rollback.py) ---------------------------------------
-    def kept_state_to_resume(self) -> dict[str, torch.Tensor] | None:
-        """Starting up: after a rollback the live draft is the slot's keep buffer, so a (re)started trainer goes
-        on from it (a rollback not reset for yet is taken as reset here), unless a version trained from it was
-        published since."""
-        slot = self.slot
-        if not slot.has_keep:
-            return None
-        h = slot.header
-        rollbacks = h.rollbacks
-        pending = rollbacks > h.rollback_seen
-        if not pending and not (h.live_in_keep and h.published <= h.reset_published):
-            return None
-        state = {name: t.clone() for name, t in slot.keep.items()}
-        if pending:
-            h.reset_published = h.published
-            h.rollback_seen = rollbacks
-        return state
-
-    def reset_after_rollback(self) -> bool:
-        """The server rolled the live version back (slot header `rollbacks`): the draft and the guard's live copy
-        go back to the restored weights (the slot's keep buffer), with a fresh optimizer; versions published
-        before this (trained from the rolled-back one) are never applied."""
-        slot = self.slot
-        h = slot.header
-        rollbacks = h.rollbacks
-        if not slot.has_keep or rollbacks <= h.rollback_seen:
-            return False
-        self.load_published(self.live, {name: t.clone() for name, t in slot.keep.items()})
-        self._reset_to_live()
-        self.want_publish, self.bad_steps = False, 0
-        h.reset_published = h.published
-        h.rollback_seen = rollbacks
-        log.warning("the server rolled draft version %d back to version %d: training goes on from version %d's "
-                    "weights (fresh optimizer); versions published up to %d are not applied",
-                    h.rolled_back_version, h.keep_version, h.keep_version, h.published)
-        return True
 
     def run(self) -> None:
         if not self.main:
@@ -684,38 +428,6 @@ def main(argv: list[str] | None = None, trainer_cls: type[OnlineTrainer] = Onlin
     conn = Connection(spec.records_fd) if group.is_main else None
     trainer_cls(spec, group=group, conn=conn).run()
     return 0
-
-
-def group_from_env(spec: TrainerSpec) -> Dist:
-    """This rank of a multi-device trainer (the supervisor set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
-    group = Dist(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
-    if group.world_size != spec.world_size:
-        raise ValueError(f"$WORLD_SIZE {group.world_size} but the trainer spec says {spec.world_size}")
-    return group
-
-
-def init_group(spec: TrainerSpec) -> None:
-    """Join the trainer's process group: gloo on CPU, nccl on CUDA (this rank's device)."""
-    device = torch.device(spec.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl", device_id=device, timeout=GROUP_TIMEOUT)
-    else:
-        torch.distributed.init_process_group("gloo", timeout=GROUP_TIMEOUT)
-
-
-def watch_parent() -> None:
-    """Ranks > 0 have no records socket to see the server go: leave when the scheduler process is gone."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        log.info("scheduler process gone; trainer rank exits")
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The recorder process: everything --online-train does with a finished request, out of SGLang's scheduler process.
 
-    python -m sglang_ext.online.recorder [--detach] '<RecorderSpec JSON>'
-        (started by the scheduler process of TP rank 0, sglang_ext/online/handoff.py; imports no SGLang;
+    python -m sglang_ext.online.recorder.process [--detach] '<RecorderSpec JSON>'
+        (started by the scheduler process of TP rank 0, sglang_ext/online/scheduler/handoff.py; imports no SGLang;
         --detach: fork and let the parent exit at once, so this process is no descendant of SGLang's launcher)
 
 The scheduler hands each finished request over in a shared-memory ring (sglang_ext/online/ring.py) and wakes this
-process with a byte on a pipe. Here it becomes a `trainer.replay.ReplayRecord` (`capture.assemble_record`) in the
-replay buffer (sglang_ext/online/buffer.py, its own thread: byte budget, poison checks, shards, retention, the
+process with a byte on a pipe. Here it becomes a `trainer.replay.ReplayRecord` (`records.assemble_record`) in the
+replay buffer (sglang_ext/online/recorder/buffer.py, its own thread: byte budget, poison checks, shards, retention, the
 prefix store, malloc_trim), which offers each record to the trainer: this process also starts, feeds, watches and
 restarts the trainer process or group (supervisor.TrainerGroupSupervisor). A trainer that crashes or is killed
 takes no record with it: the records live here, and a restarted trainer gets the buffer's backlog.
@@ -38,7 +38,7 @@ STOP_TIMEOUT_S = 30.0           # the most a stop takes: the last shard written,
 
 class Recorder:
     def __init__(self, spec, cfg, metrics, stopping: threading.Event):
-        from sglang_ext.online.buffer import ReplayBuffer
+        from sglang_ext.online.recorder.buffer import ReplayBuffer
         from sglang_ext.online.ring import Ring
         from trainer.replay import ReplaySpec
         from trainer.target import TargetIdentity
@@ -61,9 +61,9 @@ class Recorder:
         self.taken = 0
 
     def _trainer_supervisor(self):
-        from sglang_ext.online import weight_slot as ws
         from sglang_ext.online.protocol import TrainerSpec
-        from sglang_ext.online.supervisor import TrainerGroupSupervisor
+        from sglang_ext.online.recorder.supervisor import TrainerGroupSupervisor
+        from sglang_ext.online.swap import weight_slot as ws
 
         spec = self.spec
         trainer = TrainerSpec.from_json(spec.trainer_spec)
@@ -89,7 +89,7 @@ class Recorder:
 
     def drain(self) -> int:
         """Take every entry the ring holds into the replay buffer; returns how many."""
-        from sglang_ext.online.handoff import decode_finished
+        from sglang_ext.online.finished import decode_finished
 
         n = 0
         while (payload := self.ring.get()) is not None:
@@ -126,8 +126,8 @@ def tell(fd: int, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from sglang_ext.online.config import OnlineTrainConfig
-    from sglang_ext.online.handoff import RecorderSpec
     from sglang_ext.online.metrics import OnlineMetrics
+    from sglang_ext.online.protocol import RecorderSpec
 
     argv = sys.argv[1:] if argv is None else argv
     stopping = threading.Event()            # a signal during the start (imports: seconds) is not lost either

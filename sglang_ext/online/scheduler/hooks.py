@@ -4,7 +4,7 @@ The flag hooks are always on (they only add our flags to SGLang's parser and rea
 in processes where --online-train was given (the launcher passes the parsed settings to its children in
 $SGLANG_EXT_ONLINE_TRAIN). Which worker class and feed method they hook comes from the served draft's kind
 (`trainer.draft_kind.ServingFacts`). Between the hooks and the pipeline's objects there is one typed handle,
-`_pipeline` (sglang_ext/online/pipeline.py builds it). The pre-deepstack target features --online-train feeds
+`_pipeline` (sglang_ext/online/scheduler/pipeline.py builds it). The pre-deepstack target features --online-train feeds
 its draft come from sglang_ext/hooks.py (`register_general_hooks`), which also feeds them to a draft whose
 config.json is marked so without the flag.
 """
@@ -17,12 +17,18 @@ import time
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from sglang_ext.online.config import (ENV_VAR, OnlineTrainConfig, OnlineTrainConfigError, add_arguments,
-                                      argv_with_sglang_config, check_device_indexes, check_server_args, parse_argv)
+from sglang_ext.online.config import (
+    ENV_VAR,
+    OnlineTrainConfig,
+    OnlineTrainConfigError,
+    check_device_indexes,
+    check_server_args,
+)
+from sglang_ext.online.flags import add_arguments, argv_with_sglang_config, parse_argv
 from sglang_ext.online.hub import resolve_draft_kind
 
 logger = logging.getLogger(__name__)
-_pipeline = None            # sglang_ext.online.pipeline.OnlinePipeline of this scheduler process, once built
+_pipeline = None            # sglang_ext.online.scheduler.pipeline.OnlinePipeline of this scheduler process, once built
 
 
 def pipeline():
@@ -81,7 +87,7 @@ def prepare_server_args_with_online_train(original, argv, *args, **kwargs):
 # pipeline when the speculative worker starts, so a bad persist directory or draft fails the server at startup.
 def start_online_pipeline(result, self, *args, **kwargs):
     global _pipeline
-    from sglang_ext.online.pipeline import start_pipeline
+    from sglang_ext.online.scheduler.pipeline import start_pipeline
     _pipeline = start_pipeline(OnlineTrainConfig.from_env(), self, self.server_args)
 
 
@@ -96,7 +102,7 @@ def remember_batch(original, self, batch, *args, **kwargs):
 
 
 def row_layout(worker, kwargs) -> dict:
-    """How the rows of one DFlash feed call map to requests (Recorder.observe's layout): prefill rows follow
+    """How the rows of one DFlash feed call map to requests (Capture.observe's layout): prefill rows follow
     the batch's extend lengths; verify rows come in blocks of block_size, a committed prefix each."""
     if kwargs.get("commit_lens") is None:
         return {}
@@ -106,12 +112,12 @@ def row_layout(worker, kwargs) -> dict:
 
 
 def _observe(batch, target_hidden, **layout) -> None:
-    if _pipeline is None or _pipeline.recorder is None or batch is None or target_hidden is None \
+    if _pipeline is None or _pipeline.capture is None or batch is None or target_hidden is None \
             or not target_hidden.numel():
         return
     t0 = time.perf_counter()
     try:
-        _pipeline.recorder.observe(batch, target_hidden, **layout)
+        _pipeline.capture.observe(batch, target_hidden, **layout)
     except Exception:                       # capture must never take serving down
         logger.exception("sglang_ext: capture failed; serving continues")
     _pipeline.clock.seconds += time.perf_counter() - t0
@@ -155,10 +161,10 @@ CAPTURE_HOOKS = {
 # srt/mem_cache/common.py `release_kv_cache`: called once a request finishes, is aborted or retracted.
 def finish_request(original, req, *args, **kwargs):
     out = original(req, *args, **kwargs)
-    if _pipeline is not None and _pipeline.recorder is not None:
+    if _pipeline is not None and _pipeline.capture is not None:
         t0 = time.perf_counter()
         try:
-            _pipeline.recorder.release(req)
+            _pipeline.capture.release(req)
         except Exception:
             logger.exception("sglang_ext: could not finish the record of request %s", getattr(req, "rid", "?"))
         _pipeline.clock.seconds += time.perf_counter() - t0
