@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-import sglang_ext.online.scheduler.capture as capture
+import sglang_ext.online.recorder.records as records
 from sglang_ext.online.recorder.buffer import ReplayBuffer
 from sglang_ext.online.config import OnlineTrainConfig
 from trainer.replay import ReplayReader, ReplayRecord, ReplaySpec
@@ -129,7 +129,7 @@ class Finished:
 def test_thread_under_traffic_writes_few_shards_and_the_rest_at_stop(tmp_path, monkeypatch):
     """Records arriving every 50 ms for 1.5 s with shard_seconds 1: one shard by age (the old buffer wrote one
     per second of traffic, and one more per quiet poll), the rest when the buffer stops."""
-    monkeypatch.setattr(capture, "assemble_record", lambda finished, *a: finished.record)
+    monkeypatch.setattr(records, "assemble_record", lambda finished, *a: finished.record)
     buf, _ = make_buffer(tmp_path, start=True, shard_tokens=10_000, shard_seconds=1.0)
     for i in range(30):
         buf.submit(Finished(record(i, length=10)))
@@ -178,7 +178,7 @@ def test_failed_writes_are_retried_then_counted_as_lost_and_the_thread_survives(
     monkeypatch.setattr(buf2.writer, "flush", lambda: (_ for _ in ()).throw(PermissionError(13, "read-only")))
     offered = []
     buf2.on_record = offered.append
-    monkeypatch.setattr(capture, "assemble_record", lambda finished, *a: finished.record)
+    monkeypatch.setattr(records, "assemble_record", lambda finished, *a: finished.record)
     for i in range(10):
         buf2.submit(Finished(record(i)))
     deadline = time.monotonic() + 20

@@ -2,7 +2,8 @@
 and what the scheduler does with it (staging, rollback).
 
     weight_slot.py    shared memory the trainer publishes versions and its status through (memfd, seqlock)
-    staging.py        (scheduler) a published version copied into staging buffers off the scheduler thread, swapped in place
+    staging.py        (scheduler) a published version copied into staging buffers off the scheduler thread,
+                      then swapped in place
     rollback.py       (scheduler) served acceptance of a new version vs the previous one: keep or roll back
 
 Imports no SGLang.

@@ -78,8 +78,8 @@ class CheckpointWriter:
     def write(self, model, version: int) -> None:
         """Export `model` (the accepted version) to <checkpoint_dir>/<run id>/version-NNNNNN/ (directories 0700,
         files 0600: a draft trained on user traffic can memorise it), written under a temp name and renamed, then
-        prune this run's oldest versions to keep_checkpoints. Other runs' directories (earlier server starts, other servers
-        sharing checkpoint_dir) keep every version; of an ended run (its RUN_LOCK free) the partial export a
+        prune this run's oldest versions to keep_checkpoints. Other runs' directories (earlier server starts, other
+        servers sharing checkpoint_dir) keep every version; of an ended run (its RUN_LOCK free) the partial export a
         shutdown cut short is deleted, once per trainer process."""
         root, run_dir = self.root, self.run_dir
         try:
