@@ -58,15 +58,17 @@ c. Hot swap of a ~1 B-parameter draft (part b's draft shape, SGLang's fused qkv 
    work, and the stall until that work finished (the GPU otherwise idle); the staging time. Checks: the staged
    path leaves exactly the slot's weights (cast to bf16) in the same storage. Goal: staged stall <= 2 ms.
 
-d. The capture path: `sglang_ext.online.scheduler.capture.Capture.observe` for verify steps of 64 requests, with
-   device tensors: verify rows [64*4, 5*4096] bf16, starts / commit_lens int64 [64] (random commit lengths
-   1..4), 200 steps, each ending with a synchronize (the scheduler reads every verify result).  Reported:
-   host microseconds per verify step added by observe() (mean / p50 / p99; it includes the poll that keeps
-   the previous step's committed rows), the stream time of the copies it enqueues (CUDA events), wall time
-   per step against the same loop without recording, release() time per request, and whether observe()
-   synchronizes with the device (GPU only): it is called while a ~50 ms kernel is queued; if it returns
-   before the kernel finished, it did not wait.  Check: every request's committed rows come out of the recorder
-   bit-exact at the right positions.
+d. The capture hot path: `sglang_ext.online.scheduler.capture.Capture.observe` (the feature-pool write of a
+   verify step) for 64 requests, with device tensors: verify rows [64*4, 5*4096] bf16, starts / commit_lens
+   int64 [64] (random commit lengths 1..4), the requests' req_to_token rows, a feature pool of one bf16 row per
+   KV slot, 200 steps, each ending with a synchronize (the scheduler reads every verify result), then
+   `Capture.release` of every request (one gather from the pool, one asynchronous copy to the host).  Reported:
+   host microseconds per verify step added by observe() (mean / p50 / p99; it includes the poll that meters the
+   previous step's commit lengths), the stream time of the pool write (CUDA events), wall time per step against
+   the same loop without recording, release() time per request, and whether observe() synchronizes with the
+   device (GPU only): it is called while a ~50 ms kernel is queued; if it returns before the kernel finished, it
+   did not wait.  Check: every request's committed rows come out of the pool bit-exact at the right positions,
+   and positions never written are gaps.
 
 Writes --out (default benchmarks/results/gpu_check.json; --tiny: gpu_check_tiny.json) with every number,
 check, goal and error.  Exit code 0 when every part ran and passed its checks (goals do not count).
@@ -89,6 +91,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -670,20 +673,27 @@ class FINISH_LENGTH:                       # SGLang's finish reasons are classes
 
 
 class FakeReq:
-    def __init__(self, rid: str, prompt_len: int):
+    """The fields of SGLang's Req the capture reads (release): ids, its req_to_token row, how it finished."""
+
+    def __init__(self, rid: str, prompt_len: int, row: int):
         self.rid = rid
         self.origin_input_ids = list(range(prompt_len))
-        self.output_ids: list[int] = []
-        self.multimodal_inputs = None
+        self.output_ids: list[int] = [7]          # the token the prefill produced (no KV yet: the first verify's
+        self.multimodal_inputs = None             # row 0)
         self.finished_reason = None
+        self.kv = SimpleNamespace(req_pool_idx=row)
 
     def finished(self) -> bool:
         return self.finished_reason is not None
 
 
 class FakeBatch:
-    def __init__(self, reqs):
+    """The fields of SGLang's ScheduleBatch a verify step's capture reads: its requests' req_to_token rows."""
+
+    def __init__(self, reqs, req_to_token: torch.Tensor, device):
         self.reqs = reqs
+        self.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
+        self.req_pool_indices = torch.tensor([r.kv.req_pool_idx for r in reqs], dtype=torch.int64, device=device)
 
 
 def verify_inputs(n_req: int, stride: int, steps: int, prompt_len: int, device, gen):
@@ -700,62 +710,72 @@ def _pinned_allocs(cuda: bool) -> float:
 
 
 def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
-    from sglang_ext.online.scheduler.capture import Capture
     from sglang_ext.online.config import OnlineTrainConfig
+    from sglang_ext.online.scheduler.capture import Capture
+    from sglang_ext.online.scheduler.pool import FeaturePool
 
     cuda = device.type == "cuda"
     n_req, stride = shapes.capture_requests, shapes.capture_stride
     H, K = shapes.target["hidden_size"], shapes.draft_layers
-    feat, prompt_len = K * H, 512
+    feat, prompt_len, T = K * H, 512, shapes.capture_steps
+    context = prompt_len + (T + 1) * stride                 # req_to_token columns: room for every step
     p.shapes.update(requests=n_req, rows_per_request=stride, verify_rows=[n_req * stride, feat], dtype="bfloat16",
-                    starts_commit_lens=[n_req], steps=shapes.capture_steps, prompt_len=prompt_len)
+                    starts_commit_lens=[n_req], steps=T, prompt_len=prompt_len,
+                    pool=[n_req * context + 1, feat])
     cfg = OnlineTrainConfig(enabled=True)
     gen = torch.Generator().manual_seed(0)
+    # KV slots as SGLang's allocator hands them out (1..N), request i's row of req_to_token its own range
+    req_to_token = (1 + torch.arange(n_req * context, dtype=torch.int64)).view(n_req, context).to(device)
+    pool = FeaturePool(n_req * context + 1, feat, torch.bfloat16, device)
+    p.metric("feature pool", pool.nbytes / 2**20, "MiB", ".0f")
 
     def new_recorder():
         sink: list = []
-        reqs = [FakeReq(f"req-{i}", prompt_len) for i in range(n_req)]
-        return Capture(cfg, sink.append, NoMetrics()), reqs, sink
+        reqs = [FakeReq(f"req-{i}", prompt_len, i) for i in range(n_req)]
+        return Capture(cfg, sink.append, NoMetrics(), pool), reqs, sink
 
     def advance(reqs, commit_row):
         for req, c in zip(reqs, commit_row):       # the scheduler appends the committed tokens
             req.output_ids.extend([7] * int(c))
 
+    def release_all(rec, reqs):
+        for req in reqs:
+            req.finished_reason = FINISH_LENGTH()
+            rec.release(req, req_to_token)
+
     # -- correctness: a few steps, every request's committed rows recovered at the right positions --
-    steps = min(6, shapes.capture_steps)
+    steps = min(6, T)
     rec, reqs, sink = new_recorder()
     starts_d, commit_d, starts_h, commit_h = verify_inputs(n_req, stride, steps, prompt_len, device, gen)
     sent = []
     for s in range(steps):
         rows = torch.randn(n_req * stride, feat, generator=gen).to(device, torch.bfloat16)   # [n_req*stride, KH]
-        rec.observe(FakeBatch(reqs), rows, starts=starts_d[s], commit_lens=commit_d[s], stride=stride,
-                    max_accept=stride)
+        rec.observe(FakeBatch(reqs, req_to_token, device), rows, starts=starts_d[s], commit_lens=commit_d[s],
+                    stride=stride, max_accept=stride)
         sent.append(rows.cpu())
         advance(reqs, commit_h[s].tolist())
-    for req in reqs:
-        req.finished_reason = FINISH_LENGTH()
-        rec.release(req)
+    release_all(rec, reqs)
     ok = len(sink) == n_req
     for i, captured in enumerate(sink):
         captured.resolve()
         for s in range(steps):
             start, c = int(starts_h[s, i]), int(commit_h[s, i])
-            got = captured.chunks.get(start)
-            ok = ok and got is not None and torch.equal(got, sent[s][i * stride:i * stride + c])
-    p.check("committed rows recovered exactly", ok, f"{len(sink)} requests x {steps} steps", "bit-exact")
+            ok = ok and bool(captured.covered[start:start + c].all()) and torch.equal(
+                captured.rows[start:start + c], sent[s][i * stride:i * stride + c])
+        ok = ok and not bool(captured.covered[:prompt_len].any())     # nothing written there: gaps, not stale rows
+    p.check("committed rows recovered exactly from the pool", ok, f"{len(sink)} requests x {steps} steps",
+            "bit-exact")
     del rec, reqs, sink, sent
 
     # -- overhead: the same loop of verify steps with and without recording --
-    T = shapes.capture_steps
     starts_d, commit_d, _, commit_h = verify_inputs(n_req, stride, T, prompt_len, device, gen)
     base = torch.randn(n_req * stride, feat, generator=gen).to(device, torch.bfloat16)
     commit_lists = commit_h.tolist()
 
     def loop(record: bool) -> dict:
-        """T verify steps. Each ends with a synchronize, as the scheduler reads every verify step's result
-        (so observe()'s poll finds the previous step's copy landed and keeps its rows, as in serving)."""
+        """T verify steps. Each ends with a synchronize, as the scheduler reads every verify step's result."""
         rec, reqs, sink = new_recorder()
-        batch = FakeBatch(reqs)
+        batch = FakeBatch(reqs, req_to_token, device)
         host_s, stream_ms = [], []
         if cuda:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -775,12 +795,10 @@ def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
             advance(reqs, commit_lists[s])
             sync(device)
             if record and cuda:
-                stream_ms.append(e0.elapsed_time(e1))     # the copies observe() put on the stream
+                stream_ms.append(e0.elapsed_time(e1))     # the pool write observe() put on the stream
         wall = time.perf_counter() - t_start
         t0 = time.perf_counter()
-        for req in reqs:
-            req.finished_reason = FINISH_LENGTH()
-            rec.release(req)
+        release_all(rec, reqs)
         release_s = time.perf_counter() - t0
         return {"host_s": host_s, "stream_ms": stream_ms, "wall_s": wall, "release_s": release_s,
                 "records": len(sink)}
@@ -799,11 +817,12 @@ def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
     p.metric("wall per step, plain / recorded (synced every step)",
              f"{plain['wall_s'] / T * 1e6:.0f} / {recorded['wall_s'] / T * 1e6:.0f}", "us")
     if cuda:
-        p.metric("stream time added per step (its device->host copies)",
-                 statistics.median(recorded["stream_ms"]) * 1e3, "us", ".0f")
-    p.metric("bytes copied to the host per step", n_req * stride * feat * 2 / 2**20, "MiB", ".1f")
-    p.metric("release() per request", recorded["release_s"] / n_req * 1e6, "us", ".0f")
-    if pinned_new == pinned_new:                   # the feeds' pinned buffers come from torch's caching host
+        p.metric("stream time added per step (the pool write)", statistics.median(recorded["stream_ms"]) * 1e3,
+                 "us", ".0f")
+    p.metric("bytes copied to the host per step (commit lengths)", n_req * 8, "B", ".0f")
+    p.metric("release() per request (one gather, one copy to the host)", recorded["release_s"] / n_req * 1e6,
+             "us", ".0f")
+    if pinned_new == pinned_new:                   # the copies' pinned buffers come from torch's caching host
         p.metric("new pinned allocations (cudaHostAlloc) in the recorded steps", pinned_new, "", ".0f")  # allocator
     p.metrics["host_us"] = {"value": {"mean": statistics.mean(host_us), "p50": statistics.median(host_us),
                                       "p99": p99}, "unit": "us"}
@@ -826,8 +845,8 @@ def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
         queued_done = torch.cuda.Event()
         queued_done.record()
         t0 = time.perf_counter()
-        rec.observe(FakeBatch(reqs), rows, starts=starts_d[0], commit_lens=commit_d[0], stride=stride,
-                    max_accept=stride)
+        rec.observe(FakeBatch(reqs, req_to_token, device), rows, starts=starts_d[0], commit_lens=commit_d[0],
+                    stride=stride, max_accept=stride)
         observe_ms = (time.perf_counter() - t0) * 1e3
         kernel_done = queued_done.query()
         torch.cuda.synchronize()

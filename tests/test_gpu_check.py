@@ -99,7 +99,7 @@ def test_tiny_every_part_has_numbers(tiny_report):
     # d: host time per verify step, rows recovered
     host_us = parts["d"]["metrics"]["host_us"]["value"]
     assert all(_finite_number(host_us[k]) and host_us[k] > 0 for k in ("mean", "p50", "p99"))
-    assert parts["d"]["checks"]["committed rows recovered exactly"]["ok"]
+    assert parts["d"]["checks"]["committed rows recovered exactly from the pool"]["ok"]
 
 
 def test_parts_are_isolated(tmp_path, monkeypatch):

@@ -65,6 +65,8 @@ class OnlineTrainConfig:
     shard_seconds: float = 300.0                 # ... or a shard once the oldest waiting record is this old
     persist_max_bytes: int = 0                   # retention: oldest shards of persist_dir deleted past it (0: off)
     prefix_store_bytes: int = 0                  # features of recorded prefixes, to fill radix-cache hits (0: off)
+    feature_pool: str = "auto"                   # the device feature pool beside the KV cache: auto (a row per KV
+                                                 # slot) or a size in bytes (rows shared by slots; overwritten: gaps)
     malloc_trim_seconds: float = 60.0            # the replay thread gives freed heap pages back this often (0: off)
     # -- the co-located trainer (part 2) --
     trainer: bool = True                         # False: capture only (no trainer process, no swaps)
@@ -132,6 +134,8 @@ class OnlineTrainConfig:
                      "persist_max_bytes"):
             if float(getattr(self, name)) < 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be >= 0, got {getattr(self, name)}")
+        if self.feature_pool != "auto":
+            parse_size(self.feature_pool, "--online-train-feature-pool")
         if not 0 < float(self.shard_seconds) < float("inf"):
             raise OnlineTrainConfigError(f"--online-train-shard-seconds must be a positive number of seconds, "
                                          f"got {self.shard_seconds}")
@@ -251,6 +255,7 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_heartbeat_timeout": "heartbeat_timeout_s",
                   "online_train_max_memory": "max_memory_bytes", "online_train_duty_cycle": "duty_cycle",
                   "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes",
+                  "online_train_feature_pool": "feature_pool",
                   "online_train_shard_seconds": "shard_seconds",
                   "online_train_persist_max_bytes": "persist_max_bytes",
                   "online_train_malloc_trim_seconds": "malloc_trim_seconds",

@@ -1,7 +1,8 @@
 """A finished request as it crosses from the scheduler process to the recorder process (no SGLang here).
 
-    CapturedRequest      one request's feature rows by start position, its token ids, mRoPE positions and what it
-                         finished with (built by scheduler/capture.py, read by recorder/records.py)
+    CapturedRequest      one finished request: its feature rows by position (gathered from the feature pool at
+                         release, scheduler/pool.py), which of them are its own, its token ids, mRoPE positions and
+                         what it finished with (built by scheduler/capture.py, read by recorder/records.py)
     encode_finished      -> one entry of the ring (ring.Ring), written in place with one copy of the rows
     decode_finished      an entry -> a CapturedRequest whose rows are views of the entry's bytes
 
@@ -20,11 +21,11 @@ _LEN = struct.Struct("<I")
 
 @dataclass
 class CapturedRequest:
-    """One request's capture: its feature rows while it runs, plus what it finished with (set at release)."""
+    """One finished request's capture."""
     rid: str
-    chunks: dict[int, torch.Tensor] = field(default_factory=dict)   # start position -> rows [n, K*H] (CPU)
-    parts: list[tuple[object, int]] = field(default_factory=list)   # feeds not yet split: (capture.Feed, member)
-    # set when the request finished (the replay buffer's thread assembles the record from these)
+    rows: torch.Tensor | None = None       # [L, K*H] host: the pool's rows of positions start..start+L-1
+    covered: torch.Tensor | None = None    # [L] bool: the row is the features of that position's token (else a gap)
+    start: int = 0                         # position of rows[0]: the request's radix-cache hit is not shipped
     token_ids: list[int] = field(default_factory=list)   # prompt + generated, as SGLang finished them
     key_ids: list[int] = field(default_factory=list)     # the same with SGLang's image pad values (radix keys)
     prompt_len: int = 0
@@ -32,27 +33,18 @@ class CapturedRequest:
     mrope_delta: torch.Tensor | int = 0
     modalities: tuple[str, ...] = ()       # request_modalities(): "audio" / "image" / "video" inputs
     finish_reason: str = ""
-    copied: object = None                                 # CUDA event after the mrope copies (None: done)
+    copied: object = None                  # CUDA event after the device -> host copies (None: done)
 
     def nbytes(self) -> int:
-        """Host bytes of its feature rows (pending feeds: the rows its member may own)."""
-        n = sum(c.numel() * c.element_size() for c in self.chunks.values())
-        for feed, i in self.parts:
-            rows = feed.stride if feed.verify else feed.lengths[i]
-            n += rows * feed.rows.shape[1] * feed.rows.element_size()
-        return n
+        """Host bytes of its feature rows."""
+        return 0 if self.rows is None else self.rows.numel() * self.rows.element_size()
 
     def resolve(self) -> None:
-        """Move the rows of pending feeds into `chunks` (waits for their copies: the buffer thread's job)."""
+        """Wait for the device -> host copies (the recorder's side never waits: `resolvable` first)."""
         if self.copied is not None:
             self.copied.synchronize()
             self.copied = None
         self.mrope_delta = int(torch.as_tensor(self.mrope_delta).reshape(-1)[0])
-        for feed, i in self.parts:
-            start, rows = feed.part(i)
-            if rows.shape[0]:
-                self.chunks[start] = rows
-        self.parts = []
 
 
 def _ids(values) -> torch.Tensor:
@@ -66,21 +58,21 @@ def _align(n: int) -> int:
 def encode_finished(p: CapturedRequest, reserve) -> bool:
     """Write the resolved request `p` as one entry: `reserve(n)` returns a writable view of n bytes (or None: it
     cannot fit), filled here and committed by the caller. Layout: u32 header length, JSON header, then 8-byte
-    aligned arrays: token ids, radix keys (when they differ), mRoPE prompt positions, feature rows by chunk."""
-    chunks = sorted(p.chunks.items())
+    aligned arrays: token ids, radix keys (when they differ), mRoPE prompt positions, covered flags, feature rows."""
     token_ids = _ids(p.token_ids)
     keys = None if p.key_ids == p.token_ids else _ids(p.key_ids)
     mrope = None if p.mrope_prompt is None else p.mrope_prompt.to(torch.int64)
-    rows = [t for _, t in chunks]
+    rows = p.rows if p.rows is not None else torch.zeros(0, 0)
+    covered = (p.covered if p.covered is not None else torch.zeros(0, dtype=torch.bool)).to(torch.uint8)
     head = {"rid": p.rid, "prompt_len": p.prompt_len, "finish_reason": p.finish_reason,
             "modalities": list(p.modalities), "mrope_delta": int(p.mrope_delta),
             "tokens": int(token_ids.numel()), "keys": None if keys is None else int(keys.numel()),
             "mrope": None if mrope is None else list(mrope.shape),
-            "chunks": [[int(start), int(t.shape[0])] for start, t in chunks],
-            "width": int(rows[0].shape[1]) if rows else 0,
-            "dtype": str(rows[0].dtype).removeprefix("torch.") if rows else "float32"}
+            "start": int(p.start), "rows": int(rows.shape[0]), "width": int(rows.shape[1]),
+            "dtype": str(rows.dtype).removeprefix("torch.")}
     header = json.dumps(head, separators=(",", ":")).encode()
-    arrays = [token_ids] + ([keys] if keys is not None else []) + ([mrope] if mrope is not None else []) + rows
+    arrays = [token_ids] + ([keys] if keys is not None else []) + ([mrope] if mrope is not None else []) \
+        + [covered, rows]
     offset = _align(_LEN.size + len(header))
     total = offset + sum(_align(a.numel() * a.element_size()) for a in arrays)
     view = reserve(total)
@@ -116,13 +108,15 @@ def decode_finished(payload: bytes | bytearray) -> CapturedRequest:
     if head["mrope"] is not None:
         shape = head["mrope"]
         mrope = take(shape[0] * shape[1], torch.int64).view(*shape)
-    dtype = getattr(torch, head["dtype"])
-    chunks = {start: take(rows * head["width"], dtype).view(rows, head["width"]) for start, rows in head["chunks"]}
-    return CapturedRequest(rid=head["rid"], chunks=chunks, token_ids=token_ids, key_ids=key_ids,
+    n_rows, width = head["rows"], head["width"]
+    covered = take(n_rows, torch.uint8).bool()
+    rows = take(n_rows * width, getattr(torch, head["dtype"])).view(n_rows, width)
+    return CapturedRequest(rid=head["rid"], rows=rows, covered=covered, start=head["start"], token_ids=token_ids,
+                           key_ids=key_ids,
                            prompt_len=head["prompt_len"], mrope_prompt=mrope, mrope_delta=head["mrope_delta"],
                            modalities=tuple(head["modalities"]), finish_reason=head["finish_reason"])
 
 
 def resolvable(p: CapturedRequest) -> bool:
-    """Its device copies (feature rows, mRoPE positions) have landed: `resolve()` will not wait."""
-    return (p.copied is None or p.copied.query()) and all(feed.ready() for feed, _ in p.parts)
+    """Its device -> host copies (feature rows, mRoPE positions) have landed: `resolve()` will not wait."""
+    return p.copied is None or p.copied.query()

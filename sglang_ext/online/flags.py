@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(zero features, out of the loss), counted in sglang:online_train_prefix_rows_total. Off "
                         "by default: after a hot swap the draft's KV of cached prefixes still comes from the "
                         "older draft version, so serving does not see what the filled rows teach")
+    g.add_argument("--online-train-feature-pool", metavar="SIZE",
+                   help="the feature pool on the serving device, beside SGLang's KV cache: the target features fed "
+                        "to the live draft, one row per KV slot, written by one device op per forward and read once "
+                        "when a request finishes (default auto: a row for every KV slot, so the features of a "
+                        "radix-cached prefix live as long as its KV; about width x 2 bytes per KV token). A size "
+                        "(e.g. 1GiB) makes slots share rows: a position whose row was overwritten becomes a gap of "
+                        "its record. Checked against free memory at startup")
     g.add_argument("--online-train-capture-only", action="store_true", default=None,
                    help="record traffic (and persist it) but start no trainer: the draft is never changed")
     g.add_argument("--online-train-device", metavar="DEV",

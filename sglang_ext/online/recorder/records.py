@@ -9,27 +9,30 @@ from sglang_ext.online.finished import CapturedRequest
 def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None):
     """A finished CapturedRequest -> trainer.replay.ReplayRecord, or None when no row was captured.
 
-    Covers positions [0, S) where S = end of the last captured row (capped at the finished length): the very
-    last generated token never has target features. Positions the target did not recompute (a radix-cache
-    prefix hit) are filled from `store` (a PrefixFeatureStore: the rows recorded when that prefix was computed;
-    meta["prefix_filled_rows"] counts them); what it does not hold is a gap: zero features, out of the loss
-    mask, listed in meta["feature_gaps"]. The record's own rows then go into the store.
+    Covers positions [0, S) where S = one past the last covered row (capped at the finished length): the very
+    last generated token never has target features. The request's radix-cache hit (positions before fin.start,
+    not recomputed for it) and rows the feature pool no longer held (a smaller pool's row taken by another slot)
+    are filled from `store` (a PrefixFeatureStore: the rows recorded when that prefix was computed;
+    meta["prefix_filled_rows"] counts them); what it does not hold is a gap: zero features, out of the loss mask,
+    listed in meta["feature_gaps"]. The record's own rows then go into the store.
     """
     from trainer.replay import ReplayRecord
 
     fin.resolve()
     n_tokens = len(fin.token_ids)
-    chunks = sorted((s, t) for s, t in fin.chunks.items() if s < n_tokens)
-    if not chunks:
+    if fin.rows is None or not fin.rows.shape[0]:
         return None
-    feature_dim, dtype = chunks[0][1].shape[1], chunks[0][1].dtype
-    end = min(max(s + t.shape[0] for s, t in chunks), n_tokens)
-    features = torch.zeros(end, feature_dim, dtype=dtype)
+    start = fin.start
+    own = fin.covered[:max(0, n_tokens - start)].to(torch.bool)
+    hits = own.nonzero()
+    if not hits.numel():
+        return None
+    end = start + int(hits[-1]) + 1
     covered = torch.zeros(end, dtype=torch.bool)
-    for start, rows in chunks:                       # later chunks (recomputation) overwrite earlier ones
-        rows = rows[:end - start]
-        features[start:start + rows.shape[0]] = rows
-        covered[start:start + rows.shape[0]] = True
+    covered[start:] = own[:end - start]
+    features = torch.zeros(end, fin.rows.shape[1], dtype=fin.rows.dtype)
+    features[start:] = fin.rows[:end - start]
+    features[~covered] = 0                           # a row that is not this position's: never trained on
     filled = 0
     if store is not None:
         keys = fin.key_ids if len(fin.key_ids) >= end else fin.token_ids

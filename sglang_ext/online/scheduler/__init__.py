@@ -2,7 +2,8 @@
 
     hooks.py          every SGLang hook of the online path, registered in one place; the scheduler clock
     pipeline.py       this process's objects, wired at worker start
-    capture.py        the feature rows SGLang feeds the live draft, per running request (no host sync)
+    capture.py        the feature rows SGLang feeds the live draft -> the pool; a finished request's rows out
+    pool.py           the feature pool beside the KV cache, indexed by KV slot (one device op per forward)
     handoff.py        finished requests -> the shared-memory ring (one copy); starts and watches the recorder
     swap_applier.py   owns the weight slot: stages published versions, swaps them in, rolls back
     tp.py             TP ranks > 0 follow rank 0's swaps

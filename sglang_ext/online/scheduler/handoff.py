@@ -11,8 +11,8 @@ what it finished with) is written into the ring (`ring.Ring`, anonymous shared m
 --online-train-queue-bytes; the oldest entries are dropped past it, counted) with one copy of its rows, and a byte
 on the wake pipe tells the recorder (`python -m sglang_ext.online.recorder.process`, started from here) to read it.
 Everything after that (record assembly, the replay buffer, shards, retention, the trainer) runs in the recorder.
-On CUDA the rows may still be on their way to the host (capture.Feed): such a request waits here until its copies
-have landed (checked without waiting, each tick), so the scheduler thread never syncs.
+On CUDA the rows may still be on their way to the host (the copy of the release gather): such a request waits
+here until its copies have landed (checked without waiting, each tick), so the scheduler thread never syncs.
 
 The recorder is started detached (`Handoff.start`: not a descendant of SGLang's launcher, which SIGKILLs every
 descendant when it shuts down), so it is not killed with this process: it notices the wake pipe close (this

@@ -91,6 +91,13 @@ def start_online_pipeline(result, self, *args, **kwargs):
     _pipeline = start_pipeline(OnlineTrainConfig.from_env(), self, self.server_args)
 
 
+# srt/managers/scheduler.py `Scheduler.init_memory_pools`: SGLang has allocated its KV pools (after the workers
+# started, before CUDA graphs and serving): the feature pool beside them. One that cannot fit fails the server here.
+def attach_feature_pool(result, self, *args, **kwargs):
+    if _pipeline is not None:
+        _pipeline.attach_feature_pool(self)
+
+
 # <worker>.forward_batch_generation: remember the batch being run, so a capture whose feed method is not given
 # the batch (DFlash's) can map feature rows to requests.
 def remember_batch(original, self, batch, *args, **kwargs):
@@ -158,17 +165,18 @@ CAPTURE_HOOKS = {
 }
 
 
-# srt/mem_cache/common.py `release_kv_cache`: called once a request finishes, is aborted or retracted.
+# srt/mem_cache/common.py `release_kv_cache(req, tree_cache, *, checkpoint)`: called once a request finishes, is
+# aborted or retracted. Before SGLang frees the request's slots, its rows are gathered from the feature pool.
 def finish_request(original, req, *args, **kwargs):
-    out = original(req, *args, **kwargs)
     if _pipeline is not None and _pipeline.capture is not None:
         t0 = time.perf_counter()
         try:
-            _pipeline.capture.release(req)
+            tree_cache = args[0] if args else kwargs["tree_cache"]
+            _pipeline.capture.release(req, tree_cache.req_to_token_pool.req_to_token)
         except Exception:
             logger.exception("sglang_ext: could not finish the record of request %s", getattr(req, "rid", "?"))
         _pipeline.clock.seconds += time.perf_counter() - t0
-    return out
+    return original(req, *args, **kwargs)
 
 
 # ---- between iterations: hot swap, metrics -------------------------------------------------------------------
@@ -201,6 +209,7 @@ def register_online_hooks() -> None:
     serving = get_kind(cfg.draft_kind or "dflash").serving
     worker = serving.worker_class
     reg(f"{worker}.__init__", start_online_pipeline, HookType.AFTER)
+    reg("sglang.srt.managers.scheduler.Scheduler.init_memory_pools", attach_feature_pool, HookType.AFTER)
     reg(f"{worker}.forward_batch_generation", remember_batch, HookType.AROUND)
     for method in serving.capture:
         reg(method, CAPTURE_HOOKS[method.rsplit(".", 1)[1]], HookType.AROUND)

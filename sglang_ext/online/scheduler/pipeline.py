@@ -16,12 +16,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.hub import draft_source, local_dir, target_source
 from sglang_ext.online.metrics import OnlineMetrics
 from sglang_ext.online.protocol import RecorderSpec
 from sglang_ext.online.scheduler.capture import Capture
 from sglang_ext.online.scheduler.handoff import Handoff
+from sglang_ext.online.scheduler.placement import device_free_bytes
+from sglang_ext.online.scheduler.pool import FeaturePool, check_pool_memory, pool_rows
 from sglang_ext.online.scheduler.swap_applier import SwapApplier
 from sglang_ext.online.scheduler.tp import SlotHandle, SwapFollower, TPGroup, tp_group
 from trainer.draft_kind import DraftKind, get_kind
@@ -66,6 +70,16 @@ class OnlinePipeline:
     tp: TPGroup | None = None              # None without tensor parallelism
     clock: SchedulerClock = field(default_factory=SchedulerClock)
     clock_flushed: float = field(default_factory=time.monotonic)
+
+    def attach_feature_pool(self, scheduler) -> None:
+        """SGLang has allocated its KV pools (Scheduler.init_memory_pools, at startup): the feature pool beside
+        them, on TP rank 0 (the only rank that captures)."""
+        if self.capture is None:
+            return
+        pool = feature_pool(self.cfg, scheduler.tp_worker.model_runner, self.capture.width, self.capture.storage_dtype)
+        self.capture.pool = pool
+        logger.info("sglang_ext: feature pool: %d rows of %d features (%.1f MiB on %s, --online-train-feature-pool "
+                    "%s)", pool.rows, pool.width, pool.nbytes / 2**20, pool.features.device, self.cfg.feature_pool)
 
     def tick(self, scheduler) -> None:
         """Top of a scheduler iteration: the swap point (sglang_ext/online/scheduler/hooks.py); once a second, what the
@@ -145,7 +159,9 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
 
     handoff = Handoff(cfg.queue_bytes, recorder_spec, metrics)
     handoff.start(wait_s=RECORDER_START_S)                   # fails the server if it cannot record
-    capture = Capture(cfg, handoff.submit, metrics)           # capture -> recorder process
+    # capture -> feature pool (made once SGLang's KV pools exist: attach_feature_pool) -> recorder process
+    capture = Capture(cfg, handoff.submit, metrics, width=len(layer_ids) * spec.hidden_size,
+                      storage_dtype=spec.storage_dtype)
     if supervisor is not None:
         capture.on_verified = supervisor.observe_verified    # served acceptance -> rollback watch
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
@@ -155,3 +171,19 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
                 f"{cfg.duty_cycle:g}" if supervisor else "off (capture only)")
     return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, capture=capture,
                           handoff=handoff, supervisor=supervisor, tp=tp)
+
+
+def feature_pool(cfg: OnlineTrainConfig, runner, width: int, storage_dtype: str) -> FeaturePool:
+    """The feature pool beside the target's KV cache (scheduler/pool.py), on the serving device: a row per KV
+    slot of `runner` (the target's model runner, its KV pools allocated) by default, in the storage dtype (bf16;
+    fp8 storage is quantized when shards are written, with its per-token scales, so the pool holds bf16). Raises
+    when it does not fit, so the server fails at startup."""
+    allocator = runner.token_to_kv_pool_allocator
+    page = max(1, int(getattr(allocator, "page_size", 1) or 1))
+    kv_slots = int(allocator.size) + page + 1                 # SGLang's slot ids run from 1 to size (+ a page)
+    dtype = torch.bfloat16 if storage_dtype == "float8_e4m3fn" else getattr(torch, storage_dtype)
+    row_bytes = width * torch.empty((), dtype=dtype).element_size()
+    rows = pool_rows(cfg.feature_pool, kv_slots, row_bytes)
+    device = str(runner.device)
+    check_pool_memory(rows * (row_bytes + 8), device_free_bytes(device), device, cfg.feature_pool)
+    return FeaturePool(rows, width, dtype, device)

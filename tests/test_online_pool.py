@@ -1,0 +1,72 @@
+"""The feature pool (sglang_ext/online/scheduler/pool.py): rows by KV slot, masked verify writes, shared rows."""
+import pytest
+import torch
+
+from sglang_ext.online.config import OnlineTrainConfig, OnlineTrainConfigError
+from sglang_ext.online.flags import parse_argv
+from sglang_ext.online.scheduler.pool import FeaturePool, check_pool_memory, pool_rows
+
+
+def features(*values):
+    return torch.tensor(values, dtype=torch.float32)[:, None].repeat(1, 3)
+
+
+def test_rows_come_back_by_slot_and_unwritten_slots_are_not_covered():
+    pool = FeaturePool(16, 3, torch.float32, "cpu")
+    pool.write(torch.tensor([3, 7, 9]), features(1, 2, 3))
+    rows, covered = pool.gather(torch.tensor([7, 3, 4, 9]))
+    assert covered.tolist() == [True, True, False, True]
+    assert torch.equal(rows[[0, 1, 3]], features(2, 1, 3))
+
+
+def test_a_verify_write_keeps_the_committed_rows_only_and_clears_the_others():
+    """Uncommitted rows go to the scratch row; the tags of their slots are cleared, so a row an earlier token
+    left in such a slot is never read as this position's."""
+    pool = FeaturePool(16, 3, torch.float32, "cpu")
+    pool.write(torch.tensor([5, 6, 7, 8]), features(-1, -1, -1, -1))         # an earlier request's tokens
+    slots = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])                     # two requests, block of 4
+    commit = torch.tensor([2, 4])
+    committed = torch.arange(4) < commit[:, None]
+    pool.write(slots, features(*range(8)), committed)
+    rows, covered = pool.gather(slots.reshape(-1))
+    assert covered.tolist() == [True, True, False, False, True, True, True, True]
+    assert torch.equal(rows[covered], features(0, 1, 4, 5, 6, 7))
+    assert pool.tags[[7, 8]].tolist() == [-1, -1]                             # slots 7, 8: no committed row
+    assert torch.equal(pool.features[[7, 8]], features(-1, -1))                # the uncommitted rows went to scratch
+
+
+def test_a_smaller_pool_shares_rows_and_a_lost_row_is_not_covered():
+    pool = FeaturePool(4, 3, torch.float32, "cpu")
+    pool.write(torch.tensor([1, 2]), features(10, 20))
+    pool.write(torch.tensor([5]), features(50))                                 # 5 % 4 == 1: slot 1's row
+    rows, covered = pool.gather(torch.tensor([1, 2, 5]))
+    assert covered.tolist() == [False, True, True]
+    assert torch.equal(rows[1:], features(20, 50))
+
+
+def test_the_pool_stores_in_its_dtype():
+    pool = FeaturePool(8, 3, torch.bfloat16, "cpu")
+    x = torch.randn(2, 3)
+    pool.write(torch.tensor([1, 2]), x)
+    rows, _ = pool.gather(torch.tensor([1, 2]))
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, x.to(torch.bfloat16))
+    assert pool.nbytes == 9 * 3 * 2 + 9 * 8
+
+
+def test_size_flag_and_memory_check():
+    assert parse_argv(["--online-train"]).feature_pool == "auto"
+    assert parse_argv(["--online-train", "--online-train-feature-pool", "1MiB"]).feature_pool == "1MiB"
+    with pytest.raises(OnlineTrainConfigError, match="--online-train-feature-pool: cannot parse size 'lots'"):
+        parse_argv(["--online-train", "--online-train-feature-pool", "lots"])
+    assert pool_rows("auto", kv_slots=1000, row_bytes=24) == 1000
+    assert pool_rows("3200", kv_slots=1000, row_bytes=24) == 100                # 24 bytes of row + 8 of tag
+    assert pool_rows("1GiB", kv_slots=1000, row_bytes=24) == 1000               # never more rows than slots
+    with pytest.raises(OnlineTrainConfigError, match="less than one row"):
+        pool_rows("16", kv_slots=1000, row_bytes=24)
+    check_pool_memory(10**6, free=2 * 10**6, device="cuda:0", size="auto")
+    check_pool_memory(10**6, free=None, device="cpu", size="auto")              # unknown: not checked
+    with pytest.raises(OnlineTrainConfigError,
+                       match=r"feature pool needs .* GiB on cuda:0 \(--online-train-feature-pool auto\), more than"):
+        check_pool_memory(2 * 2**30, free=2**30, device="cuda:0", size="auto")
+    with pytest.raises(OnlineTrainConfigError):
+        OnlineTrainConfig(enabled=True, feature_pool="12 apples").validate()
