@@ -35,6 +35,20 @@ def test_a_verify_write_keeps_the_committed_rows_only_and_clears_the_others():
     assert torch.equal(pool.features[[7, 8]], features(-1, -1))                # the uncommitted rows went to scratch
 
 
+def test_each_row_keeps_the_draft_version_that_wrote_its_kv():
+    """What refresh.py reads: rows written under another version than the live one are stale; rows another slot
+    took are gone (their draft KV cannot be re-projected)."""
+    pool = FeaturePool(4, 3, torch.float32, "cpu")
+    pool.write(torch.tensor([1, 2, 3]), features(10, 20, 30), version=0)
+    pool.write(torch.tensor([3]), features(31), version=2)                     # slot 3 written again under v2
+    pool.write(torch.tensor([6]), features(60), version=2)                     # slot 6 takes slot 2's row
+    stale, gone = pool.stale(torch.tensor([1, 2, 3, 6]), live=2)
+    assert stale.tolist() == [True, False, False, False]
+    assert gone.tolist() == [False, True, False, False]
+    pool.versions[torch.tensor([1]) % pool.rows] = 2                           # refreshed: re-stamped
+    assert not pool.stale(torch.tensor([1]), live=2)[0].any()
+
+
 def test_a_smaller_pool_shares_rows_and_a_lost_row_is_not_covered():
     pool = FeaturePool(4, 3, torch.float32, "cpu")
     pool.write(torch.tensor([1, 2]), features(10, 20))
@@ -50,7 +64,7 @@ def test_the_pool_stores_in_its_dtype():
     pool.write(torch.tensor([1, 2]), x)
     rows, _ = pool.gather(torch.tensor([1, 2]))
     assert rows.dtype == torch.bfloat16 and torch.equal(rows, x.to(torch.bfloat16))
-    assert pool.nbytes == 9 * 3 * 2 + 9 * 8
+    assert pool.nbytes == 9 * 3 * 2 + 9 * (8 + 4)              # rows, tags, versions
 
 
 def test_size_flag_and_memory_check():
@@ -59,7 +73,7 @@ def test_size_flag_and_memory_check():
     with pytest.raises(OnlineTrainConfigError, match="--online-train-feature-pool: cannot parse size 'lots'"):
         parse_argv(["--online-train", "--online-train-feature-pool", "lots"])
     assert pool_rows("auto", kv_slots=1000, row_bytes=24) == 1000
-    assert pool_rows("3200", kv_slots=1000, row_bytes=24) == 100                # 24 bytes of row + 8 of tag
+    assert pool_rows("3600", kv_slots=1000, row_bytes=24) == 100       # 24 bytes of row + 8 of tag + 4 of version
     assert pool_rows("1GiB", kv_slots=1000, row_bytes=24) == 1000               # never more rows than slots
     with pytest.raises(OnlineTrainConfigError, match="less than one row"):
         pool_rows("16", kv_slots=1000, row_bytes=24)

@@ -351,7 +351,7 @@ def test_replay_buffer_budget_and_persistence(tmp_path):
     from trainer.target import TargetIdentity
 
     spec = ReplaySpec(TargetIdentity("tiny", "0" * 16), (1, 2), 3, "bfloat16")
-    cfg = OnlineTrainConfig(enabled=True, replay_budget_bytes=3 * 10 * F * 4, persist_dir=str(tmp_path / "replay"),
+    cfg = OnlineTrainConfig(enabled=True, replay_budget_bytes=3 * 10 * F * 2, persist_dir=str(tmp_path / "replay"),
                             shard_seconds=0.05)
     metrics = FakeMetrics()
     buf = ReplayBuffer(cfg, spec, metrics, flush_interval_s=0.05)

@@ -43,6 +43,10 @@ write series of these families (`OnlineMetrics(owner=...)`). --online-train turn
                                                            (its part of SGLang's hooks: capture, release, swap
                                                            point; sglang_ext.online.scheduler.hooks.SchedulerClock)
     sglang:online_train_scheduler_iterations_total         scheduler iterations (per-iteration cost: divide)
+    sglang:online_train_draft_kv_refreshed_tokens_total    context tokens whose draft KV (written by an older
+                                                           version) was re-projected under the live one
+    sglang:online_train_draft_kv_stale_tokens_served_total ... that could not be (features gone): served stale
+    sglang:online_train_draft_kv_refresh_seconds_total     scheduler time spent re-projecting
   persistence and poison records (issue 14):
     sglang:online_train_persisted_shards_total             replay shards written to the persist directory
     sglang:online_train_persisted_bytes_total              ... their bytes
@@ -148,6 +152,11 @@ class OnlineMetrics:
                                        "Hot-swap latency: weight copy into the live draft + helper rebuild",
                                        labelnames=names, buckets=[1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3])
         self._since_swap = gauge("seconds_since_last_swap", "Seconds since the last swap (-1: none yet)")
+        self._kv_refreshed = counter("draft_kv_refreshed_tokens", "Context tokens whose draft KV, written by an older "
+                                     "draft version, was re-projected under the live one before a draft read it")
+        self._kv_stale = counter("draft_kv_stale_tokens_served", "Context tokens served with draft KV of an older "
+                                 "version (their features were no longer in the feature pool)")
+        self._kv_refresh_s = counter("draft_kv_refresh_seconds", "Seconds spent re-projecting stale draft KV")
         if owner == "scheduler":
             self._version.labels(**self.labels).set(0)
             self._since_swap.labels(**self.labels).set(-1)
@@ -158,6 +167,9 @@ class OnlineMetrics:
             if (queue == "ring") == (owner == "scheduler"):
                 self._queue_bytes.labels(**self.labels, queue=queue).set(0)
         self._hung.labels(**self.labels).inc(0)
+        if owner == "scheduler":
+            for c in (self._kv_refreshed, self._kv_stale, self._kv_refresh_s):
+                c.labels(**self.labels).inc(0)
         self._recorder_restarts.labels(**self.labels).inc(0)
         for reason in ("worse", "nan"):
             self._rejected.labels(**self.labels, reason=reason).inc(0)
@@ -391,6 +403,12 @@ class OnlineMetrics:
         self.live_version = version
         self._per_version = {"current": self._new_version_stats(version), "previous": self._per_version["current"]}
         self._publish_versions()
+
+    def draft_kv(self, *, refreshed: int = 0, stale_served: int = 0, seconds: float = 0.0) -> None:
+        """Draft KV refresh after swaps (scheduler/refresh.py)."""
+        self._kv_refreshed.labels(**self.labels).inc(refreshed)
+        self._kv_stale.labels(**self.labels).inc(stale_served)
+        self._kv_refresh_s.labels(**self.labels).inc(seconds)
 
     def scheduler_time(self, seconds: float, iterations: int) -> None:
         self._scheduler_s.labels(**self.labels).inc(seconds)

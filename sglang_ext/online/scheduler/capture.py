@@ -83,6 +83,9 @@ class Capture:
         self.pool = pool
         self.width = pool.width if pool is not None else width
         self.storage_dtype = storage_dtype
+        # records carry rows in the storage dtype (fp8 storage is quantized when shards are written, with its
+        # per-token scales, so its records hold bf16); the pool holds the serving dtype
+        self.record_dtype = torch.bfloat16 if storage_dtype == "float8_e4m3fn" else getattr(torch, storage_dtype)
         self.inflight: deque[Verified] = deque()      # verify steps whose commit lengths may still be copying
         # Scheduler thread, after the metrics: (tokens committed per request of one verify step, the draft version
         # that proposed them) -> the supervisor's rollback watch (pipeline.build_pipeline wires it)
@@ -104,7 +107,7 @@ class Capture:
             n = sum(int(e) for e in batch.extend_lens)
             if n == 0:
                 return
-            self.pool.write(batch.out_cache_loc[:n], target_hidden[:n])
+            self.pool.write(batch.out_cache_loc[:n], target_hidden[:n], version=self.metrics.live_version)
             self.metrics.captured(n, n * self.pool.row_bytes)
             return
         bs = commit_lens.shape[0]
@@ -112,7 +115,8 @@ class Capture:
         positions = starts[:bs].to(torch.int64)[:, None] + offsets
         req_to_token = batch.req_to_token_pool.req_to_token
         slots = req_to_token[batch.req_pool_indices[:bs, None].to(torch.int64), positions]
-        self.pool.write(slots, target_hidden[:bs * stride], offsets < commit_lens[:, None])
+        self.pool.write(slots, target_hidden[:bs * stride], offsets < commit_lens[:, None],
+                        version=self.metrics.live_version)
         self.inflight.append(Verified(commit_lens, max_accept or stride, self.metrics.live_version))
 
     def poll(self) -> None:
@@ -156,6 +160,7 @@ class Capture:
         if n_kv - start <= 0:
             return
         rows, covered = self.pool.gather(req_to_token[index, start:n_kv])
+        rows = rows.to(self.record_dtype)
         mm = getattr(req, "multimodal_inputs", None)
         mrope = getattr(mm, "mrope_positions", None) if mm is not None else None
         delta = getattr(mm, "mrope_position_delta", None) if mm is not None else None

@@ -99,8 +99,17 @@ def attach_feature_pool(result, self, *args, **kwargs):
 
 
 # <worker>.forward_batch_generation: remember the batch being run, so a capture whose feed method is not given
-# the batch (DFlash's) can map feature rows to requests.
+# the batch (DFlash's) can map feature rows to requests; and, before SGLang runs it, bring the draft KV of its
+# contexts to the live draft version (after a hot swap; scheduler/refresh.py).
 def remember_batch(original, self, batch, *args, **kwargs):
+    refresh = _pipeline.refresh if _pipeline is not None else None
+    if refresh is not None:
+        t0 = time.perf_counter()
+        try:
+            refresh.before_forward(self, batch)
+        except Exception:                   # serving goes on (with the older version's draft KV)
+            logger.exception("sglang_ext: draft KV refresh failed; serving continues")
+        _pipeline.clock.seconds += time.perf_counter() - t0
     self._sglang_ext_batch = batch
     try:
         return original(self, batch, *args, **kwargs)
@@ -133,6 +142,8 @@ def _observe(batch, target_hidden, **layout) -> None:
 # DFlash: srt/speculative/dflash_worker_v2.py `DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`: the one
 # place target features enter the live draft (prefill rows; committed rows of each verify step). Record them.
 def capture_dflash_context(original, self, *args, **kwargs):
+    if _pipeline is not None and _pipeline.refresh is not None and _pipeline.refresh.active:
+        return original(self, *args, **kwargs)          # a refresh re-projecting stale KV: not new features
     _observe(getattr(self, "_sglang_ext_batch", None), kwargs.get("target_hidden"), **row_layout(self, kwargs))
     return original(self, *args, **kwargs)
 

@@ -23,6 +23,7 @@ from sglang_ext.online.hub import draft_source, local_dir, target_source
 from sglang_ext.online.metrics import OnlineMetrics
 from sglang_ext.online.protocol import RecorderSpec
 from sglang_ext.online.scheduler.capture import Capture
+from sglang_ext.online.scheduler.refresh import DraftKVRefresh
 from sglang_ext.online.scheduler.handoff import Handoff
 from sglang_ext.online.scheduler.placement import device_free_bytes
 from sglang_ext.online.scheduler.pool import FeaturePool, check_pool_memory, pool_rows
@@ -68,6 +69,7 @@ class OnlinePipeline:
     supervisor: SwapApplier | None         # the weight slot, staging thread and hot swap; None with capture only
     follower: SwapFollower | None = None   # TP ranks > 0 (with the trainer on): swaps when rank 0 does
     tp: TPGroup | None = None              # None without tensor parallelism
+    refresh: DraftKVRefresh | None = None  # draft KV of one version after swaps (DFlash without TP)
     clock: SchedulerClock = field(default_factory=SchedulerClock)
     clock_flushed: float = field(default_factory=time.monotonic)
 
@@ -162,28 +164,35 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
     # capture -> feature pool (made once SGLang's KV pools exist: attach_feature_pool) -> recorder process
     capture = Capture(cfg, handoff.submit, metrics, width=len(layer_ids) * spec.hidden_size,
                       storage_dtype=spec.storage_dtype)
+    refresh = None
     if supervisor is not None:
         capture.on_verified = supervisor.observe_verified    # served acceptance -> rollback watch
+        # after a swap, stale draft KV is re-projected from the pool (DFlash, one rank: refresh.py)
+        if tp is None and hasattr(worker, "_append_target_hidden_to_draft_kv_by_loc"):
+            refresh = DraftKVRefresh(lambda: capture.pool, metrics)
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
                 "persist %s, recorder process %d, trainer %s", kind.name, layer_ids, spec.hidden_size,
                 cfg.replay_budget_bytes, cfg.persist_dir, handoff.pid,
                 f"on {supervisor.device}, needs {supervisor.memory_need.describe()}, duty cycle "
                 f"{cfg.duty_cycle:g}" if supervisor else "off (capture only)")
     return OnlinePipeline(cfg=cfg, kind=kind, block_size=block_size, spec=spec, metrics=metrics, capture=capture,
-                          handoff=handoff, supervisor=supervisor, tp=tp)
+                          handoff=handoff, supervisor=supervisor, tp=tp, refresh=refresh)
 
 
 def feature_pool(cfg: OnlineTrainConfig, runner, width: int, storage_dtype: str) -> FeaturePool:
     """The feature pool beside the target's KV cache (scheduler/pool.py), on the serving device: a row per KV
-    slot of `runner` (the target's model runner, its KV pools allocated) by default, in the storage dtype (bf16;
-    fp8 storage is quantized when shards are written, with its per-token scales, so the pool holds bf16). Raises
-    when it does not fit, so the server fails at startup."""
+    slot of `runner` (the target's model runner, its KV pools allocated) by default, in the serving dtype (the
+    dtype of the rows SGLang feeds the draft, so that re-projecting a stale prefix's draft KV from them gives
+    the KV a fresh prefill would: refresh.py; records are cast to the storage dtype at release). Raises when it
+    does not fit, so the server fails at startup."""
     allocator = runner.token_to_kv_pool_allocator
     page = max(1, int(getattr(allocator, "page_size", 1) or 1))
     kv_slots = int(allocator.size) + page + 1                 # SGLang's slot ids run from 1 to size (+ a page)
-    dtype = torch.bfloat16 if storage_dtype == "float8_e4m3fn" else getattr(torch, storage_dtype)
+    dtype = getattr(runner, "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = torch.bfloat16 if storage_dtype == "float8_e4m3fn" else getattr(torch, storage_dtype)
     row_bytes = width * torch.empty((), dtype=dtype).element_size()
     rows = pool_rows(cfg.feature_pool, kv_slots, row_bytes)
     device = str(runner.device)
-    check_pool_memory(rows * (row_bytes + 8), device_free_bytes(device), device, cfg.feature_pool)
+    check_pool_memory(rows * (row_bytes + 12), device_free_bytes(device), device, cfg.feature_pool)
     return FeaturePool(rows, width, dtype, device)

@@ -13,6 +13,10 @@ served from the radix cache finds its prefix's features here, written when the p
 pool (--online-train-feature-pool SIZE) shares rows between slots: a row overwritten by another slot fails its
 tag and that position becomes a gap of the record (zero features, out of the loss), never another token's row.
 
+Rows are kept in the serving dtype (the dtype of what SGLang feeds the draft), with the draft version that wrote
+each token's draft KV from them (`versions`): after a hot swap, refresh.py re-projects the draft KV of rows of an
+older version under the live weights, which gives what a fresh prefill would.
+
 Verify steps write all of a step's rows in one op; the rows past each request's committed prefix go to a scratch
 row, and their slots' tags are cleared (those slots hold no committed token; SGLang reuses them). No host sync:
 the slots, the commit lengths and the rows stay on the device.
@@ -33,18 +37,24 @@ class FeaturePool:
         # one more row: the scratch row that uncommitted verify rows are written to
         self.features = torch.zeros(self.rows + 1, self.width, dtype=dtype, device=device)
         self.tags = torch.full((self.rows + 1,), -1, dtype=torch.int64, device=device)
+        # the draft version whose weights wrote the draft KV of each row's token (refresh.py re-projects the rows
+        # of an older version before a draft forward reads them)
+        self.versions = torch.zeros(self.rows + 1, dtype=torch.int32, device=device)
         self.row_bytes = self.width * self.features.element_size()
 
     @property
     def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size() + self.tags.numel() * 8
+        return self.features.numel() * self.features.element_size() + self.tags.numel() * 12
 
-    def write(self, slots: torch.Tensor, rows: torch.Tensor, committed: torch.Tensor | None = None) -> None:
+    def write(self, slots: torch.Tensor, rows: torch.Tensor, committed: torch.Tensor | None = None,
+              version: int = 0) -> None:
         """rows[i] (the features of the token in KV slot slots[i]) into the pool; with `committed` (bool, one per
-        row) only the committed rows, the others' tags cleared."""
+        row) only the committed rows, the others' tags cleared. version: the live draft's, which writes these
+        tokens' draft KV from the same rows."""
         slots = slots.reshape(-1).to(self.tags.device, torch.int64)
         rows = rows[:slots.shape[0]]
         index = slots % self.rows
+        self.versions[index] = version
         if committed is None:
             self.tags[index] = slots
             self.features[index] = rows.to(self.features.dtype)
@@ -52,6 +62,15 @@ class FeaturePool:
         committed = committed.reshape(-1)
         self.tags[index] = torch.where(committed, slots, -1)
         self.features[torch.where(committed, index, self.rows)] = rows.to(self.features.dtype)
+
+    def stale(self, slots: torch.Tensor, live: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stale, gone) bool masks over `slots`: stale where the row is the slot's and its draft KV was written
+        by another version than `live`; gone where the row is not the slot's any more (its features were
+        overwritten by another slot's: that draft KV cannot be re-projected)."""
+        slots = slots.reshape(-1).to(self.tags.device, torch.int64)
+        index = slots % self.rows
+        mine = self.tags[index] == slots
+        return mine & (self.versions[index] != live), ~mine
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [n, width], covered bool [n]) of the tokens in `slots`: covered where the row is that slot's."""
@@ -66,9 +85,10 @@ def pool_rows(size: str, kv_slots: int, row_bytes: int) -> int:
         return kv_slots
     from sglang_ext.online.config import parse_size
     nbytes = parse_size(size, "--online-train-feature-pool")
-    rows = nbytes // (row_bytes + 8)
+    rows = nbytes // (row_bytes + 12)
     if rows < 1:
-        raise OnlineTrainConfigError(f"--online-train-feature-pool {size}: less than one row of {row_bytes + 8} bytes")
+        raise OnlineTrainConfigError(f"--online-train-feature-pool {size}: less than one row of {row_bytes + 12} "
+                                     f"bytes")
     return min(rows, kv_slots)
 
 
