@@ -1,6 +1,6 @@
-"""One GPU check of the four hot spots of sglang-ext: one command, one table, one JSON file.
+"""One GPU check of the five hot spots of sglang-ext: one command, one table, one JSON file.
 
-    python benchmarks/gpu_check.py                       # everything, real sizes (needs a CUDA GPU; ~7 min on an H200)
+    python benchmarks/gpu_check.py                       # everything, real sizes (needs a CUDA GPU; at most ~8 min)
     python benchmarks/gpu_check.py --parts a,c           # only some parts
     python benchmarks/gpu_check.py --tiny                # tiny shapes: runs on CPU (Triton interpreter) in seconds
     python benchmarks/gpu_check.py --out /tmp/check.json --budget b=300
@@ -13,7 +13,7 @@ The script never imports SGLang (the GPU machine it is written for has none): it
 itself (a sys.meta_path finder), so a dev box with SGLang installed runs exactly what the GPU machine runs.
 
 Parts (each isolated: a part that raises or runs past its time budget is reported as failed, with its error
-and whatever it measured before, and the others still run; budgets a=150, b=200, c=60, d=30 seconds,
+and whatever it measured before, and the others still run; budgets a=150, b=200, c=60, d=30, e=30 seconds,
 `--budget b=300` changes one; the goals are printed next to the results and do not fail a part):
 
 a. Triton DFlash block attention (spec_kernels/dflash_attention.py), bf16, at the headline shape of
@@ -70,6 +70,14 @@ d. The capture hot path: `sglang_ext.online.scheduler.capture.Capture.observe` (
    did not wait.  Check: every request's committed rows come out of the pool bit-exact at the right positions,
    and positions never written are gaps.
 
+e. The draft KV refresh after a swap (sglang_ext/online/scheduler/refresh.py): 4096 cached tokens of the part b
+   draft (5 layers, bf16) whose draft KV an older version wrote, re-projected from a feature pool of bf16 rows
+   [8193, 5*4096]: the staleness check, the gather, fc + hidden norm, and per layer k/v projection, k norm and
+   RoPE written into per-layer KV buffers at the tokens' slots (the same math as SGLang's DFlash KV append,
+   through the training-form draft: no SGLang on the GPU machine). Reported: milliseconds per refresh (median
+   of 4 after a warm-up) and per token. Checks: the refreshed KV equals the KV projected straight from the
+   features (bf16 tolerance); nothing is stale afterwards.
+
 Writes --out (default benchmarks/results/gpu_check.json; --tiny: gpu_check_tiny.json) with every number,
 check, goal and error.  Exit code 0 when every part ran and passed its checks (goals do not count).
 """
@@ -105,9 +113,10 @@ PART_TITLES = {
     "b": "DFlash draft training step (TrainStep), ours vs flex attention",
     "c": "hot swap of a 1B draft: today's path vs staged",
     "d": "capture: Capture.observe per verify step",
+    "e": "draft KV refresh: re-projecting cached tokens from the feature pool",
 }
-FULL_BUDGET_S = {"a": 150, "b": 200, "c": 60, "d": 30}    # 7 min 20 s in all, + start-up
-TINY_BUDGET_S = {"a": 60, "b": 60, "c": 30, "d": 30}
+FULL_BUDGET_S = {"a": 150, "b": 200, "c": 60, "d": 30, "e": 30}    # 7 min 50 s in all, + start-up
+TINY_BUDGET_S = {"a": 60, "b": 60, "c": 30, "d": 30, "e": 30}
 
 # Qwen3-8B's config.json (the fields a DFlash draft config reads)
 QWEN3_8B = dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
@@ -141,16 +150,18 @@ class Shapes:
     capture_stride: int           # verify rows per request (the block size of the served draft)
     capture_steps: int
     compile_flex: bool            # torch.compile(flex_attention) (the real baseline); eager in the tiny run
+    # e: draft KV refresh
+    refresh_tokens: int           # cached tokens re-projected in one refresh
 
 
 FULL = Shapes(attn_batch=16, attn_heads=32, attn_kv_heads=32, attn_head_dim=128, attn_ctx=4096, attn_blocks=512,
               block_size=16, attn_check_batches=3, target=QWEN3_8B, draft_layers=5, records=16,
               record_tokens=4096, anchors=512, train_steps=2, capture_requests=64, capture_stride=4,
-              capture_steps=200, compile_flex=True)
+              capture_steps=200, compile_flex=True, refresh_tokens=4096)
 TINY = Shapes(attn_batch=2, attn_heads=2, attn_kv_heads=2, attn_head_dim=32, attn_ctx=48, attn_blocks=4,
               block_size=16, attn_check_batches=2, target=TINY_TARGET, draft_layers=2, records=2,
               record_tokens=48, anchors=4, train_steps=1, capture_requests=4, capture_stride=4, capture_steps=5,
-              compile_flex=False)
+              compile_flex=False, refresh_tokens=32)
 
 # bf16 attention tolerances: max |got - want| <= TOL * max(1, max |want|) (tests/test_block_attention.py), and
 # ||got - want|| / ||want|| <= REL_RMS_TOL (benchmarks/bench_block_attention.py --tol)
@@ -662,7 +673,9 @@ def part_hot_swap(p: Part, shapes: Shapes, device: torch.device) -> None:
 # d. capture: Capture.observe per verify step
 # ------------------------------------------------------------------------------------------------------------
 class NoMetrics:
-    """Stands in for OnlineMetrics: every method accepts anything and does nothing."""
+    """Stands in for OnlineMetrics: every method accepts anything and does nothing; the live draft is version 0."""
+
+    live_version = 0
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
@@ -862,7 +875,75 @@ def part_capture(p: Part, shapes: Shapes, device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------------------
-PARTS = {"a": part_attention, "b": part_train_step, "c": part_hot_swap, "d": part_capture}
+# ------------------------------------------------------------------------------------------------------------
+# e. draft KV refresh: what sglang_ext/online/scheduler/refresh.py runs per stale cached token after a swap
+# ------------------------------------------------------------------------------------------------------------
+def part_refresh(p: Part, shapes: Shapes, device: torch.device) -> None:
+    """The refresh's device work for `refresh_tokens` cached tokens of a Qwen3-8B-shaped DFlash draft (part b's
+    shape, bf16): the staleness check over the pool, the gather of their rows, the draft's context projection
+    (fc + hidden norm) and per layer k/v projection, k norm and RoPE, written into per-layer KV buffers at the
+    tokens' slots. It runs SGLang's own append on the server; here (no SGLang on the GPU machine) the same math
+    through the training-form draft (trainer/dflash_draft.py). Checked: the refreshed KV equals the KV projected
+    directly from the features."""
+    from sglang_ext.online.scheduler.pool import FeaturePool
+    from trainer.dflash_draft import DFlashDraft, rope_cos_sin
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    _, cfg = dflash_config(shapes)
+    n = shapes.refresh_tokens
+    width = cfg.num_context_features * cfg.hidden_size
+    draft = DFlashDraft.from_scratch(cfg, seed=0).to(device=device, dtype=dtype).eval()
+    kv_slots = 2 * n + 1
+    pool = FeaturePool(kv_slots, width, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    slots = (torch.randperm(kv_slots - 1, generator=gen)[:n] + 1).to(device)
+    features = torch.randn(n, width, generator=gen).to(device=device, dtype=dtype)
+    pool.write(slots, features, version=0)
+    positions = torch.arange(n, device=device)
+    kv = [(torch.zeros(kv_slots, cfg.num_key_value_heads, cfg.head_dim, device=device, dtype=dtype),
+           torch.zeros(kv_slots, cfg.num_key_value_heads, cfg.head_dim, device=device, dtype=dtype))
+          for _ in draft.layers]
+    p.shapes.update(tokens=n, draft_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, features=width,
+                    kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=str(dtype).removeprefix("torch."))
+
+    @torch.no_grad()
+    def refresh(live: int) -> int:
+        stale, _ = pool.stale(slots, live)
+        todo = slots[stale]                                         # the host learns the count here (one sync)
+        ctx = draft.project_context(pool.features[todo % pool.rows])[None]
+        cos, sin = rope_cos_sin(positions[stale][None], cfg)
+        for layer, (k_buf, v_buf) in zip(draft.layers, kv):
+            k, v = layer.self_attn.context_kv(ctx, cos, sin)         # [1, Hkv, n, D]
+            k_buf[todo] = k[0].transpose(0, 1)
+            v_buf[todo] = v[0].transpose(0, 1)
+        pool.versions[todo % pool.rows] = live
+        return int(todo.numel())
+
+    times = []
+    for live in range(1, 6 if cuda else 2):                         # a new version each time: all stale again
+        sync(device)
+        t0 = time.perf_counter()
+        done = refresh(live)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    ms = sorted(times[1:] or times)[len(times[1:] or times) // 2] * 1e3
+    p.metric(f"refresh of {n} cached tokens (median)", ms, "ms", ".2f")
+    p.metric("per token", ms * 1e3 / n, "us", ".2f")
+    p.metrics["refresh"] = {"value": {"tokens": done, "ms": ms, "runs_ms": [t * 1e3 for t in times]}, "unit": "ms"}
+    with torch.no_grad():                                           # the same KV straight from the features
+        ctx = draft.project_context(features)[None]
+        cos, sin = rope_cos_sin(positions[None], cfg)
+        k, v = draft.layers[-1].self_attn.context_kv(ctx, cos, sin)
+    err = max(float((kv[-1][0][slots] - k[0].transpose(0, 1)).abs().max() / k.abs().max().clamp(min=1)),
+              float((kv[-1][1][slots] - v[0].transpose(0, 1)).abs().max() / v.abs().max().clamp(min=1)))
+    p.check("refreshed KV equals the KV projected from the features", err <= TOL[dtype],
+            f"last layer, k and v: max err {err:.2g}", f"<= {TOL[dtype]:g}")
+    p.check("nothing stale after the refresh", not pool.stale(slots, live)[0].any().item(), f"{done} refreshed",
+            "0 stale")
+
+
+PARTS = {"a": part_attention, "b": part_train_step, "c": part_hot_swap, "d": part_capture, "e": part_refresh}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -918,7 +999,7 @@ def parse_budget(text: str | None, base: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--parts", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU plumbing check; numbers meaningless)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_check[_tiny].json)")
     parser.add_argument("--budget", default=None, help="per-part time budgets in seconds, e.g. a=120,b=210")

@@ -56,7 +56,7 @@ def tiny_report(tmp_path_factory):
 
 def test_tiny_every_part_passes(tiny_report):
     parts = tiny_report["parts"]
-    assert sorted(parts) == ["a", "b", "c", "d"]
+    assert sorted(parts) == ["a", "b", "c", "d", "e"]
     for letter, part in parts.items():
         assert part["status"] == "ok" and part["error"] is None, f"part {letter}: {part['error']}\n{part['traceback']}"
         assert part["checks"], f"part {letter} checked nothing"
@@ -100,6 +100,11 @@ def test_tiny_every_part_has_numbers(tiny_report):
     host_us = parts["d"]["metrics"]["host_us"]["value"]
     assert all(_finite_number(host_us[k]) and host_us[k] > 0 for k in ("mean", "p50", "p99"))
     assert parts["d"]["checks"]["committed rows recovered exactly from the pool"]["ok"]
+
+    # e: the draft KV refresh timed, the refreshed KV right
+    refresh = parts["e"]["metrics"]["refresh"]["value"]
+    assert refresh["tokens"] > 0 and _finite_number(refresh["ms"]) and refresh["ms"] > 0
+    assert all(c["ok"] for c in parts["e"]["checks"].values()) and len(parts["e"]["checks"]) == 2
 
 
 def test_parts_are_isolated(tmp_path, monkeypatch):

@@ -16,10 +16,11 @@ Which contexts are checked, so that nothing runs per request while no version ch
   * a prefill batch (extend): each request's prefix (its radix-cache hit and earlier chunks), once any version
     other than the first has gone live;
   * the first decode batch after a swap or rollback: every running request's committed context.
-The check is one gather per batch on the device; when something is stale its row count is read on the host (one
-sync, only then) to project it. Rows whose features are gone (a pool smaller than the KV cache, whose rows other
-slots took) cannot be re-projected: they are served as they are and counted
-(sglang:online_train_draft_kv_stale_tokens_served_total; 0 with the default pool size). Refreshed tokens and the
+The check is one gather on the device; its counts are read on the host (a device sync, on the checked batches
+only: prefill batches once a swap has happened, and one decode batch per swap) to size the projection. Rows
+whose features are gone (a pool smaller than the KV cache, whose rows other slots took) cannot be re-projected:
+they are served as they are and counted (sglang:online_train_draft_kv_stale_tokens_served_total; 0 with the
+default pool size). Refreshed tokens and the
 time spent are counted too (`_draft_kv_refreshed_tokens_total`, `_draft_kv_refresh_seconds_total`).
 
 Built for DFlash without tensor parallelism (the pool lives on TP rank 0 only, and the projection runs on every
