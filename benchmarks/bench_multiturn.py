@@ -1,13 +1,14 @@
 """Multi-turn traffic: drafts trained on records whose radix-cache hits are gaps, against records where they
-were filled from the prefix feature store, in one run (real SGLang, CPU platform, DFLASH block size 4):
+were filled (from the feature pool, the default), in one run (real SGLang, CPU platform, DFLASH block size 4):
 
     python benchmarks/bench_multiturn.py [--minutes 5] [--out benchmarks/results]
 
 1. The reference workload's multi-turn traffic (`Workload.chats`: 3-turn chats of domain-A code prompts
    after a shared system prompt, every turn carrying the whole conversation as token ids, so turns 2-3 and
    every system prompt are radix-cache hits) is captured twice by `--online-train --online-train-capture-only`
-   servers with a random draft: once with the prefix store (`--online-train-prefix-store`, default) and once
-   without (`0`: hits are zero-feature gaps, out of the loss).
+   servers with a random draft: once as served by default (hits filled from the feature pool:
+   `--online-train-prefix-fill auto`) and once with `--online-train-prefix-fill off` and no prefix store (hits are
+   zero-feature gaps, out of the loss).
 2. A DFlash draft is fine-tuned from scratch on each replay (`python -m trainer.finetune`, same seed, the same
    step count for both, calibrated to fill --minutes).
 3. Each draft is served (plain DFLASH, no online training) on held-out chats (eval split) and its served tau
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from bench_offline_pipeline import (BLOCK_SIZE, Settings, calibrate_steps, dir_bytes,  # noqa: E402
                                     export_random_draft, pyplot, run_finetune, write_draft_config)
 
-MODES = {"filled": "256MB", "gaps": "0"}     # --online-train-prefix-store of the two capture servers
+MODES = {"filled": "auto", "gaps": "off"}     # --online-train-prefix-fill of the two capture servers (no store)
 
 
 def capture(target_dir: Path, draft: Path, tokenizer, chats: list, replay: Path, store: str, *, max_new_tokens: int,
@@ -45,8 +46,8 @@ def capture(target_dir: Path, draft: Path, tokenizer, chats: list, replay: Path,
 
     args = draft_args(draft, BLOCK_SIZE) + ["--online-train", "--online-train-capture-only",
                                              "--online-train-persist-dir", str(replay),
-                                             "--online-train-prefix-store", store]
-    with launch_server(target_dir, args, log_dir=log_dir, name=f"capture-store-{store}") as server:
+                                             "--online-train-prefix-fill", store]
+    with launch_server(target_dir, args, log_dir=log_dir, name=f"capture-fill-{store}") as server:
         before = metric_value(server.metrics(), "sglang:online_train_recorded_records_total")
         t0 = time.monotonic()
         turns = send_chats(server, tokenizer, chats, max_new_tokens=max_new_tokens, concurrency=concurrency,
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
                                  "finetune": asdict(s)},
                     "chats": {"train": len(train_chats), "eval": len(eval_chats), "turns": 3}, "modes": {}}
     for mode, store in MODES.items():
-        print(f"capture ({mode}: --online-train-prefix-store {store}) of {len(train_chats)} chats ...", flush=True)
+        print(f"capture ({mode}: --online-train-prefix-fill {store}) of {len(train_chats)} chats ...", flush=True)
         result["modes"][mode] = {"capture": capture(target_dir, random_draft, tokenizer, train_chats,
                                                     work / f"replay-{mode}", store,
                                                     max_new_tokens=args.max_new_tokens,

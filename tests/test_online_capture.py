@@ -282,12 +282,13 @@ def test_online_train_moe_pre_deepstack(tiny, server_log_dir, tmp_path):
     torch.testing.assert_close(consumed[covered], pre[covered], rtol=1e-4, atol=1e-4)
 
 
-def test_radix_hits_are_filled_from_the_prefix_store(tiny, server_log_dir, tmp_path):
+def test_radix_hits_are_filled_from_the_feature_pool(tiny, server_log_dir, tmp_path):
     """Multi-turn traffic: turn 2 and 3 of a chat are the earlier turns' whole conversation, and two requests
     share a system prompt, so SGLang serves those prefixes from its radix cache and the target never recomputes
-    them. Their records are filled from the prefix feature store with exactly the rows the live draft consumed
-    when the prefix was first computed (the test plugin's debug dump); only positions never recorded (the last
-    token of a finished turn) stay gaps. A server with the store off leaves them all as gaps."""
+    them. Their records are filled from the feature pool (capture only: the draft KV serving reads there is of the
+    one version) with exactly the rows the live draft consumed when the prefix was first computed (the test
+    plugin's debug dump); only positions never recorded (the last token of a finished turn) stay gaps. The same
+    with the prefix store on: the pool leaves it nothing to fill."""
     from transformers import AutoTokenizer
 
     from trainer.replay import ReplayReader
@@ -335,47 +336,39 @@ def test_radix_hits_are_filled_from_the_prefix_store(tiny, server_log_dir, tmp_p
     # The same traffic to a server with the store on and to one with it off (started together).
     with launch_servers(launcher("64MB", "prefix-store"), launcher("0", "no-prefix-store")) as servers:
         metrics, metrics_off = run_concurrently(*(lambda s=s: traffic(s) for s in servers))
-    (records, dumps), (records_off, _) = read("prefix-store"), read("no-prefix-store")
+    (records, dumps), (records_off, dumps_off) = read("prefix-store"), read("no-prefix-store")
 
     ours = ["chat-0", "chat-1", "chat-2", "system-a", "system-b"]
-    assert set(ours) <= set(records)
-    order = [rid for rid in records if rid not in ours] + ours   # SGLang's warm-up request came first
+    for records, dumps, metrics in ((records, dumps, metrics), (records_off, dumps_off, metrics_off)):
+        assert set(ours) <= set(records)
+        order = [rid for rid in records if rid not in ours] + ours   # SGLang's warm-up request came first
 
-    def first_consumed(later: str, pos: int) -> torch.Tensor:
-        """The row the live draft consumed at `pos` when the earliest request with `later`'s tokens up to
-        there computed it (SGLang's warm-up shares the chat template's first tokens)."""
-        ids = records[later].input_ids
-        for rid in order[:order.index(later)]:
-            other = records[rid].input_ids
-            if len(other) > pos and torch.equal(other[:pos + 1], ids[:pos + 1]):
-                for start, (feats, _) in dumps.get(rid, {}).items():
-                    if start <= pos < start + feats.shape[0]:
-                        return feats[pos - start]
-        raise AssertionError(f"{later}: no earlier request computed position {pos}")
+        def first_consumed(later: str, pos: int) -> torch.Tensor:
+            """The row the live draft consumed at `pos` when the earliest request with `later`'s tokens up to
+            there computed it (SGLang's warm-up shares the chat template's first tokens)."""
+            ids = records[later].input_ids
+            for rid in order[:order.index(later)]:
+                other = records[rid].input_ids
+                if len(other) > pos and torch.equal(other[:pos + 1], ids[:pos + 1]):
+                    for start, (feats, _) in dumps.get(rid, {}).items():
+                        if start <= pos < start + feats.shape[0]:
+                            return feats[pos - start]
+            raise AssertionError(f"{later}: no earlier request computed position {pos}")
 
-    filled_total = 0
-    for later, earlier in (("chat-1", "chat-0"), ("chat-2", "chat-1"), ("system-b", "system-a")):
-        rec, first = records[later], records[earlier]
-        filled = rec.meta["prefix_filled_rows"]
-        gaps = rec.meta["feature_gaps"]
-        assert filled > 0, (later, rec.meta)
-        # only the earlier request's last token (never recorded) may remain a gap, at most one row
-        assert sum(b - a for a, b in gaps) <= 1 and all(a == len(first) for a, _ in gaps), (later, gaps, len(first))
-        # what it consumed itself starts after the hit; below that, the rows were filled: they equal the rows the
-        # live draft consumed when that prefix was first computed
-        hit = min(dumps[later])
-        assert hit == filled + sum(b - a for a, b in gaps), (later, hit, filled, gaps)
-        for pos in range(hit):
-            if not any(a <= pos < b for a, b in gaps):
-                want = first_consumed(later, pos).to(torch.bfloat16).float()
-                assert torch.equal(rec.features[pos].float(), want), (later, pos)
-        filled_total += filled
-    assert metric_value(metrics, "sglang:online_train_prefix_rows_total", result="filled") >= filled_total
-
-    # the same traffic with the store off: those rows are gaps (zeros, out of the loss)
-    for later in ("chat-1", "chat-2", "system-b"):
-        rec = records_off[later]
-        assert rec.meta["prefix_filled_rows"] == 0
-        assert sum(b - a for a, b in rec.meta["feature_gaps"]) == records[later].meta["prefix_filled_rows"] + sum(
-            b - a for a, b in records[later].meta["feature_gaps"])
-    assert metric_value(metrics_off, "sglang:online_train_prefix_rows_total", result="filled") == 0
+        pool_total = 0
+        for later, earlier in (("chat-1", "chat-0"), ("chat-2", "chat-1"), ("system-b", "system-a")):
+            rec, first = records[later], records[earlier]
+            from_pool, gaps = rec.meta["prefix_pool_rows"], rec.meta["feature_gaps"]
+            assert from_pool > 0 and rec.meta["prefix_filled_rows"] == 0, (later, rec.meta)
+            # only the earlier request's last token (never recorded) may remain a gap, at most one row
+            assert sum(b - a for a, b in gaps) <= 1 and all(a == len(first) for a, _ in gaps), (later, gaps)
+            # what it consumed itself starts after the hit; below that, the rows came from the pool: they equal
+            # the rows the live draft consumed when that prefix was first computed
+            hit = min(dumps[later])
+            assert hit == from_pool + sum(b - a for a, b in gaps), (later, hit, from_pool, gaps)
+            for pos in range(hit):
+                if not any(a <= pos < b for a, b in gaps):
+                    want = first_consumed(later, pos).to(torch.bfloat16).float()
+                    assert torch.equal(rec.features[pos].float(), want), (later, pos)
+            pool_total += from_pool
+        assert metric_value(metrics, "sglang:online_train_prefix_rows_total", result="filled") >= pool_total

@@ -137,6 +137,28 @@ def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
     assert covered.all() and torch.equal(in_pool, rows(0, 4) * 3)
 
 
+def test_radix_prefix_hit_is_filled_from_the_pool():
+    """Where the draft KV serving reads is of the live version (capture only, or the refresh on), a radix hit is
+    filled from the pool: the rows written when the first request computed that prefix; counted as pool rows."""
+    rec, sink, slots = make_recorder(include_prompt_loss=True)
+    rec.fill_prefixes = True
+    first = fake_req("first", prompt=[1, 2, 3, 4, 5, 6], output=[7, 8])
+    rec.observe(slots.prefill([first], [0], [6]), rows(0, 6) * 3)
+    rec.observe(slots.verify([first], [6]), rows(6, 4) * 3, **verify([6], [1]))
+    rec.release(first, slots.req_to_token)
+    second = slots.admit(fake_req("second", prompt=[1, 2, 3, 4, 9, 9], output=[5, 6]), prefix_of=first,
+                         prefix_len=4)
+    second.cached_tokens = 4
+    rec.observe(slots.prefill([second], [4], [2]), rows(4, 2))
+    rec.observe(slots.verify([second], [6]), rows(6, 4), **verify([6], [1]))
+    rec.release(second, slots.req_to_token)
+    assert sink[1].start == 0 and sink[1].cached == 4 and sink[1].rows.shape[0] == 7
+    record = assemble_record(sink[1], include_prompt_loss=True)
+    assert record.meta["feature_gaps"] == [] and record.meta["prefix_pool_rows"] == 4
+    assert torch.equal(record.features[:4], rows(0, 4) * 3) and torch.equal(record.features[4:], rows(4, 3))
+    assert record.loss_mask.tolist() == [True] * 7
+
+
 def test_rows_the_pool_lost_are_gaps_out_of_the_loss():
     """A pool smaller than the KV cache shares rows between slots: a position whose row another slot took is a
     gap (zero features, out of the loss), never that slot's row; a position never written is a gap too."""

@@ -65,6 +65,9 @@ class OnlineTrainConfig:
     shard_seconds: float = 300.0                 # ... or a shard once the oldest waiting record is this old
     persist_max_bytes: int = 0                   # retention: oldest shards of persist_dir deleted past it (0: off)
     prefix_store_bytes: int = 0                  # features of recorded prefixes, to fill radix-cache hits (0: off)
+    prefix_fill: str = "auto"                    # radix-cache hits of records: auto (from the feature pool where the
+                                                 # draft KV serving reads is of the live version) | off (gaps, or the
+                                                 # prefix store)
     feature_pool: str = "auto"                   # the device feature pool beside the KV cache: auto (a row per KV
                                                  # slot) or a size in bytes (rows shared by slots; overwritten: gaps)
     malloc_trim_seconds: float = 60.0            # the replay thread gives freed heap pages back this often (0: off)
@@ -134,6 +137,8 @@ class OnlineTrainConfig:
                      "persist_max_bytes"):
             if float(getattr(self, name)) < 0:
                 raise OnlineTrainConfigError(f"online-train {name} must be >= 0, got {getattr(self, name)}")
+        if self.prefix_fill not in ("auto", "off"):
+            raise OnlineTrainConfigError(f"--online-train-prefix-fill must be auto or off, got {self.prefix_fill!r}")
         if self.feature_pool != "auto":
             parse_size(self.feature_pool, "--online-train-feature-pool")
         if not 0 < float(self.shard_seconds) < float("inf"):
@@ -255,7 +260,7 @@ _FLAG_TO_FIELD = {"online_train_replay_budget": "replay_budget_bytes", "online_t
                   "online_train_heartbeat_timeout": "heartbeat_timeout_s",
                   "online_train_max_memory": "max_memory_bytes", "online_train_duty_cycle": "duty_cycle",
                   "online_train_queue_bytes": "queue_bytes", "online_train_prefix_store": "prefix_store_bytes",
-                  "online_train_feature_pool": "feature_pool",
+                  "online_train_feature_pool": "feature_pool", "online_train_prefix_fill": "prefix_fill",
                   "online_train_shard_seconds": "shard_seconds",
                   "online_train_persist_max_bytes": "persist_max_bytes",
                   "online_train_malloc_trim_seconds": "malloc_trim_seconds",

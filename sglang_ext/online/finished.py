@@ -25,7 +25,9 @@ class CapturedRequest:
     rid: str
     rows: torch.Tensor | None = None       # [L, K*H] host: the pool's rows of positions start..start+L-1
     covered: torch.Tensor | None = None    # [L] bool: the row is the features of that position's token (else a gap)
-    start: int = 0                         # position of rows[0]: the request's radix-cache hit is not shipped
+    start: int = 0                         # position of rows[0] (0, or where the radix-cache hit ends when the
+                                           # hit is not filled from the pool)
+    cached: int = 0                        # the radix-cache hit: positions the target did not recompute for it
     token_ids: list[int] = field(default_factory=list)   # prompt + generated, as SGLang finished them
     key_ids: list[int] = field(default_factory=list)     # the same with SGLang's image pad values (radix keys)
     prompt_len: int = 0
@@ -68,7 +70,7 @@ def encode_finished(p: CapturedRequest, reserve) -> bool:
             "modalities": list(p.modalities), "mrope_delta": int(p.mrope_delta),
             "tokens": int(token_ids.numel()), "keys": None if keys is None else int(keys.numel()),
             "mrope": None if mrope is None else list(mrope.shape),
-            "start": int(p.start), "rows": int(rows.shape[0]), "width": int(rows.shape[1]),
+            "start": int(p.start), "cached": int(p.cached), "rows": int(rows.shape[0]), "width": int(rows.shape[1]),
             "dtype": str(rows.dtype).removeprefix("torch.")}
     header = json.dumps(head, separators=(",", ":")).encode()
     arrays = [token_ids] + ([keys] if keys is not None else []) + ([mrope] if mrope is not None else []) \
@@ -111,7 +113,8 @@ def decode_finished(payload: bytes | bytearray) -> CapturedRequest:
     n_rows, width = head["rows"], head["width"]
     covered = take(n_rows, torch.uint8).bool()
     rows = take(n_rows * width, getattr(torch, head["dtype"])).view(n_rows, width)
-    return CapturedRequest(rid=head["rid"], rows=rows, covered=covered, start=head["start"], token_ids=token_ids,
+    return CapturedRequest(rid=head["rid"], rows=rows, covered=covered, start=head["start"],
+                           cached=head.get("cached", 0), token_ids=token_ids,
                            key_ids=key_ids,
                            prompt_len=head["prompt_len"], mrope_prompt=mrope, mrope_delta=head["mrope_delta"],
                            modalities=tuple(head["modalities"]), finish_reason=head["finish_reason"])

@@ -15,8 +15,9 @@ write series of these families (`OnlineMetrics(owner=...)`). --online-train turn
     sglang:online_train_dropped_requests_total{reason}     aborted / too_long / opted_out (custom_params)
     sglang:online_train_replay_bytes, _replay_records, _replay_budget_bytes, _replay_dropped_records_total
     sglang:online_train_persisted_records_total            records written to shards
-    sglang:online_train_prefix_rows_total{result}          rows of radix-cache hits: filled (from the prefix
-                                                           feature store) | gap (not found: zeros, out of the loss)
+    sglang:online_train_prefix_rows_total{result}          rows of radix-cache hits: filled (from the feature pool
+                                                           or the prefix feature store) | gap (not found: zeros,
+                                                           out of the loss)
     sglang:online_train_prefix_store_bytes                 bytes held by the prefix feature store
   trainer and swaps (part 2):
     sglang:online_train_trainer_up                         1 while the trainer process runs and beats
@@ -128,8 +129,8 @@ class OnlineMetrics:
         self._replay_budget = gauge("replay_budget_bytes", "Byte budget of the in-memory replay buffer")
         self._replay_dropped = counter("replay_dropped_records", "Records evicted from the replay buffer (budget)")
         self._persisted = counter("persisted_records", "Records written to replay shards")
-        self._prefix_rows = counter("prefix_rows", "Rows of radix-cache prefix hits in records: filled from the "
-                                    "prefix feature store, or left as a gap", extra=("result",))
+        self._prefix_rows = counter("prefix_rows", "Rows of radix-cache prefix hits in records: filled (from the "
+                                    "feature pool or the prefix feature store), or left as a gap", extra=("result",))
         self._prefix_bytes = gauge("prefix_store_bytes", "Bytes held by the prefix feature store")
         self._trainer_up = gauge("trainer_up", "1 while the co-located trainer process runs")
         self._restarts = counter("trainer_restarts", "Trainer processes restarted after an exit")

@@ -198,7 +198,7 @@ class ReplayBuffer:
         record.meta["seq"] = self.seq
         self.seq += 1
         self._add(record)
-        self.metrics.prefix_rows(record.meta.get("prefix_filled_rows", 0),
+        self.metrics.prefix_rows(record.meta.get("prefix_filled_rows", 0) + record.meta.get("prefix_pool_rows", 0),
                                  sum(b - a for a, b in record.meta.get("feature_gaps", ())),
                                  self.prefix_store.nbytes if self.prefix_store is not None else 0)
         if self.on_record is not None:

@@ -14,7 +14,8 @@ def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None)
     not recomputed for it) and rows the feature pool no longer held (a smaller pool's row taken by another slot)
     are filled from `store` (a PrefixFeatureStore: the rows recorded when that prefix was computed;
     meta["prefix_filled_rows"] counts them); what it does not hold is a gap: zero features, out of the loss mask,
-    listed in meta["feature_gaps"]. The record's own rows then go into the store.
+    listed in meta["feature_gaps"]. The record's own rows then go into the store. A hit the scheduler already
+    filled from the feature pool (fin.start 0, fin.cached > 0) is counted in meta["prefix_pool_rows"].
     """
     from trainer.replay import ReplayRecord
 
@@ -33,6 +34,7 @@ def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None)
     features = torch.zeros(end, fin.rows.shape[1], dtype=fin.rows.dtype)
     features[start:] = fin.rows[:end - start]
     features[~covered] = 0                           # a row that is not this position's: never trained on
+    pool_rows = int(covered[start:min(fin.cached, end)].sum()) if fin.cached > start else 0
     filled = 0
     if store is not None:
         keys = fin.key_ids if len(fin.key_ids) >= end else fin.token_ids
@@ -61,6 +63,6 @@ def assemble_record(fin: CapturedRequest, include_prompt_loss: bool, store=None)
     meta = {"rid": fin.rid, "prompt_len": fin.prompt_len, "num_tokens_finished": n_tokens,
             "finish_reason": fin.finish_reason, "has_image": "image" in fin.modalities,
             "modalities": list(fin.modalities), "feature_gaps": gaps,
-            "prefix_filled_rows": filled, "source": "online"}
+            "prefix_filled_rows": filled, "prefix_pool_rows": pool_rows, "source": "online"}
     return ReplayRecord(input_ids=input_ids, features=features, positions=positions,
                         loss_mask=loss_mask, meta=meta)

@@ -86,6 +86,11 @@ class Capture:
         # records carry rows in the storage dtype (fp8 storage is quantized when shards are written, with its
         # per-token scales, so its records hold bf16); the pool holds the serving dtype
         self.record_dtype = torch.bfloat16 if storage_dtype == "float8_e4m3fn" else getattr(torch, storage_dtype)
+        # fill a request's radix-cache hit from the pool (its rows were written when the prefix was computed):
+        # right when the draft KV serving reads there is of the live version too (capture only: one version;
+        # with the trainer: the draft KV refresh, refresh.py); otherwise the hit stays out of the record (gaps,
+        # or the recorder's prefix store). pipeline.build_pipeline sets it.
+        self.fill_prefixes = False
         self.inflight: deque[Verified] = deque()      # verify steps whose commit lengths may still be copying
         # Scheduler thread, after the metrics: (tokens committed per request of one verify step, the draft version
         # that proposed them) -> the supervisor's rollback watch (pipeline.build_pipeline wires it)
@@ -153,10 +158,12 @@ class Capture:
         index = _req_pool_index(req)
         if index is None or self.pool is None:
             return
-        # tokens with KV (every one but the last generated: it never went through the target), from the end of
-        # its radix-cache hit (not recomputed for it: a gap of the record, or filled by the prefix store)
+        # tokens with KV (every one but the last generated: it never went through the target); its radix-cache
+        # hit (not recomputed for it) from the pool too when fill_prefixes, else left to the recorder (gaps, or
+        # the prefix store)
         n_kv = min(len(token_ids) - 1, req_to_token.shape[1])
-        start = min(max(0, int(getattr(req, "cached_tokens", 0) or 0)), n_kv)
+        hit = min(max(0, int(getattr(req, "cached_tokens", 0) or 0)), n_kv)
+        start = 0 if self.fill_prefixes else hit
         if n_kv - start <= 0:
             return
         rows, covered = self.pool.gather(req_to_token[index, start:n_kv])
@@ -166,6 +173,7 @@ class Capture:
         delta = getattr(mm, "mrope_position_delta", None) if mm is not None else None
         cuda = rows.is_cuda
         p = CapturedRequest(req.rid, rows=_to_host(rows, cuda), covered=_to_host(covered, cuda), start=start,
+                            cached=hit,
                             token_ids=token_ids, key_ids=list(req.origin_input_ids) + list(req.output_ids),
                             prompt_len=len(req.origin_input_ids), finish_reason=reason,
                             modalities=request_modalities(req))

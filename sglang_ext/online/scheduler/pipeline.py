@@ -170,6 +170,8 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
         # after a swap, stale draft KV is re-projected from the pool (DFlash, one rank: refresh.py)
         if tp is None and hasattr(worker, "_append_target_hidden_to_draft_kv_by_loc"):
             refresh = DraftKVRefresh(lambda: capture.pool, metrics)
+    # radix-cache hits filled from the pool where serving's draft KV there is of the live version
+    capture.fill_prefixes = cfg.prefix_fill == "auto" and (supervisor is None or refresh is not None)
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
                 "persist %s, recorder process %d, trainer %s", kind.name, layer_ids, spec.hidden_size,
                 cfg.replay_budget_bytes, cfg.persist_dir, handoff.pid,
