@@ -44,6 +44,11 @@ def persisted_rids(replay_dir) -> set[str]:
     return {reader.read(i).meta["rid"] for i in range(len(reader))}
 
 
+def persisted_so_far(replay_dir) -> set[str]:
+    """persisted_rids while the server writes: nothing before its first shard."""
+    return persisted_rids(replay_dir) if (replay_dir / "manifest.json").exists() else set()
+
+
 def stop(server, how: str) -> float:
     """Stop the server `how`; wait until every one of its processes (the recorder included, which is not a
     descendant of the launcher) is gone. Returns the seconds that took."""
@@ -96,11 +101,16 @@ def test_trainer_and_recorder_killed_lose_no_record(tiny, server_log_dir, tmp_pa
         (trainer,) = trainer_pids(server)
         os.kill(trainer, signal.SIGKILL)                     # the records are the recorder's, not the trainer's
         finished += send(server, prompts("trainer-killed", 4))
-        # What the recorder holds in memory dies with it: wait until it has written these (a shard a second)
-        deadline = time.monotonic() + 60
-        while metric_value(server.metrics(), "sglang:online_train_persisted_records_total") < len(finished) and \
+        # What the recorder holds in memory dies with it: wait until it has written these (a shard a second), and
+        # until it has restarted the trainer (counted; a recorder killed before that would start a first trainer)
+        # (by request id: the persisted count also holds SGLang's warm-up request)
+        deadline = time.monotonic() + 120
+        while (not set(finished) <= persisted_so_far(persist)
+               or metric_value(server.metrics(), "sglang:online_train_trainer_restarts_total") < 1) and \
                 time.monotonic() < deadline:
             time.sleep(0.5)
+        text = server.metrics()
+        assert metric_value(text, "sglang:online_train_trainer_restarts_total") >= 1, "the trainer was not restarted"
         (recorder,) = recorder_pids(server)
         os.kill(recorder, signal.SIGKILL)
         finished_while_down = send(server, prompts("recorder-killed", 4))   # serving goes on meanwhile
@@ -114,8 +124,7 @@ def test_trainer_and_recorder_killed_lose_no_record(tiny, server_log_dir, tmp_pa
         assert recorder_pids(server) and recorder_pids(server) != [recorder]
         # What the scheduler wrote into the ring while no recorder ran waited there for the new one
         deadline = time.monotonic() + 120
-        while metric_value(server.metrics(), "sglang:online_train_persisted_records_total") < \
-                len(finished + finished_while_down) and time.monotonic() < deadline:
+        while not set(finished + finished_while_down) <= persisted_so_far(persist) and time.monotonic() < deadline:
             time.sleep(0.5)
         text = server.metrics()
         assert metric_value(text, "sglang:online_train_recorder_restarts_total") == 1

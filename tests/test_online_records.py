@@ -115,8 +115,9 @@ def test_prefill_chunks_and_verify_rows_assemble_in_order():
 
 def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
     """A request served from the radix cache (its prefix not recomputed for it, req.cached_tokens) records the
-    hit as a gap, as the prefix store is off; the pool still holds the prefix's rows (written when another request
-    computed it, its slots kept by the radix cache)."""
+    hit as a gap when it is not filled from the pool (Capture.fill_prefixes off) and the prefix store is off; the
+    pool still holds the prefix's rows (written when another request computed it, its slots kept by the radix
+    cache)."""
     rec, sink, slots = make_recorder(include_prompt_loss=True)
     first = fake_req("first", prompt=[1, 2, 3, 4, 5, 6], output=[7, 8])
     rec.observe(slots.prefill([first], [0], [6]), rows(0, 6) * 3)
