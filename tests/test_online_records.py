@@ -113,12 +113,9 @@ def test_prefill_chunks_and_verify_rows_assemble_in_order():
     assert [a for name, a in rec.metrics.events if name == "captured"] == [(n, n * F * 4) for n in (3, 2, 2, 3)]
 
 
-def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
-    """A request served from the radix cache (its prefix not recomputed for it, req.cached_tokens) records the
-    hit as a gap when it is not filled from the pool (Capture.fill_prefixes off) and the prefix store is off; the
-    pool still holds the prefix's rows (written when another request computed it, its slots kept by the radix
-    cache)."""
-    rec, sink, slots = make_recorder(include_prompt_loss=True)
+def serve_a_radix_hit(rec, slots):
+    """A request computes 6 prompt tokens (rows 0..5, x3) and finishes; a second one shares its first 4 tokens
+    from the radix cache (req.cached_tokens = 4) and computes the rest (rows 4..). Returns the second."""
     first = fake_req("first", prompt=[1, 2, 3, 4, 5, 6], output=[7, 8])
     rec.observe(slots.prefill([first], [0], [6]), rows(0, 6) * 3)
     rec.observe(slots.verify([first], [6]), rows(6, 4) * 3, **verify([6], [1]))
@@ -129,6 +126,16 @@ def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
     rec.observe(slots.prefill([second], [4], [2]), rows(4, 2))
     rec.observe(slots.verify([second], [6]), rows(6, 4), **verify([6], [1]))
     rec.release(second, slots.req_to_token)
+    return second
+
+
+def test_radix_prefix_hit_is_a_gap_out_of_the_loss():
+    """A request served from the radix cache (its prefix not recomputed for it, req.cached_tokens) records the
+    hit as a gap when it is not filled from the pool (Capture.fill_prefixes off) and the prefix store is off; the
+    pool still holds the prefix's rows (written when another request computed it, its slots kept by the radix
+    cache)."""
+    rec, sink, slots = make_recorder(include_prompt_loss=True)
+    second = serve_a_radix_hit(rec, slots)
     assert sink[1].start == 4 and sink[1].rows.shape[0] == 3            # the hit is not shipped
     record = assemble_record(sink[1], include_prompt_loss=True)
     assert record.meta["feature_gaps"] == [[0, 4]]
@@ -143,16 +150,7 @@ def test_radix_prefix_hit_is_filled_from_the_pool():
     filled from the pool: the rows written when the first request computed that prefix; counted as pool rows."""
     rec, sink, slots = make_recorder(include_prompt_loss=True)
     rec.fill_prefixes = True
-    first = fake_req("first", prompt=[1, 2, 3, 4, 5, 6], output=[7, 8])
-    rec.observe(slots.prefill([first], [0], [6]), rows(0, 6) * 3)
-    rec.observe(slots.verify([first], [6]), rows(6, 4) * 3, **verify([6], [1]))
-    rec.release(first, slots.req_to_token)
-    second = slots.admit(fake_req("second", prompt=[1, 2, 3, 4, 9, 9], output=[5, 6]), prefix_of=first,
-                         prefix_len=4)
-    second.cached_tokens = 4
-    rec.observe(slots.prefill([second], [4], [2]), rows(4, 2))
-    rec.observe(slots.verify([second], [6]), rows(6, 4), **verify([6], [1]))
-    rec.release(second, slots.req_to_token)
+    serve_a_radix_hit(rec, slots)
     assert sink[1].start == 0 and sink[1].cached == 4 and sink[1].rows.shape[0] == 7
     record = assemble_record(sink[1], include_prompt_loss=True)
     assert record.meta["feature_gaps"] == [] and record.meta["prefix_pool_rows"] == 4
