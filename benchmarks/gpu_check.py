@@ -911,13 +911,13 @@ def part_refresh(p: Part, shapes: Shapes, device: torch.device) -> None:
     def refresh(live: int) -> int:
         stale, _ = pool.stale(slots, live)
         todo = slots[stale]                                         # the host learns the count here (one sync)
-        ctx = draft.project_context(pool.features[todo % pool.rows])[None]
+        ctx = draft.project_context(pool.gather(todo)[0])[None]
         cos, sin = rope_cos_sin(positions[stale][None], cfg)
         for layer, (k_buf, v_buf) in zip(draft.layers, kv):
             k, v = layer.self_attn.context_kv(ctx, cos, sin)         # [1, Hkv, n, D]
             k_buf[todo] = k[0].transpose(0, 1)
             v_buf[todo] = v[0].transpose(0, 1)
-        pool.versions[todo % pool.rows] = live
+        pool.stamp(todo, live)
         return int(todo.numel())
 
     times = []

@@ -45,7 +45,7 @@ def test_each_row_keeps_the_draft_version_that_wrote_its_kv():
     stale, gone = pool.stale(torch.tensor([1, 2, 3, 6]), live=2)
     assert stale.tolist() == [True, False, False, False]
     assert gone.tolist() == [False, True, False, False]
-    pool.versions[torch.tensor([1]) % pool.rows] = 2                           # refreshed: re-stamped
+    pool.stamp(torch.tensor([1]), 2)                                           # refreshed: re-stamped
     assert not pool.stale(torch.tensor([1]), live=2)[0].any()
 
 

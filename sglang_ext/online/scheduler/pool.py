@@ -78,6 +78,10 @@ class FeaturePool:
         index = slots % self.rows
         return self.features[index], self.tags[index] == slots
 
+    def stamp(self, slots: torch.Tensor, version: int) -> None:
+        """The draft KV of the tokens in `slots` is now of `version` (re-projected: refresh.py)."""
+        self.versions[slots.reshape(-1).to(self.tags.device, torch.int64) % self.rows] = version
+
 
 def pool_rows(size: str, kv_slots: int, row_bytes: int) -> int:
     """Rows of the pool for --online-train-feature-pool `size` ("auto": one per KV slot, or bytes)."""

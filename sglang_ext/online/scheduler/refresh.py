@@ -120,9 +120,9 @@ class DraftKVRefresh:
         self.active = True
         try:
             worker._append_target_hidden_to_draft_kv_by_loc(
-                target_hidden=pool.features[slots % pool.rows], cache_loc=ids, positions=positions)
+                target_hidden=pool.gather(slots)[0], cache_loc=ids, positions=positions)
         finally:
             self.active = False
-        pool.versions[slots % pool.rows] = live
+        pool.stamp(slots, live)
         self.refreshed_tokens += n_stale
         self.metrics.draft_kv(refreshed=n_stale, seconds=time.perf_counter() - t0)
