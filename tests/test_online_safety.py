@@ -243,6 +243,48 @@ def log_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+STOP_MID_COMMIT = """
+import os, shutil, signal, sys
+from pathlib import Path
+from sglang_ext.online.trainer import checkpoints
+
+class Export:                                   # a draft's export: one file
+    def export(self, path):
+        (Path(path) / "model.safetensors").write_bytes(b"w")
+
+checkpoints.stop_signals_wait_for_commits()    # what the trainer's main does
+writer = checkpoints.CheckpointWriter(sys.argv[1], "run-x", keep=2)
+writer.write(Export(), 1)
+writer.write(Export(), 2)
+if sys.argv[2] == "mid-commit":                 # the stop arrives as the oldest version is being deleted
+    rmtree = shutil.rmtree
+    def rmtree_after_a_stop(path, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return rmtree(path, *a, **k)
+    checkpoints.shutil.rmtree = rmtree_after_a_stop
+    writer.write(Export(), 3)
+else:                                           # the stop arrives between exports
+    os.kill(os.getpid(), signal.SIGTERM)
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-commit", "between-exports"])
+def test_stop_signal_lets_a_checkpoint_commit_finish(tmp_path, when):
+    """SIGTERM during a checkpoint's commit (the finished export renamed in, the oldest pruned) ends the trainer
+    once the commit is done, so its run keeps exactly keep_checkpoints versions (the server-restart test caught
+    a stop between the rename and the pruning); outside a commit it ends the trainer at once, killed by the
+    signal as before."""
+    proc = subprocess.run([sys.executable, "-c", STOP_MID_COMMIT, str(tmp_path), when], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr[-2000:])
+    assert "survived" not in proc.stdout
+    run = tmp_path / "run-x"
+    kept = sorted(p.name for p in run.iterdir() if p.name != RUN_LOCK)
+    assert kept == (["version-000002", "version-000003"] if when == "mid-commit" else
+                    ["version-000001", "version-000002"]), kept
+
+
 def test_outbox_holds_the_buffers_own_records_not_copies(tiny, draft_dir):
     """Records offered to the trainer (and a restart's backlog) wait as references to the records the replay
     buffer holds, encoded one at a time as they are sent: no copy of the buffer, no burst of encoding (a soak

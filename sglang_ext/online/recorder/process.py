@@ -17,7 +17,8 @@ Stopping. This process writes every record it holds before it exits, however the
     scheduler killed). SGLang's launcher SIGKILLs its descendants when it shuts down and its children die with
     their parent; this process is neither (started detached, no parent-death signal), so it outlives them.
 It drains the ring (what the scheduler wrote before it went), writes the last shard and exits within
-STOP_TIMEOUT_S; the trainer is killed (it holds nothing a restart would not rebuild).
+STOP_TIMEOUT_S; the trainer is stopped (SIGTERM, then SIGKILL: it holds nothing a restart would not rebuild
+but a checkpoint it may be committing, which SIGTERM lets it finish).
 
 Metrics go to SGLang's /metrics like the scheduler's: prometheus_client's multiprocess directory is inherited
 (PROMETHEUS_MULTIPROC_DIR), so this process's series are merged in (sglang_ext/online/metrics.py).

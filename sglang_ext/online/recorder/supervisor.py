@@ -42,6 +42,7 @@ from sglang_ext.online.swap import weight_slot as ws
 from trainer.replay import ReplayRecord
 
 logger = logging.getLogger(__name__)
+TRAINER_STOP_S = 5.0           # at a stop, the trainer's grace after SIGTERM (to finish a checkpoint commit), then SIGKILL
 POISON_MEMORY = 1 << 16         # seqs of poison records remembered (never re-sent to a restarted trainer)
 
 
@@ -292,8 +293,14 @@ class TrainerGroupSupervisor:
         self._stopping = True
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=5.0)
-        for p in list(self.procs):
+        for p in self.procs:            # SIGTERM first: a checkpoint being committed finishes (a few renames)
             if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + TRAINER_STOP_S
+        for p in list(self.procs):
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 p.kill()
         self.slot.close()
 

@@ -5,7 +5,8 @@
 The run id is chosen once per server start by the supervisor. Directories are 0700 and files 0600 (a draft
 trained on user traffic can memorise it). The trainer holds <run id>/.run.lock (flock) while it lives, so a
 partial export of an ended run (killed mid-export at shutdown) is told from a live server's and deleted by the
-next run's trainer.
+next run's trainer. A stop signal (SIGTERM / SIGINT) that arrives while an export is being committed (renamed into
+place, the oldest versions pruned) takes effect once that is done, so a stopped run never keeps more than `keep`.
 """
 from __future__ import annotations
 
@@ -14,12 +15,51 @@ import logging
 import os
 import re
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("sglang_ext.trainer")
 VERSION_DIR = re.compile(r"version-\d{6}")    # a checkpoint of a run: <checkpoint_dir>/<run id>/version-NNNNNN
 PARTIAL_EXPORT = ".version-*.tmp"   # an export being written (renamed to version-NNNNNN when complete)
 RUN_LOCK = ".run.lock"          # <run dir>/.run.lock: flock'd by the run's trainer while it lives (freed by any exit)
+
+
+_committing = False            # inside CheckpointWriter's commit: a stop signal waits for its end
+_stop_signal: int | None = None
+
+
+def _stop(signum, frame) -> None:
+    global _stop_signal
+    if _committing:
+        _stop_signal = signum
+    else:
+        _die_of(signum)
+
+
+def _die_of(signum: int) -> None:
+    """End this process the way `signum`'s default action would (killed by that signal, as without a handler)."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def stop_signals_wait_for_commits() -> None:
+    """In the trainer's main: SIGTERM and SIGINT end the process as before (killed by the signal), except during
+    a checkpoint's commit, which they let finish first (a few renames and deletes)."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
+@contextmanager
+def _commit():
+    global _committing
+    _committing = True
+    try:
+        yield
+    finally:
+        _committing = False
+        if _stop_signal is not None:
+            _die_of(_stop_signal)
 
 
 def private_dir(path: Path) -> None:
@@ -95,11 +135,14 @@ class CheckpointWriter:
             model.export(tmp)
             make_private(tmp)
             final = run_dir / f"version-{version:06d}"
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            kept = sorted(p for p in run_dir.iterdir() if VERSION_DIR.fullmatch(p.name) and p.is_dir())
-            for old in kept[:max(0, len(kept) - self.keep)]:
-                shutil.rmtree(old)
+            with _commit():                 # a stop signal now waits for the pruning: never more than keep left
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                kept = sorted(p for p in run_dir.iterdir() if VERSION_DIR.fullmatch(p.name) and p.is_dir())
+                for old in kept[:max(0, len(kept) - self.keep)]:
+                    doomed = run_dir / f".{old.name}.tmp"   # out of the versions at once; swept if cut short
+                    os.rename(old, doomed)
+                    shutil.rmtree(doomed)
         except OSError:
             log.exception("could not write the checkpoint of version %d to %s", version, run_dir)

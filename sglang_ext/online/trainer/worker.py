@@ -49,7 +49,7 @@ from sglang_ext.online.protocol import (
 )
 from sglang_ext.online.queues import ByteQueue
 from sglang_ext.online.swap import weight_slot as ws
-from sglang_ext.online.trainer.checkpoints import CheckpointWriter
+from sglang_ext.online.trainer.checkpoints import CheckpointWriter, stop_signals_wait_for_commits
 from sglang_ext.online.trainer.group import (
     Command,
     GroupMember,
@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None, trainer_cls: type[OnlineTrainer] = Onlin
 
     argv = sys.argv[1:] if argv is None else argv
     spec = TrainerSpec.from_json(argv[0])
+    stop_signals_wait_for_commits()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[sglang-ext trainer %(asctime)s] %(levelname)s %(message)s")
     torch.set_num_threads(spec.settings.threads)
