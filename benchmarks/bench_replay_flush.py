@@ -69,11 +69,11 @@ def fake_listing(d: Path, n: int) -> None:
 def old_flush(d: Path, rec: replay.ReplayRecord) -> None:
     """The previous ShardWriter.flush: glob for the index, then read, validate and rewrite the whole manifest."""
     w = replay.ShardWriter.__new__(replay.ShardWriter)
-    w.spec = SPEC
+    w.spec, w.share_prefixes = SPEC, False
     tensors, entries = w._pack([rec])
     from safetensors.torch import save
     header = {k: json.dumps(v) for k, v in SPEC.header().items()}
-    header["records"] = json.dumps([{"offset": e["offset"], "length": e["length"]} for e in entries])
+    header["records"] = json.dumps([replay._header_record(e) for e in entries])
     blob = save(tensors, metadata=header)
     index = sum(1 for _ in d.glob("shard-*.safetensors"))
     name = f"shard-{index:06d}-{os.urandom(4).hex()}.safetensors"

@@ -288,10 +288,11 @@ def test_radix_hits_are_filled_from_the_feature_pool(tiny, server_log_dir, tmp_p
     them. Their records are filled from the feature pool (capture only: the draft KV serving reads there is of the
     one version) with exactly the rows the live draft consumed when the prefix was first computed (the test
     plugin's debug dump); only positions never recorded (the last token of a finished turn) stay gaps. The same
-    with the prefix store on: the pool leaves it nothing to fill."""
+    with the prefix store on: the pool leaves it nothing to fill. The shard written at the stop stores those
+    prefixes once: each later turn lists the earlier turn's feature rows (trainer.replay feature_runs)."""
     from transformers import AutoTokenizer
 
-    from trainer.replay import ReplayReader
+    from trainer.replay import ReplayReader, read_manifest
 
     tok = AutoTokenizer.from_pretrained(tiny.dense)
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -303,8 +304,7 @@ def test_radix_hits_are_filled_from_the_feature_pool(tiny, server_log_dir, tmp_p
         dump_dir.mkdir(parents=True)
         args = draft_args(tiny.draft_dense) + ["--online-train", "--online-train-capture-only",
                                                 "--online-train-persist-dir", str(persist),
-                                                "--online-train-shard-seconds", "1",
-                                                "--online-train-prefix-store", store]
+                                                "--online-train-prefix-store", store]   # one shard, at the stop
         return launch_server(tiny.dense, args, log_dir=server_log_dir, name=f"online-{name}",
                              env=plugin_env(dump_dir=dump_dir))
 
@@ -323,23 +323,27 @@ def test_radix_hits_are_filled_from_the_feature_pool(tiny, server_log_dir, tmp_p
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             metrics = server.metrics()
-            if metric_value(metrics, "sglang:online_train_persisted_records_total") >= before + 5:
+            if metric_value(metrics, "sglang:online_train_recorded_records_total") >= before + 5:
                 break
             time.sleep(0.5)
         return metrics
 
-    def read(name: str) -> tuple[dict, dict]:
+    def read(name: str) -> tuple[dict, dict, dict]:
         reader = ReplayReader(tmp_path / name / "replay")
         records = {reader.read(i).meta["rid"]: reader.read(i) for i in range(len(reader))}
-        return records, _dumps_by_rid(tmp_path / name / "dump")
+        (shard,) = read_manifest(tmp_path / name / "replay")["shards"]          # the stop wrote them all
+        rows = {r["meta"]["rid"]: [row for start, n in r["feature_runs"] for row in range(start, start + n)]
+                for r in shard["records"]}
+        return records, _dumps_by_rid(tmp_path / name / "dump"), rows
 
     # The same traffic to a server with the store on and to one with it off (started together).
     with launch_servers(launcher("64MB", "prefix-store"), launcher("0", "no-prefix-store")) as servers:
         metrics, metrics_off = run_concurrently(*(lambda s=s: traffic(s) for s in servers))
-    (records, dumps), (records_off, dumps_off) = read("prefix-store"), read("no-prefix-store")
+    (records, dumps, rows), (records_off, dumps_off, rows_off) = read("prefix-store"), read("no-prefix-store")
 
     ours = ["chat-0", "chat-1", "chat-2", "system-a", "system-b"]
-    for records, dumps, metrics in ((records, dumps, metrics), (records_off, dumps_off, metrics_off)):
+    for records, dumps, metrics, rows in ((records, dumps, metrics, rows), (records_off, dumps_off, metrics_off,
+                                                                            rows_off)):
         assert set(ours) <= set(records)
         order = [rid for rid in records if rid not in ours] + ours   # SGLang's warm-up request came first
 
@@ -371,4 +375,9 @@ def test_radix_hits_are_filled_from_the_feature_pool(tiny, server_log_dir, tmp_p
                     want = first_consumed(later, pos).to(torch.bfloat16).float()
                     assert torch.equal(rec.features[pos].float(), want), (later, pos)
             pool_total += from_pool
+            # stored once: the later record's leading rows are the earlier record's own (a chat turn's whole
+            # record; under the system prompt at least the radix hit)
+            shared = next((i for i, (a, b) in enumerate(zip(rows[later], rows[earlier])) if a != b),
+                          min(len(rows[later]), len(rows[earlier])))
+            assert shared == len(first) if later.startswith("chat") else shared >= from_pool, (later, shared)
         assert metric_value(metrics, "sglang:online_train_prefix_rows_total", result="filled") >= pool_total

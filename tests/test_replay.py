@@ -156,6 +156,118 @@ def test_concurrent_writers_share_one_manifest(tmp_path):
     assert sorted(r.meta["rid"] for r in reader.records) == expected
 
 
+# ---- prefixes shared within a shard (shard layout v2) -------------------------------------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+def chat_turns(n_turns=4, first=40, per_turn=24, seed=3, hidden=H, rid="chat"):
+    """One chat's records, as the online path makes them: turn t holds turn t-1's tokens, positions and feature
+    rows (its prefix, served from the radix cache), then its own; the loss mask marks each turn's reply."""
+    g = torch.Generator().manual_seed(seed)
+    S = first + per_turn * (n_turns - 1)
+    ids, feats = torch.randint(0, 150000, (S,), generator=g), torch.randn(S, K * hidden, generator=g)
+    pos = torch.stack([torch.arange(S)] * 3)
+    out = []
+    for t in range(n_turns):
+        n = first + per_turn * t
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[n - per_turn // 2:] = True
+        out.append(ReplayRecord(ids[:n].clone(), feats[:n].clone(), pos[:, :n].clone(), mask,
+                                meta={"rid": f"{rid}-{t}"}))
+    return out
+
+
+def read_all(d: Path) -> list[ReplayRecord]:
+    reader = ReplayReader(d, strict=True)
+    return [reader[i] for i in range(len(reader))]
+
+
+def assert_same_records(got: list[ReplayRecord], want: list[ReplayRecord]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.meta == b.meta
+        for name in ("input_ids", "features", "positions", "loss_mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (a.meta, name)
+
+
+def feature_rows(d: Path) -> int:
+    rows = 0
+    for path in shard_paths(d):
+        with safe_open(str(path), framework="pt") as f:
+            rows += f.get_slice("features").get_shape()[0]
+    return rows
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_chat_turns_store_their_shared_prefix_once(tmp_path, dtype):
+    """Two chats' turns interleaved with unrelated records in one shard: each turn stores only the rows past the
+    previous turn's, and every record reads back exactly as from a shard that shares nothing."""
+    chat_a, chat_b = chat_turns(seed=3, rid="a"), chat_turns(n_turns=3, first=70, seed=4, rid="b")
+    others = make_records(3, seed=5)
+    records = [chat_a[0], others[0], chat_b[0], chat_a[1], chat_a[2], others[1], chat_b[1], chat_a[3], chat_b[2],
+               others[2]]
+    write_replay(tmp_path / "shared", spec(dtype), records)
+    with ShardWriter(tmp_path / "flat", spec(dtype), share_prefixes=False) as w:
+        for r in records:
+            w.add(r)
+    assert_same_records(read_all(tmp_path / "shared"), read_all(tmp_path / "flat"))
+    unique = len(chat_a[-1]) + len(chat_b[-1]) + sum(len(r) for r in others)
+    assert feature_rows(tmp_path / "shared") == unique
+    assert feature_rows(tmp_path / "flat") == sum(len(r) for r in records)
+    m = read_manifest(tmp_path / "shared")
+    (shard,) = m["shards"]
+    rows = {r["meta"]["rid"]: [row for start, n in r["feature_runs"] for row in range(start, start + n)]
+            for r in shard["records"]}
+    assert rows["a-0"] == list(range(40))                # each turn: the previous turn's rows, then its own
+    for t in (1, 2, 3):
+        assert rows[f"a-{t}"][:-24] == rows[f"a-{t - 1}"]
+    size = lambda d: sum(p.stat().st_size for p in shard_paths(tmp_path / d))  # noqa: E731
+    assert size("shared") < 0.6 * size("flat"), (size("shared"), size("flat"))
+
+
+def test_sharing_stops_at_the_first_row_that_differs(tmp_path):
+    """A later turn whose prefix rows differ from row 10 on (a gap left by the radix cache, zero rows) shares
+    only the first 10 rows; a record with equal tokens but other positions shares nothing."""
+    turns = chat_turns(n_turns=2)
+    turns[1].features[10:20] = 0.0
+    moved = ReplayRecord(turns[0].input_ids.clone(), turns[0].features.clone(), turns[0].positions + 5,
+                         turns[0].loss_mask.clone(), meta={"rid": "moved"})
+    write_replay(tmp_path / "r", spec(), [turns[0], turns[1], moved])
+    (shard,) = read_manifest(tmp_path / "r")["shards"]
+    runs = [r["feature_runs"] for r in shard["records"]]
+    assert runs == [[[0, 40]], [[0, 10], [40, 54]], [[94, 40]]], runs
+    assert_same_records(read_all(tmp_path / "r"), [
+        ReplayRecord(r.input_ids, r.features.to(torch.bfloat16).float(), r.positions, r.loss_mask, r.meta)
+        for r in (turns[0], turns[1], moved)])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_shards_of_layout_v1_still_read(tmp_path, dtype):
+    """tests/data/replay_v1_*: written by the shard layout before prefix sharing (one feature row per token, no
+    feature_runs); they read as before, equal to the same records written now."""
+    recs = make_records(4, seed=11, hidden=16)
+    storage = replay.STORAGE[dtype]
+    old = read_all(DATA / f"replay_v1_{dtype}")
+    assert all(json.loads(safe_open(str(p), framework="pt").metadata()["schema_version"]) == 1
+               for p in shard_paths(DATA / f"replay_v1_{dtype}"))
+    write_replay(tmp_path / "now", spec(storage, hidden=16), recs)
+    assert_same_records(old, read_all(tmp_path / "now"))
+
+
+def test_bad_feature_runs_are_named(tmp_path):
+    write_replay(tmp_path / "r", spec(), chat_turns(n_turns=2))
+    m = read_manifest(tmp_path / "r")
+    m["shards"][0]["records"][1]["feature_runs"] = [[0, 40], [40, 99]]        # past the shard's 64 rows
+    (tmp_path / "r" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ReplayError, match=r"records\[1\]\.feature_runs.*inside the 64 feature rows"):
+        ReplayReader(tmp_path / "r", strict=True)
+    m["shards"][0]["records"][1]["feature_runs"] = [[0, -1]]
+    (tmp_path / "r" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ReplayError, match=r"records\[1\]\.feature_runs"):
+        ReplayReader(tmp_path / "r", strict=True)
+
+
 # ---- atomicity and permissions -----------------------------------------------------------------------------
 
 def test_files_are_private_even_with_open_umask(tmp_path):
