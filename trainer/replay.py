@@ -661,8 +661,8 @@ class ShardWriter:
     Safe with several writers (processes) on one directory: shard names are unique, each writer lists
     its shards in its own journal, and listing changes are serialised with an flock on manifest.lock.
     A flush costs O(1) in the number of shards already listed. share_prefixes: a record's leading feature
-    rows equal to an earlier record's of the same shard are stored once (see the module docstring). `listed_bytes`: bytes of the directory's
-    listing as of opening, plus every shard this writer has written since (other writers' shards and
+    rows equal to an earlier record's of the same shard are stored once (see the module docstring).
+    `listed_bytes`: bytes of the directory's listing as of opening, plus every shard this writer has written since (other writers' shards and
     prunes are not seen until the next replay_bytes()). A journal past `journal_max_bytes` is folded into
     manifest.json and replaced by a fresh one (one O(shards) compaction per that many bytes of journal);
     a journal deleted under it (sweep_replay of an idle writer's folded journal) is replaced the same way.

@@ -42,7 +42,7 @@ from sglang_ext.online.swap import weight_slot as ws
 from trainer.replay import ReplayRecord
 
 logger = logging.getLogger(__name__)
-TRAINER_STOP_S = 5.0           # at a stop, the trainer's grace after SIGTERM (to finish a checkpoint commit), then SIGKILL
+TRAINER_STOP_S = 5.0            # at a stop: the trainer's grace after SIGTERM (a checkpoint commit ends), then SIGKILL
 POISON_MEMORY = 1 << 16         # seqs of poison records remembered (never re-sent to a restarted trainer)
 
 
