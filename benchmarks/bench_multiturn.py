@@ -12,7 +12,8 @@ were filled (from the feature pool, the default), in one run (real SGLang, CPU p
 2. A DFlash draft is fine-tuned from scratch on each replay (`python -m trainer.finetune`, same seed, the same
    step count for both, calibrated to fill --minutes).
 3. Each draft is served (plain DFLASH, no online training) on held-out chats (eval split) and its served tau
-   reported per turn. Also: rows of hits filled vs left as gaps, and bytes per token of the persisted shards.
+   reported per turn. Also: rows of hits filled vs left as gaps, and bytes per token of the persisted shards
+   (bf16 as captured; fp8: the same shards re-written with fp8 storage, each shard's records again in one shard).
 Prints a table; writes <out>/multiturn.json and <out>/multiturn.png (matplotlib).
 """
 from __future__ import annotations
@@ -52,19 +53,40 @@ def capture(target_dir: Path, draft: Path, tokenizer, chats: list, replay: Path,
         t0 = time.monotonic()
         turns = send_chats(server, tokenizer, chats, max_new_tokens=max_new_tokens, concurrency=concurrency,
                            system=system_turn())
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 120      # every turn recorded (the stop writes what waits for its shard)
         while time.monotonic() < deadline:
             text = server.metrics()
-            if metric_value(text, "sglang:online_train_persisted_records_total") >= before + len(turns):
+            if metric_value(text, "sglang:online_train_recorded_records_total") >= before + len(turns):
                 break
             time.sleep(0.5)
         wall = time.monotonic() - t0
     filled = metric_value(text, "sglang:online_train_prefix_rows_total", result="filled")
     gap = metric_value(text, "sglang:online_train_prefix_rows_total", result="gap")
     tokens = metric_value(text, "sglang:online_train_recorded_tokens_total")
+    fp8 = fp8_shard_bytes(replay, replay.with_name(replay.name + "-fp8"))
     return {"requests": len(turns), "wall_s": round(wall, 1), "rows_filled": filled, "rows_gap": gap,
             "recorded_tokens": tokens, "shard_bytes": dir_bytes(replay)["shard_bytes"],
-            "bytes_per_token": dir_bytes(replay)["shard_bytes"] / max(1.0, tokens)}
+            "bytes_per_token": dir_bytes(replay)["shard_bytes"] / max(1.0, tokens),
+            "bytes_per_token_fp8": fp8 / max(1.0, tokens)}
+
+
+def fp8_shard_bytes(replay: Path, out: Path) -> int:
+    """Bytes of `replay`'s shards re-written with fp8 storage, shard by shard (the records the server wrote into
+    one shard again in one shard, so prefixes are shared as they were)."""
+    import dataclasses
+
+    from trainer.replay import ReplayReader, ShardWriter
+
+    reader = ReplayReader(replay)
+    spec = dataclasses.replace(reader.spec, storage_dtype="float8_e4m3fn")
+    with ShardWriter(out, spec, max_shard_tokens=1 << 62) as writer:
+        shard = None
+        for i, ref in enumerate(reader.records):
+            if shard is not None and ref.shard != shard:
+                writer.flush()
+            shard = ref.shard
+            writer.add(reader.read(i))
+    return dir_bytes(out)["shard_bytes"]
 
 
 def serve_chats(target_dir: Path, draft: Path, tokenizer, chats: list, *, max_new_tokens: int, concurrency: int,
@@ -141,13 +163,14 @@ def main(argv=None) -> int:
 
     lines = [f"multi-turn traffic ({len(train_chats)} train chats x 3 turns, shared system prompt; held-out "
              f"{len(eval_chats)} chats), DFlash block {BLOCK_SIZE}, {result['machine']}",
-             "| records | hit rows filled | hit rows left as gaps | shard bytes/token | finetune steps | "
-             "served tau (held-out) | turn 1 | turn 2 | turn 3 |", "|" + " --- |" * 9]
+             "| records | hit rows filled | hit rows left as gaps | shard bytes/token (bf16) | fp8 | "
+             "finetune steps | served tau (held-out) | turn 1 | turn 2 | turn 3 |", "|" + " --- |" * 10]
     for mode in ("random", *MODES):
         r = result["modes"][mode]
         c, f, sv = r.get("capture"), r.get("finetune"), r["served"]
         head = (f"| trained on {mode} | {c['rows_filled']:.0f} | {c['rows_gap']:.0f} | {c['bytes_per_token']:.0f} | "
-                f"{f['steps']} | " if c else "| random draft (no training) | - | - | - | - | ")
+                f"{c['bytes_per_token_fp8']:.0f} | {f['steps']} | " if c
+                else "| random draft (no training) | - | - | - | - | - | ")
         taus = " | ".join(f"{sv['tau_by_turn'].get(t, float('nan')):.3f}" for t in (1, 2, 3))
         lines.append(f"{head}{sv['tau']:.3f} | {taus} |")
     report = "\n".join(lines)
