@@ -22,9 +22,14 @@ step the run reaches), so every config serves the same draft and the throughput 
 online path alone (capture, records, the trainer competing for the machine), not a draft that got better.
 
 The servers are started one after the other and then kept up together (about 1.5 GB of RAM each on CPU),
-each warmed up with one unmeasured round; on CPU with a trainer config (online, online25), whose trainer computes
-whether its server is measured or not, one server at a time instead (--sequential: start, warm up, measure,
-stop), so no round shares the machine with another server's trainer. A round sends N concurrent greedy
+each warmed up with one unmeasured round. On CPU a trainer config (online, online25) computes whether its server
+is measured or not, so it is never up during another config's rounds: the plain server stays up (idle, with
+--sleep-on-idle, it costs nothing) and the configs without a trainer alternate rounds with it as above; then
+each trainer config is started alone beside it, measured in a block of rounds, stopped, and plain is measured
+in a block of the same rounds right after (its baseline: the paired ratios of a trainer config are against
+that block, minutes apart at most, not against rounds from the start of the run; "bracketed").
+--sequential instead runs one server at a time for every config (start, warm up, measure, stop; chosen when RAM
+is short), each compared with plain's rounds from the start of the run. A round sends N concurrent greedy
 /generate requests (default 8;
 a quarter of them with one synthetic image, the rest text) with ignore_eos and max_new_tokens M (default
 64), so every request generates exactly M tokens. Rounds go to the configs alternately, in an order that
@@ -137,9 +142,9 @@ def workload(round_tag: str, n_requests: int, image_every: int) -> list[tuple[st
 # /proc accounting (Linux)
 # ---------------------------------------------------------------------------------------------------------
 
-def _group_stat_fields(pgid: int):
+def _group_stat_fields(pgid: int, with_pid: bool = False):
     """/proc/<pid>/stat fields after the command name (state ppid pgrp ...) of each live process in group
-    `pgid` (a server and its children)."""
+    `pgid` (a server and its children); with_pid: (pid, fields)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -147,7 +152,7 @@ def _group_stat_fields(pgid: int):
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             if int(fields[2]) == pgid:
-                yield fields
+                yield (int(entry), fields) if with_pid else fields
         except (OSError, IndexError, ValueError):
             continue
 
@@ -155,6 +160,29 @@ def _group_stat_fields(pgid: int):
 def group_cpu_seconds(pgid: int) -> float:
     """user+system CPU seconds of the live processes in process group `pgid`."""
     return sum(int(f[11]) + int(f[12]) for f in _group_stat_fields(pgid)) / CLK_TCK     # utime, stime
+
+
+ROLES = (("sglang::scheduler", "scheduler"), ("sglang::detokenizer", "detokenizer"),
+         ("online.recorder.process", "recorder"), ("online.trainer.worker", "trainer"))
+
+
+def process_role(pid: int) -> str:
+    """Which of a server's processes `pid` is, from its command line (SGLang names its processes)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    return next((role for key, role in ROLES if key in cmd), "tokenizer+http" if "launch_server" in cmd else "other")
+
+
+def group_cpu_by_role(pgid: int) -> dict[str, float]:
+    """user+system CPU seconds of the live processes in process group `pgid`, summed by process_role."""
+    out: dict[str, float] = {}
+    for pid, f in _group_stat_fields(pgid, with_pid=True):
+        role = process_role(pid)
+        out[role] = out.get(role, 0.0) + (int(f[11]) + int(f[12])) / CLK_TCK
+    return out
 
 
 def self_cpu_seconds() -> float:
@@ -213,6 +241,7 @@ def server_args(config: str, draft: Path, persist_dir: Path, gpu: bool, n_server
 def run_round(server, requests: list, max_new_tokens: int, pgid_of: dict, active: str) -> dict:
     """Send all requests at once; wait for every answer. Returns the round's measurements."""
     cpu0 = {c: group_cpu_seconds(p) for c, p in pgid_of.items()}
+    roles0 = group_cpu_by_role(pgid_of[active])
     busy0, self0 = machine_busy_seconds(), self_cpu_seconds()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(requests)) as pool:
@@ -221,6 +250,7 @@ def run_round(server, requests: list, max_new_tokens: int, pgid_of: dict, active
     wall = time.perf_counter() - t0
     busy1, self1 = machine_busy_seconds(), self_cpu_seconds()
     cpu1 = {c: group_cpu_seconds(p) for c, p in pgid_of.items()}
+    roles1 = group_cpu_by_role(pgid_of[active])
     metas = [r["meta_info"] for r in results]
     tokens = sum(int(m["completion_tokens"]) for m in metas)
     verify = sum(int(m.get("spec_verify_ct") or 0) for m in metas)
@@ -235,6 +265,7 @@ def run_round(server, requests: list, max_new_tokens: int, pgid_of: dict, active
         "tpot_ms_median": 1000 * statistics.median(tpot) if tpot else None,
         "ttft_ms_median": 1000 * statistics.median(ttft) if ttft else None,
         "server_cpu_s": server_cpu,
+        "server_cpu_s_by_process": {role: roles1[role] - roles0.get(role, 0.0) for role in roles1},
         "idle_servers_cpu_s": all_servers_cpu - server_cpu,
         "other_load_cores": max(0.0, (busy1 - busy0) - all_servers_cpu - (self1 - self0)) / wall,
         "output_ids": [r["output_ids"] for r in results],
@@ -252,7 +283,9 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def summarize(rounds: dict[str, list[dict]], metrics: dict[str, dict]) -> dict:
+def summarize(rounds: dict[str, list[dict]], metrics: dict[str, dict],
+              baselines: dict[str, list[dict]] | None = None) -> dict:
+    """baselines: the plain rounds each config is paired with (default: plain's first rounds)."""
     out = {}
     for config, rs in rounds.items():
         tps = [r["tokens_per_s"] for r in rs]
@@ -269,23 +302,30 @@ def summarize(rounds: dict[str, list[dict]], metrics: dict[str, dict]) -> dict:
             "tpot_ms_median": statistics.median(tpot) if tpot else None,
             "ttft_ms_median": statistics.median(ttft) if ttft else None,
             "server_cpu_s_per_1k_tokens": 1000 * sum(r["server_cpu_s"] for r in rs) / tokens,
+            "server_cpu_s_per_1k_tokens_by_process": {
+                role: 1000 * sum(r["server_cpu_s_by_process"].get(role, 0.0) for r in rs) / tokens
+                for role in sorted({role for r in rs for role in r["server_cpu_s_by_process"]})},
             "idle_servers_cpu_s_per_round": statistics.fmean(r["idle_servers_cpu_s"] for r in rs),
             "other_load_cores_mean": statistics.fmean(r["other_load_cores"] for r in rs),
             "generated_tokens": tokens,
             "metrics_measured_rounds": metrics.get(config),
             "scheduler_ms_per_iteration": scheduler_ms_per_iteration(metrics.get(config)),
         }
-    base = rounds.get("plain")
     for config in rounds:
+        base = (baselines or {}).get(config) or rounds.get("plain")
         if config == "plain" or not base:
             continue
         paired = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rounds[config], base)]
-        cpu_ratio = out[config]["server_cpu_s_per_1k_tokens"] / out["plain"]["server_cpu_s_per_1k_tokens"]
+        base_tokens = sum(b["tokens"] for b in base)
+        base_cpu = 1000 * sum(b["server_cpu_s"] for b in base) / base_tokens
+        base_tps = statistics.median(b["tokens_per_s"] for b in base)
+        cpu_ratio = out[config]["server_cpu_s_per_1k_tokens"] / base_cpu
         cpu_paired = [(r["server_cpu_s"] / r["tokens"]) / (b["server_cpu_s"] / b["tokens"])
                       for r, b in zip(rounds[config], base)]
         cq1, cq3 = quartiles(cpu_paired)
         out[config].update({
-            "ratio_of_medians": out[config]["tokens_per_s_median"] / out["plain"]["tokens_per_s_median"],
+            "baseline_tokens_per_s_median": base_tps,
+            "ratio_of_medians": out[config]["tokens_per_s_median"] / base_tps,
             "paired_ratio_median": statistics.median(paired), "paired_ratio_min": min(paired),
             "paired_ratio_max": max(paired), "paired_ratios": paired,
             "cpu_per_token_ratio": cpu_ratio,
@@ -358,6 +398,8 @@ def print_report(summary: dict, settings: dict) -> None:
                 extra.append(f"{s['persist_dir_bytes'] / 1e6:.2f} MB of shards on disk")
         if "compared_outputs" in s:
             extra.append(f"greedy outputs identical to plain: {s['identical_outputs']}/{s['compared_outputs']}")
+        extra.append("CPU s/1k tokens by process: " + ", ".join(
+            f"{role} {v:.2f}" for role, v in s["server_cpu_s_per_1k_tokens_by_process"].items()))
         extra.append(f"idle servers' CPU during its rounds {s['idle_servers_cpu_s_per_round']:.2f} s/round")
         if s.get("rss_bytes"):
             extra.append(f"RSS {s['rss_bytes'] / 2**30:.2f} GiB (summed over its processes)")
@@ -408,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                          "control of how much two identical servers differ)")
     ap.add_argument("--sequential", action="store_true",
                     help="one server at a time (all its rounds, then the next) instead of alternating rounds "
-                         "between servers kept up together; chosen automatically when RAM is short, and on CPU "
-                         "when a trainer config is measured")
+                         "between servers kept up together (trainer configs on CPU: bracketed, see above); "
+                         "chosen automatically when RAM is short")
     ap.add_argument("--gpu", action="store_true", help="serve on the default (CUDA) platform, not torch_cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS of every server (default 1 on CPU, unset with --gpu; 0: leave unset)")
@@ -441,21 +483,21 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = out_dir / "logs"
 
     sequential = args.sequential
-    if not sequential and not args.gpu and any(c in DUTY_CYCLES for c in configs):
-        # A trainer computes all the time whether its server is measured or idle: kept up together, it would take
-        # a core from the other configs' rounds. One server at a time instead.
-        print("trainer configs on a shared CPU: running the configs one after the other (--sequential)")
-        sequential = True
+    free = [c for c in configs if c not in DUTY_CYCLES]
     avail = mem_available_bytes()
-    if not sequential and not args.gpu and avail is not None and avail < len(configs) * 3 * 2**30:
+    if not sequential and not args.gpu and avail is not None and avail < (len(free) + 1) * 3 * 2**30:
         print(f"only {avail / 2**30:.1f} GiB of RAM available: running the configs one after the other "
-              f"(--sequential) instead of keeping {len(configs)} servers up together")
+              f"(--sequential) instead of keeping {len(free) + 1} servers up together")
         sequential = True
+    # A trainer computes all the time whether its server is measured or idle: on a shared CPU it is never up during
+    # another config's rounds (bracketed: each trainer config alone beside the idle plain server, then plain).
+    bracketed = not sequential and not args.gpu and any(c in DUTY_CYCLES for c in configs)
 
     image_requests = sum(1 for i in range(n_req) if args.image_every and i % args.image_every == args.image_every - 1)
     settings = {"variant": args.variant, "requests": n_req, "image_requests": image_requests,
                 "max_new_tokens": max_new, "rounds": n_rounds, "warmup_rounds": args.warmup_rounds,
-                "configs": configs, "mode": "sequential" if sequential else "alternating",
+                "configs": configs,
+                "mode": "sequential" if sequential else "bracketed" if bracketed else "alternating",
                 "platform": "cuda" if args.gpu else "torch_cpu", "quick": args.quick,
                 "server_threads": threads or "default",
                 "target": str(target), "draft": str(draft), "host": platform.node(), "cpus": os.cpu_count(),
@@ -463,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"settings: {json.dumps({k: v for k, v in settings.items() if k not in ('target', 'draft')})}")
 
     rounds: dict[str, list[dict]] = {c: [] for c in configs}
+    baselines: dict[str, list[dict]] = {}     # bracketed: a trainer config's own block of plain rounds
     metrics: dict[str, dict] = {}
     extra: dict[str, dict] = {c: {} for c in configs}
     commands: dict[str, list[str]] = {}
@@ -484,9 +527,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.perf_counter() - t_start:6.0f}s] {config}: warm-up {w + 1}: {r['tokens_per_s']:.1f} tok/s",
                   flush=True)
 
-    def measure(server, config: str, r: int, pgid_of: dict):
-        res = run_round(server, workload(f"r{r}", n_req, args.image_every), max_new, pgid_of, config)
+    def measure(server, config: str, r: int, pgid_of: dict, tag: str = "r", into: list | None = None):
+        res = run_round(server, workload(f"{tag}{r}", n_req, args.image_every), max_new, pgid_of, config)
         rounds[config].append(res)
+        if into is not None:
+            into.append(res)
         print(f"[{time.perf_counter() - t_start:6.0f}s] round {r + 1}/{n_rounds} {config:7}: "
               f"{res['tokens_per_s']:7.1f} tok/s, TPOT {fmt(res['tpot_ms_median'])} ms, "
               f"accept len {fmt(res['accept_length'], '.3f')}, server CPU {res['server_cpu_s']:.1f} s, "
@@ -516,7 +561,39 @@ def main(argv: list[str] | None = None) -> int:
             metrics[config] = {k: m[k] - before[k] for k in METRICS}
 
     try:
-        if sequential:
+        if bracketed:
+            with contextlib.ExitStack() as stack:
+                free = [c for c in configs if c not in DUTY_CYCLES]            # plain first
+                servers = {c: start(stack, c) for c in free}
+                pgid_of = {c: s.process.pid for c, s in servers.items()}
+                for config in free:
+                    warm(servers[config], config, pgid_of)
+                before = {c: settle(s, c) for c, s in servers.items()}
+                for r in range(n_rounds):
+                    order = free if r % 2 == 0 else free[::-1]
+                    for config in order:
+                        measure(servers[config], config, r, pgid_of)
+                for config in free:
+                    finish(servers[config], config, before[config])
+                    if config != "plain":
+                        extra[config]["rss_bytes"] = group_rss_bytes(servers[config].process.pid)
+                plain = servers["plain"]
+                for config in [c for c in configs if c in DUTY_CYCLES]:
+                    with contextlib.ExitStack() as alone:      # its trainer never runs during plain's rounds
+                        server = start(alone, config)
+                        pgid_of = {"plain": plain.process.pid, config: server.process.pid}
+                        warm(server, config, pgid_of)
+                        before_c = settle(server, config)
+                        for r in range(n_rounds):
+                            measure(server, config, r, pgid_of, tag=f"{config}-r")
+                        finish(server, config, before_c)
+                        extra[config]["rss_bytes"] = group_rss_bytes(server.process.pid)
+                    baselines[config] = []
+                    pgid_of = {"plain": plain.process.pid}
+                    for r in range(n_rounds):                  # the same prompts, right after, trainer gone
+                        measure(plain, "plain", r, pgid_of, tag=f"{config}-r", into=baselines[config])
+                extra["plain"]["rss_bytes"] = group_rss_bytes(plain.process.pid)
+        elif sequential:
             for config in configs:
                 with contextlib.ExitStack() as stack:
                     server = start(stack, config)
@@ -548,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    summary = summarize(rounds, metrics)
+    summary = summarize(rounds, metrics, baselines)
     for config, e in extra.items():
         summary[config].update(e)
     settings["elapsed_s"] = time.perf_counter() - t_start

@@ -34,7 +34,7 @@ from sglang_ext.online.swap import weight_slot as ws
 from sglang_ext.online.config import OnlineTrainConfig
 from sglang_ext.online.protocol import TrainerSpec, decode_record, encode_record
 from sglang_ext.online.trainer.checkpoints import RUN_LOCK, sweep_partial_exports
-from sglang_ext.online.trainer.worker import OnlineTrainer, main
+from sglang_ext.online.trainer.worker import TRAINER_NICE, OnlineTrainer, main
 from trainer.replay import ReplayRecord
 
 LOG_ENV = "SGLANG_EXT_TEST_POISON_LOG"
@@ -340,6 +340,7 @@ def test_poison_record_is_dropped_counted_and_never_resent(tiny, draft_dir, tmp_
         assert sorted(metrics.poison) == ["step_failed", "token_id"]
         assert set(sup.poisoned) == {10, 11}
         first_pid = sup.proc.pid
+        assert os.getpriority(os.PRIO_PROCESS, first_pid) >= TRAINER_NICE    # serving runs first on shared cores
         steps_then = slot.header.steps
         wait_for("steps after the poison step", lambda: slot.header.steps >= steps_then + 3, sup)
         assert sup.proc.pid == first_pid and sup.starts == 1 and metrics.restarts == 0

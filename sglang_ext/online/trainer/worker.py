@@ -19,6 +19,10 @@ alone (all of them if none does) and goes on (3 such steps in a row end the proc
 records socket with the record's seq, so the supervisor counts it and never sends it again; the seqs of each
 step's batch are reported too, so a record that kills the process outright can be found.
 
+Priority: the process lowers its own CPU priority by TRAINER_NICE (os.nice), so where it shares cores with SGLang's
+processes (the scheduler is CPU-bound between kernel launches on a GPU too) the OS runs serving first; the trainer
+gets what serving leaves, within its duty cycle.
+
 A multi-device trainer (--online-train-device cuda:1,cuda:2) is `spec.world_size` such processes, the draft
 wrapped in DDP (trainer.distributed.wrap) and trained through the same TrainStep: rank 0 (this class) alone has
 the records socket, the pool, the held-out slice, the guard, the slot and the heartbeat; the others follow its
@@ -71,6 +75,7 @@ MAX_BAD_STEPS = 10              # non-finite steps in a row before going back to
 MAX_RAISED_STEPS = 3            # steps in a row that raised before the process exits (a broken device context
                                 # would fail every step: a fresh process, not every record dropped)
 LOWEST_STREAM_PRIORITY = 1 << 20   # torch maps a priority past the range to the lowest one the device has
+TRAINER_NICE = 10               # added to the trainer's niceness (0..19): the OS runs serving processes first
 
 
 def sample_by_recency(n: int, k: int, half_life: float, rng: random.Random) -> list[int]:
@@ -414,6 +419,10 @@ def main(argv: list[str] | None = None, trainer_cls: type[OnlineTrainer] = Onlin
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[sglang-ext trainer %(asctime)s] %(levelname)s %(message)s")
     torch.set_num_threads(spec.settings.threads)
+    try:
+        os.nice(TRAINER_NICE)               # serving first on shared cores
+    except OSError as e:
+        log.warning("could not lower the trainer's CPU priority (%s); it competes with serving as an equal", e)
     device = torch.device(spec.device)
     if device.type == "cuda" and spec.settings.max_memory_bytes:   # past the budget the trainer fails, not serving
         total = torch.cuda.get_device_properties(device).total_memory
