@@ -97,12 +97,13 @@ def test_import_cycle_finder_finds_cycles():
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycle_in_the_online_path():
-    """sglang_ext.online reads in one direction: no module of it is in an import circle."""
+def test_no_import_cycle_among_shipped_modules():
+    """Shipped code reads in one direction: no module is in an import circle (the online path, the plugin, the
+    trainer, the kernels; the offline verify simulator lives in trainer.verify_sim, below both the draft kinds
+    and the evaluator, which alone reaches up to the launcher)."""
     graph = import_graph()
-    assert any(m.startswith("sglang_ext.online.") for m in graph)
-    bad = [c for c in import_cycles(graph) if any(m.startswith("sglang_ext.online") for m in c)]
-    assert not bad, bad
+    assert any(m.startswith("sglang_ext.online.") for m in graph) and "trainer.verify_sim" in graph
+    assert import_cycles(graph) == []
 
 
 # Which sub-package of sglang_ext.online may import which: each is the code of one process (scheduler, recorder,

@@ -75,7 +75,7 @@ class DFlashKind(DraftKind):
     def simulate_prompt(self, target, draft: DFlashDraft, text: str, images: list, *, block_size: int, **kwargs):
         """SGLang's DFLASH greedy loop (`DFlashWorkerV2.forward_batch_generation`): the block [bonus, MASK x (B-1)]
         at positions p..p+B-1, seeing the context of positions < p, proposes argmax(lm_head) of slots 1..B-1."""
-        from trainer.evaluate import simulate_chain
+        from trainer.verify_sim import simulate_chain
 
         def propose(context, committed, bonus):
             p = len(committed)

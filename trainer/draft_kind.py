@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from trainer.evaluate import PromptTau
+    from trainer.verify_sim import PromptTau
     from trainer.hf_target import HFTarget
     from trainer.target import TargetInfo
     from trainer.train_step import Batch

@@ -110,8 +110,8 @@ class Eagle3Kind(DraftKind):
                       (`_draft_extend_for_prefill` / `_draft_extend_for_decode`);
           decode      steps s = 1..B-2: token d_s at position p-1+s, hidden = the previous step's aux, attending
                       to the extend's keys and its own earlier steps' (`draft_forward`): d_{s+1};
-        then the common verify (trainer.evaluate.simulate_chain)."""
-        from trainer.evaluate import simulate_chain
+        then the common verify (trainer.verify_sim.simulate_chain)."""
+        from trainer.verify_sim import simulate_chain
 
         def propose(context, committed, bonus):
             p = len(committed)

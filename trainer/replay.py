@@ -662,10 +662,11 @@ class ShardWriter:
     its shards in its own journal, and listing changes are serialised with an flock on manifest.lock.
     A flush costs O(1) in the number of shards already listed. share_prefixes: a record's leading feature
     rows equal to an earlier record's of the same shard are stored once (see the module docstring).
-    `listed_bytes`: bytes of the directory's listing as of opening, plus every shard this writer has written since (other writers' shards and
-    prunes are not seen until the next replay_bytes()). A journal past `journal_max_bytes` is folded into
-    manifest.json and replaced by a fresh one (one O(shards) compaction per that many bytes of journal);
-    a journal deleted under it (sweep_replay of an idle writer's folded journal) is replaced the same way.
+    `listed_bytes`: bytes of the directory's listing as of opening, plus every shard this writer has written
+    since (other writers' shards and prunes are not seen until the next replay_bytes()). A journal past
+    `journal_max_bytes` is folded into manifest.json and replaced by a fresh one (one O(shards) compaction per
+    that many bytes of journal); a journal deleted under it (sweep_replay of an idle writer's folded journal) is
+    replaced the same way.
     """
 
     def __init__(self, replay_dir: str | os.PathLike, spec: ReplaySpec, *, max_shard_tokens: int = 1 << 16,
