@@ -16,6 +16,14 @@ slot (`sglang_ext.online.swap.weight_slot.WeightSlot`, pageable shared memory) h
             critical path: slot -> pinned host -> device staging buffers on a side stream) then, at the swap
             point, `apply` (device-to-device copies fenced on the device, no host sync)
 
+--refresh (needs SGLang; CPU platform): the draft-KV refresh that follows a swap, on a real server (the tiny
+target and DFlash draft, --online-train swapping every 2 steps): for each context length of --refresh-lengths,
+a prompt is served (its prefix cached under the live version), the bench waits for a newer version to go live,
+then serves the prompt's prefix again with another last token: SGLang takes the prefix from its radix cache and
+the refresh re-projects its stale draft KV before that batch runs (scheduler/refresh.py). Reported per length:
+tokens re-projected and the refresh's milliseconds (from /metrics deltas), against the median decode iteration
+of the same server (a request's decode time over its verify steps).
+
 Reported per path, median of --repeats: the stall at the swap point (host wall time of the call; on CUDA also
 the device time of the work it queued, by CUDA events) and, for the staged path, the staging time. Goal (GPU,
 1B parameters): staged stall <= 2 ms. Writes <out>/swap.json and, with matplotlib, <out>/swap.png.
@@ -202,6 +210,86 @@ def plot(r: dict, path: Path) -> str:
     return f"wrote {path}"
 
 
+REFRESH_METRICS = ("draft_kv_refreshed_tokens_total", "draft_kv_refresh_seconds_total",
+                   "draft_kv_stale_tokens_served_total", "draft_version")
+
+
+def refresh_on_server(lengths: list[int], repeats: int, log_dir: Path) -> dict:
+    """The refresh of a cached prefix after a swap, per context length, on real SGLang (CPU platform)."""
+    import random
+
+    from sglang_ext.demo.tiny_models import tiny_models
+    from sglang_ext.launcher import draft_args, launch_server, metric_value
+
+    models = tiny_models()
+    work = log_dir / "refresh-work"
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "online.json"
+    config.write_text('{"guard_tolerance": 1.0}')           # every finite candidate goes live: swaps keep coming
+    args = draft_args(models.draft_dense, 4) + [
+        "--online-train", "--online-train-config", str(config), "--online-train-lr", "1e-9",
+        "--online-train-swap-every", "2", "--online-train-min-records", "2", "--online-train-holdout-every", "2",
+        "--online-train-batch-size", "2", "--online-train-num-anchors", "8"]
+    rng = random.Random(0)
+
+    def metrics(server) -> dict:
+        text = server.metrics()
+        return {m: metric_value(text, "sglang:online_train_" + m) for m in REFRESH_METRICS}
+
+    def generate(server, ids: list[int], max_new: int) -> dict:
+        return server.post("/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}})
+
+    rows = []
+    with launch_server(models.dense, args, log_dir=log_dir, name="bench-swap-refresh") as server:
+        step_ms = []
+        for _ in range(3):                               # records for the trainer, and the decode iteration time
+            meta = generate(server, [rng.randrange(10, 500) for _ in range(64)], 64)["meta_info"]
+            steps = int(meta.get("spec_verify_ct") or 0)
+            if steps:
+                step_ms.append(1e3 * (meta["e2e_latency"] - meta["first_token_latency"]) / steps)
+        for length in lengths:
+            for _ in range(repeats):
+                prefix = [rng.randrange(10, 500) for _ in range(length)]
+                generate(server, prefix + [rng.randrange(10, 500)], 4)           # cached under this version
+                version = metrics(server)["draft_version"]
+                deadline = time.monotonic() + 120
+                while metrics(server)["draft_version"] <= version and time.monotonic() < deadline:
+                    generate(server, [rng.randrange(10, 500) for _ in range(32)], 16)   # more records, more steps
+                before = metrics(server)
+                if before["draft_version"] <= version:
+                    raise RuntimeError(f"no newer draft version went live within 120 s (still {version})")
+                generate(server, prefix + [rng.randrange(10, 500)], 4)           # a radix hit of `length` tokens
+                after = metrics(server)
+                d = {m: after[m] - before[m] for m in REFRESH_METRICS}
+                rows.append({"length": length, "refreshed_tokens": d["draft_kv_refreshed_tokens_total"],
+                             "refresh_ms": 1e3 * d["draft_kv_refresh_seconds_total"],
+                             "stale_served": d["draft_kv_stale_tokens_served_total"]})
+    by_length = []
+    for length in lengths:
+        mine = [r for r in rows if r["length"] == length]
+        ms = [r["refresh_ms"] for r in mine]
+        toks = [r["refreshed_tokens"] for r in mine]
+        by_length.append({"length": length, "repeats": len(mine), "refreshed_tokens_median": statistics.median(toks),
+                          "refresh_ms_median": round(statistics.median(ms), 3), "refresh_ms_max": round(max(ms), 3),
+                          "us_per_token": round(1e3 * sum(ms) / max(1.0, sum(toks)), 2),
+                          "stale_served": sum(r["stale_served"] for r in mine)})
+    return {"machine": "CPU (torch_cpu platform, tiny Qwen3-VL target, DFlash draft block 4, float32)",
+            "decode_iteration_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
+            "by_length": by_length, "runs": rows}
+
+
+def refresh_report(r: dict) -> str:
+    lines = [f"draft-KV refresh after a swap, {r['machine']}; decode iteration median "
+             f"{r['decode_iteration_ms_median']} ms",
+             "| cached prefix, tokens | re-projected tokens (median) | refresh ms, median | max | us per token | "
+             "stale tokens served |", "| --- | --- | --- | --- | --- | --- |"]
+    for b in r["by_length"]:
+        lines.append(f"| {b['length']} | {b['refreshed_tokens_median']:.0f} | {b['refresh_ms_median']:.2f} | "
+                     f"{b['refresh_ms_max']:.2f} | {b['us_per_token']:.1f} | {b['stale_served']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=2e8, help="draft parameters (default 2e8; 1e9 on a GPU)")
@@ -211,10 +299,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="serving device (default cuda if available, else cpu)")
     ap.add_argument("--repeats", type=int, default=5, help="swaps per path (default 5; the median is reported)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="JSON / PNG directory")
+    ap.add_argument("--refresh", action="store_true",
+                    help="also measure the draft-KV refresh after a swap on a real server (needs SGLang; CPU)")
+    ap.add_argument("--refresh-lengths", default="256,1024,3072",
+                    help="cached prefix lengths for --refresh (default 256,1024,3072; the tiny target's limit is 4096)")
     args = ap.parse_args(argv)
     r = run(args.params, args.layers, args.dtype, args.device, args.repeats)
     print(report(r))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.refresh:
+        lengths = [int(x) for x in args.refresh_lengths.split(",") if x.strip()]
+        r["refresh"] = refresh_on_server(lengths, args.repeats, args.out / "logs")
+        print(refresh_report(r["refresh"]))
     (args.out / "swap.json").write_text(json.dumps(r, indent=1) + "\n")
     print(f"wrote {args.out / 'swap.json'}")
     print(plot(r, args.out / "swap.png"))
