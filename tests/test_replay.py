@@ -242,6 +242,15 @@ def test_sharing_stops_at_the_first_row_that_differs(tmp_path):
         for r in (turns[0], turns[1], moved)])
 
 
+def test_rows_are_compared_chunk_by_chunk_up_to_the_first_difference():
+    a = torch.randn(10, 8)
+    b = a.clone()
+    assert replay._leading_equal_rows(a, b, 10, chunk=4) == 10
+    b[6, 3] += 1.0                                       # in the second chunk
+    assert replay._leading_equal_rows(a, b, 10, chunk=4) == 6
+    assert replay._leading_equal_rows(a, b, 5, chunk=4) == 5
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_shards_of_layout_v1_still_read(tmp_path, dtype):
     """tests/data/replay_v1_*: written by the shard layout before prefix sharing (one feature row per token, no

@@ -855,6 +855,17 @@ def _leading_true(mask: torch.Tensor) -> int:
     return int(false[0]) if len(false) else int(mask.shape[0])
 
 
+def _leading_equal_rows(a: torch.Tensor, b: torch.Tensor, n: int, chunk: int = 1024) -> int:
+    """How many of the first `n` rows of `a` and `b` are equal, row after row, compared `chunk` rows at a time
+    (no [n, width] temporary for a long context) and stopping at the first chunk with a difference."""
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        equal = (a[start:end].detach().cpu() == b[start:end].detach().cpu()).all(1)
+        if not bool(equal.all()):
+            return start + _leading_true(equal)
+    return n
+
+
 def _first_rows(runs: list[list[int]], n: int) -> list[list[int]]:
     """The runs that hold the first `n` rows of `runs`."""
     out = []
@@ -895,9 +906,9 @@ def shared_prefix_plan(records: list[ReplayRecord]) -> tuple[list[tuple[int, int
             m = min(n, len(other))
             shared = _leading_true(ids[:m] == ids_of[source][:m])
             if shared:
-                equal = (r.positions[:, :shared].detach().cpu() == other.positions[:, :shared].detach().cpu()).all(0)
-                equal &= (r.features[:shared].detach().cpu() == other.features[:shared].detach().cpu()).all(1)
-                shared = _leading_true(equal)
+                shared = _leading_true((r.positions[:, :shared].detach().cpu()
+                                        == other.positions[:, :shared].detach().cpu()).all(0))
+                shared = _leading_equal_rows(r.features, other.features, shared)
         record_runs = _first_rows(runs[source], shared) if shared else []
         if shared < n:
             stored.append((i, shared, n))
