@@ -560,34 +560,43 @@ def main(argv: list[str] | None = None) -> int:
             m = settle(server, config, before["recorded_records_total"] + n_rounds * n_req)
             metrics[config] = {k: m[k] - before[k] for k in METRICS}
 
+    def alternate(stack: contextlib.ExitStack, group: list[str]) -> dict:
+        """`group`'s servers up together, each warmed up, then rounds alternating between them (the order
+        reversed every round); returns the servers (up until `stack` closes)."""
+        servers = {c: start(stack, c) for c in group}
+        pgid_of = {c: s.process.pid for c, s in servers.items()}
+        for config in group:
+            warm(servers[config], config, pgid_of)
+        before = {c: settle(s, c) for c, s in servers.items()}
+        for r in range(n_rounds):
+            for config in (group if r % 2 == 0 else group[::-1]):
+                measure(servers[config], config, r, pgid_of)
+        for config in group:
+            finish(servers[config], config, before[config])
+            extra[config]["rss_bytes"] = group_rss_bytes(servers[config].process.pid)
+        return servers
+
+    def alone(config: str, tag: str = "r", beside: dict | None = None) -> None:
+        """`config`'s server up on its own (beside: the pgids of idle servers kept up), warmed up, its rounds,
+        then stopped."""
+        with contextlib.ExitStack() as stack:
+            server = start(stack, config)
+            pgid_of = {**(beside or {}), config: server.process.pid}
+            warm(server, config, pgid_of)
+            before = settle(server, config)
+            for r in range(n_rounds):
+                measure(server, config, r, pgid_of, tag=tag)
+            finish(server, config, before)
+            extra[config]["rss_bytes"] = group_rss_bytes(server.process.pid)
+
     try:
         if bracketed:
             with contextlib.ExitStack() as stack:
-                free = [c for c in configs if c not in DUTY_CYCLES]            # plain first
-                servers = {c: start(stack, c) for c in free}
-                pgid_of = {c: s.process.pid for c, s in servers.items()}
-                for config in free:
-                    warm(servers[config], config, pgid_of)
-                before = {c: settle(s, c) for c, s in servers.items()}
-                for r in range(n_rounds):
-                    order = free if r % 2 == 0 else free[::-1]
-                    for config in order:
-                        measure(servers[config], config, r, pgid_of)
-                for config in free:
-                    finish(servers[config], config, before[config])
-                    if config != "plain":
-                        extra[config]["rss_bytes"] = group_rss_bytes(servers[config].process.pid)
+                servers = alternate(stack, [c for c in configs if c not in DUTY_CYCLES])      # plain first
                 plain = servers["plain"]
                 for config in [c for c in configs if c in DUTY_CYCLES]:
-                    with contextlib.ExitStack() as alone:      # its trainer never runs during plain's rounds
-                        server = start(alone, config)
-                        pgid_of = {"plain": plain.process.pid, config: server.process.pid}
-                        warm(server, config, pgid_of)
-                        before_c = settle(server, config)
-                        for r in range(n_rounds):
-                            measure(server, config, r, pgid_of, tag=f"{config}-r")
-                        finish(server, config, before_c)
-                        extra[config]["rss_bytes"] = group_rss_bytes(server.process.pid)
+                    # stopped before plain's rounds: its trainer never runs during them
+                    alone(config, tag=f"{config}-r", beside={"plain": plain.process.pid})
                     baselines[config] = []
                     pgid_of = {"plain": plain.process.pid}
                     for r in range(n_rounds):                  # the same prompts, right after, trainer gone
@@ -595,31 +604,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra["plain"]["rss_bytes"] = group_rss_bytes(plain.process.pid)
         elif sequential:
             for config in configs:
-                with contextlib.ExitStack() as stack:
-                    server = start(stack, config)
-                    pgid_of = {config: server.process.pid}
-                    warm(server, config, pgid_of)
-                    before = settle(server, config)
-                    for r in range(n_rounds):
-                        measure(server, config, r, pgid_of)
-                    finish(server, config, before)
-                    extra[config]["rss_bytes"] = group_rss_bytes(server.process.pid)
+                alone(config)
         else:
             with contextlib.ExitStack() as stack:
-                servers = {}
-                for config in configs:
-                    servers[config] = start(stack, config)
-                pgid_of = {c: s.process.pid for c, s in servers.items()}
-                for config in configs:
-                    warm(servers[config], config, pgid_of)
-                before = {c: settle(s, c) for c, s in servers.items()}
-                for r in range(n_rounds):
-                    order = configs if r % 2 == 0 else configs[::-1]
-                    for config in order:
-                        measure(servers[config], config, r, pgid_of)
-                for config in configs:
-                    finish(servers[config], config, before[config])
-                    extra[config]["rss_bytes"] = group_rss_bytes(servers[config].process.pid)
+                alternate(stack, configs)
         if "persist" in configs:
             extra["persist"]["persist_dir_bytes"] = dir_bytes(persist_dir)
     finally:
