@@ -84,3 +84,19 @@ def test_size_flag_and_memory_check():
         check_pool_memory(2 * 2**30, free=2**30, device="cuda:0", size="auto")
     with pytest.raises(OnlineTrainConfigError):
         OnlineTrainConfig(enabled=True, feature_pool="12 apples").validate()
+
+
+def test_eagle3_refresh_reads_the_token_after_each_position_and_skips_multimodal_requests():
+    """EAGLE3's draft KV at position p is of token p+1 (refresh.py): a request's prefix positions get the ids
+    after them; a position whose next token is not on the host yet, and every position of a request with images
+    or video, cannot be re-projected."""
+    from array import array
+    from types import SimpleNamespace
+
+    from sglang_ext.online.scheduler.refresh import next_token_ids
+
+    text = SimpleNamespace(origin_input_ids=[10, 11, 12, 13], output_ids=array("q", [14]), multimodal_inputs=None)
+    image = SimpleNamespace(origin_input_ids=[20, 21, 22], output_ids=array("q"), multimodal_inputs=object())
+    ids, known = next_token_ids([text, image], [5, 2])
+    assert ids.tolist() == [11, 12, 13, 14, 0, 21, 22]
+    assert known.tolist() == [True, True, True, True, False, False, False]

@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bytes of recorded features kept by token prefix, e.g. 256MiB (default 0: off): a "
                         "prompt prefix served from SGLang's radix cache (a chat's earlier turns, a shared system "
                         "prompt) is not recomputed; by default its rows come from the feature pool (capture only, "
-                        "and DFlash with the trainer without --tp, whose draft KV is refreshed after swaps); "
-                        "elsewhere (EAGLE3 or --tp with the trainer), and for rows a smaller pool lost, they are "
+                        "and the trainer without --tp, whose draft KV is refreshed after swaps); elsewhere "
+                        "(--tp with the trainer), and for rows a smaller pool lost, they are "
                         "filled from here; rows not found stay gaps (zero features, out of the loss), counted in "
                         "sglang:online_train_prefix_rows_total. Off by default: without the refresh, the draft KV "
                         "of cached prefixes comes from older draft versions after a hot swap, so serving does not "
@@ -82,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="radix-cache hits of a record (a chat's earlier turns, a shared system prompt: not "
                         "recomputed for it): auto (default) fills them from the feature pool, with the rows the "
                         "live draft was fed when the prefix was computed, wherever the draft KV serving reads there "
-                        "is of the live version (capture only; DFlash with the trainer, without --tp: its draft KV "
-                        "is refreshed after swaps); off leaves them to --online-train-prefix-store, else gaps")
+                        "is of the live version (capture only; the trainer without --tp: its draft KV is refreshed "
+                        "after swaps); off leaves them to --online-train-prefix-store, else gaps")
     g.add_argument("--online-train-feature-pool", metavar="SIZE",
                    help="the feature pool on the serving device, beside SGLang's KV cache: the target features fed "
                         "to the live draft, one row per KV slot, written by one device op per forward and read once "

@@ -23,7 +23,7 @@ from sglang_ext.online.hub import draft_source, local_dir, target_source
 from sglang_ext.online.metrics import OnlineMetrics
 from sglang_ext.online.protocol import RecorderSpec
 from sglang_ext.online.scheduler.capture import Capture
-from sglang_ext.online.scheduler.refresh import DraftKVRefresh
+from sglang_ext.online.scheduler.refresh import DraftKVRefresh, projection_for
 from sglang_ext.online.scheduler.handoff import Handoff
 from sglang_ext.online.scheduler.placement import device_free_bytes
 from sglang_ext.online.scheduler.pool import FeaturePool, check_pool_memory, pool_rows
@@ -69,7 +69,7 @@ class OnlinePipeline:
     supervisor: SwapApplier | None         # the weight slot, staging thread and hot swap; None with capture only
     follower: SwapFollower | None = None   # TP ranks > 0 (with the trainer on): swaps when rank 0 does
     tp: TPGroup | None = None              # None without tensor parallelism
-    refresh: DraftKVRefresh | None = None  # draft KV of one version after swaps (DFlash without TP)
+    refresh: DraftKVRefresh | None = None  # draft KV of one version after swaps (without TP)
     clock: SchedulerClock = field(default_factory=SchedulerClock)
     clock_flushed: float = field(default_factory=time.monotonic)
 
@@ -167,9 +167,10 @@ def build_pipeline(cfg: OnlineTrainConfig, worker, server_args, tp: TPGroup | No
     refresh = None
     if supervisor is not None:
         capture.on_verified = supervisor.observe_verified    # served acceptance -> rollback watch
-        # after a swap, stale draft KV is re-projected from the pool (DFlash, one rank: refresh.py)
-        if tp is None and hasattr(worker, "_append_target_hidden_to_draft_kv_by_loc"):
-            refresh = DraftKVRefresh(lambda: capture.pool, metrics)
+        # after a swap, stale draft KV is re-projected from the pool (one rank: refresh.py)
+        projection = projection_for(kind.name, worker) if tp is None else None
+        if projection is not None:
+            refresh = DraftKVRefresh(lambda: capture.pool, metrics, projection)
     # radix-cache hits filled from the pool where serving's draft KV there is of the live version
     capture.fill_prefixes = cfg.prefix_fill == "auto" and (supervisor is None or refresh is not None)
     logger.info("sglang_ext: online training ready: %s draft, layers %s, hidden %d, replay budget %d bytes, "
