@@ -139,14 +139,16 @@ class ChatTurn:
     prompt_len: int      # tokens of this turn's prompt (the whole conversation so far)
     accept_length: float
     output_ids: list
+    t_done: float = 0.0  # seconds since the traffic started
 
 
 def send_chats(server, tokenizer, chats: list[list[str]], *, max_new_tokens: int, concurrency: int = 4,
-               system: str | None = None, opt_out: bool = False) -> list[ChatTurn]:
+               system: str | None = None, opt_out: bool = False, t0: float | None = None) -> list[ChatTurn]:
     """Multi-turn traffic: each chat's turns in order, each turn's prompt = the whole conversation so far as
     token ids (the earlier turns' prompts and generated tokens exactly, so the server's radix cache serves
     them), `system` (a system turn, e.g. demo.prompts.system_turn()) first; `concurrency` chats at a time."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    t0 = time.monotonic() if t0 is None else t0
     lock = threading.Lock()
     done: list[ChatTurn] = []
 
@@ -160,7 +162,7 @@ def send_chats(server, tokenizer, chats: list[list[str]], *, max_new_tokens: int
             r = server.post("/generate", {"input_ids": ids, "sampling_params": params})
             with lock:
                 done.append(ChatTurn(c, t, len(ids), float(r["meta_info"].get("spec_accept_length", 0.0)),
-                                     r["output_ids"]))
+                                     r["output_ids"], time.monotonic() - t0))
             ids = ids + r["output_ids"]
 
     with ThreadPoolExecutor(concurrency) as pool:
