@@ -1,15 +1,16 @@
 """Draft KV of one version (scheduler process): after a hot swap, context KV written by an older draft is
 re-projected from the feature pool under the live weights before any draft forward reads it.
 
-A DFlash draft attends to context KV that it projects from the target's features (SGLang:
-`DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`). A swap changes the projection, not the KV already
+A draft attends to context KV that it projects from the target's features (DFlash:
+`DFlashWorkerV2._append_target_hidden_to_draft_kv_by_loc`; EAGLE3: its draft extend). A swap changes the
+projection, not the KV already
 written: a radix-cached prefix (a shared system prompt, a chat's earlier turns) keeps the KV of the version that
 computed it, possibly one long gone, and the requests in flight keep theirs. The feature pool (pool.py) holds the
 target features of every live KV slot and the version that wrote each slot's draft KV, so the fix needs no
 target forward: before a forward, the slots of the batch's contexts whose draft KV is of another version than
 the live one are fed through the same projection again, with the live weights, and re-stamped.
 
-    refresh = DraftKVRefresh(pool_of, metrics)
+    refresh = DraftKVRefresh(pool_of, metrics, projection_for(kind_name, worker))
     refresh.before_forward(worker, batch)      # <worker>.forward_batch_generation, before SGLang runs the batch
 
 Which contexts are checked, so that nothing runs per request while no version changed:
