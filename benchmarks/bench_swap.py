@@ -17,7 +17,8 @@ slot (`sglang_ext.online.swap.weight_slot.WeightSlot`, pageable shared memory) h
             point, `apply` (device-to-device copies fenced on the device, no host sync)
 
 --refresh (needs SGLang; CPU platform): the draft-KV refresh that follows a swap, on a real server (the tiny
-target and DFlash draft, --online-train swapping every 2 steps): for each context length of --refresh-lengths,
+target and a draft of --refresh-kind: its DFlash draft, or a random EAGLE3 chain of 4 tokens per verify;
+--online-train swapping every 2 steps): for each context length of --refresh-lengths,
 a prompt is served (its prefix cached under the live version), the bench waits for a newer version to go live,
 then serves the prompt's prefix again with another last token: SGLang takes the prefix from its radix cache and
 the refresh re-projects its stale draft KV before that batch runs (scheduler/refresh.py). Reported per length:
@@ -214,11 +215,13 @@ REFRESH_METRICS = ("draft_kv_refreshed_tokens_total", "draft_kv_refresh_seconds_
                    "draft_kv_stale_tokens_served_total", "draft_version")
 
 
-def refresh_on_server(lengths: list[int], repeats: int, log_dir: Path) -> dict:
-    """The refresh of a cached prefix after a swap, per context length, on real SGLang (CPU platform)."""
+def refresh_on_server(lengths: list[int], repeats: int, log_dir: Path, kind: str = "dflash") -> dict:
+    """The refresh of a cached prefix after a swap, per context length, on real SGLang (CPU platform), for a
+    draft of `kind`."""
     import random
 
     from sglang_ext.demo.tiny_models import tiny_models
+    from sglang_ext.demo.traffic import make_random_draft
     from sglang_ext.launcher import draft_args, launch_server, metric_value
 
     models = tiny_models()
@@ -226,7 +229,9 @@ def refresh_on_server(lengths: list[int], repeats: int, log_dir: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     config = work / "online.json"
     config.write_text('{"guard_tolerance": 1.0}')           # every finite candidate goes live: swaps keep coming
-    args = draft_args(models.draft_dense, 4) + [
+    draft = models.draft_dense if kind == "dflash" else make_random_draft(
+        models.dense, work / "eagle3-draft", block_size=4, kind="eagle3", target_layers=[1, 2, 3])
+    args = draft_args(draft, 4) + [
         "--online-train", "--online-train-config", str(config), "--online-train-lr", "1e-9",
         "--online-train-swap-every", "2", "--online-train-min-records", "2", "--online-train-holdout-every", "2",
         "--online-train-batch-size", "2", "--online-train-num-anchors", "8"]
@@ -241,7 +246,7 @@ def refresh_on_server(lengths: list[int], repeats: int, log_dir: Path) -> dict:
             "max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}})
 
     rows = []
-    with launch_server(models.dense, args, log_dir=log_dir, name="bench-swap-refresh") as server:
+    with launch_server(models.dense, args, log_dir=log_dir, name=f"bench-swap-refresh-{kind}") as server:
         step_ms = []
         for _ in range(3):                               # records for the trainer, and the decode iteration time
             meta = generate(server, [rng.randrange(10, 500) for _ in range(64)], 64)["meta_info"]
@@ -274,7 +279,8 @@ def refresh_on_server(lengths: list[int], repeats: int, log_dir: Path) -> dict:
                           "refresh_ms_median": round(statistics.median(ms), 3), "refresh_ms_max": round(max(ms), 3),
                           "us_per_token": round(1e3 * sum(ms) / max(1.0, sum(toks)), 2),
                           "stale_served": sum(r["stale_served"] for r in mine)})
-    return {"machine": "CPU (torch_cpu platform, tiny Qwen3-VL target, DFlash draft block 4, float32)",
+    draft_name = "DFlash draft block 4" if kind == "dflash" else "EAGLE3 chain of 4 tokens per verify"
+    return {"machine": f"CPU (torch_cpu platform, tiny Qwen3-VL target, {draft_name}, float32)", "kind": kind,
             "decode_iteration_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
             "by_length": by_length, "runs": rows}
 
@@ -303,13 +309,15 @@ def main(argv=None) -> int:
                     help="also measure the draft-KV refresh after a swap on a real server (needs SGLang; CPU)")
     ap.add_argument("--refresh-lengths", default="256,1024,3072",
                     help="cached prefix lengths for --refresh (default 256,1024,3072; the tiny target's limit is 4096)")
+    ap.add_argument("--refresh-kind", choices=["dflash", "eagle3"], default="dflash",
+                    help="the draft kind --refresh serves (default dflash)")
     args = ap.parse_args(argv)
     r = run(args.params, args.layers, args.dtype, args.device, args.repeats)
     print(report(r))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.refresh:
         lengths = [int(x) for x in args.refresh_lengths.split(",") if x.strip()]
-        r["refresh"] = refresh_on_server(lengths, args.repeats, args.out / "logs")
+        r["refresh"] = refresh_on_server(lengths, args.repeats, args.out / "logs", args.refresh_kind)
         print(refresh_report(r["refresh"]))
     (args.out / "swap.json").write_text(json.dumps(r, indent=1) + "\n")
     print(f"wrote {args.out / 'swap.json'}")
